@@ -8,10 +8,12 @@ from __future__ import annotations
 
 try:  # a real Mega-Data-Factory install wins
     from mega_data_factory import framework as _framework
+    from mega_data_factory.framework.config import MetricsConfig
 
     MDF_FLAVOUR = "mega_data_factory"
 except ImportError:  # pragma: no cover - exercised wherever MDF is absent
     from rust_free_fallback import framework as _framework
+    from rust_free_fallback.framework.config import MetricsConfig
 
     MDF_FLAVOUR = "rust_free_fallback"
 
@@ -25,6 +27,12 @@ DataLoader = _framework.DataLoader
 DataWriter = _framework.DataWriter
 PipelineConfig = _framework.PipelineConfig
 Executor = _framework.Executor
+OperatorConfig = _framework.OperatorConfig
+StageConfig = _framework.StageConfig
+StageWorkerConfig = _framework.StageWorkerConfig
+DataLoaderConfig = _framework.DataLoaderConfig
+DataWriterConfig = _framework.DataWriterConfig
+ExecutorConfig = _framework.ExecutorConfig
 
 __all__ = [
     "MDF_FLAVOUR",
@@ -38,4 +46,11 @@ __all__ = [
     "DataWriter",
     "PipelineConfig",
     "Executor",
+    "OperatorConfig",
+    "StageConfig",
+    "StageWorkerConfig",
+    "DataLoaderConfig",
+    "DataWriterConfig",
+    "ExecutorConfig",
+    "MetricsConfig",
 ]

@@ -1,0 +1,158 @@
+"""`mdf-taxonomy`: run an MDF YAML with taxonomy stages, or fit / predict directly.
+
+`run -c CONFIG` is a drop-in for `mdf run` (same flags) that imports this plugin
+first and, when the YAML holds a kmeans_level_refiner, runs the fit passes before
+the pipeline as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from mdf_taxonomy import __version__
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _load_config(path: str) -> Any:
+    from mdf_taxonomy import _mdf
+
+    try:
+        return _mdf.PipelineConfig.from_yaml(path)
+    except FileNotFoundError as e:
+        raise CliError(f"config {path!r} not found") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise CliError(f"bad config {path}: {e}") from e
+    except Exception as e:  # yaml errors and the like
+        raise CliError(f"cannot read config {path}: {type(e).__name__}: {e}") from e
+
+
+def _check_operators(config: Any) -> None:
+    from mdf_taxonomy import _mdf
+
+    known = _mdf.OperatorRegistry.list_operators()
+    for stage in config.stages:
+        for op in stage.operators:
+            if op.enabled and op.get_class_name() not in known and op.name not in known:
+                raise CliError(
+                    f"stage {stage.name!r}: unknown operator {op.name!r} (looked up as "
+                    f"{op.get_class_name()!r}); registered: {sorted(known)}"
+                )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mdf_taxonomy.engine import ensure_ray, fit_pipeline_config, pinned, run_pipeline
+
+    config = _load_config(args.config)
+    if args.max_samples is not None:
+        config.executor.max_samples = args.max_samples
+    if args.batch_size is not None:
+        config.executor.batch_size = args.batch_size
+    _check_operators(config)
+    ensure_ray(config.executor.num_cpus)
+    tax = fit_pipeline_config(config, progress=not args.quiet)
+    if tax is not None:
+        config = pinned(config, tax.version, discard_output=False)
+        print(f"taxonomy: {tax.n_levels} level(s), snapshot {tax.version}")
+    result = run_pipeline(config, progress=not args.quiet)
+    _report(result, config)
+    return 0
+
+
+def _report(result: dict[str, Any], config: Any) -> None:
+    print(f"records in: {result['rows_in']}, out: {result['rows_out']}, "
+          f"{result['seconds']:.1f}s ({result['rows_in'] / max(result['seconds'], 1e-9):.0f} rows/s)")
+    out = config.data_writer.params.get("output_path")
+    if out:
+        print(f"labelled records: {out}")
+    for stage in config.stages:
+        for op in stage.operators:
+            uri = op.params.get("storage_uri")
+            if uri:
+                print(f"taxonomy artifact: {uri}")
+                break
+    print("operator stats: " + json.dumps(result["stats"], default=str)[:2000])
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from mdf_taxonomy.engine import TaxonomyEngine
+
+    bf = [int(b) for b in str(args.branching_factor).split(",")]
+    return TaxonomyEngine(
+        n_levels=args.n_levels, branching_factor=bf[0] if len(bf) == 1 else bf, dim=args.dim,
+        storage_uri=args.storage_uri, metric=args.metric, seed=args.seed,
+        max_iter=args.max_iter, tol=args.tol, embedding_field=args.embedding_field,
+        batch_size=args.batch_size, num_replicas=args.replicas, progress=not args.quiet,
+    )
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    tax = engine.fit(args.input, output=args.output)
+    print(f"taxonomy artifact: {args.storage_uri} (snapshot {tax.version}, "
+          f"{[lv.n_nodes for lv in tax.levels]} nodes per level)")
+    if args.output:
+        print(f"labelled records: {args.output}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    out = engine.predict(args.input, output=args.output)
+    print(f"labelled records: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdf-taxonomy", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"mdf-taxonomy {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an MDF pipeline YAML (drop-in for `mdf run`)")
+    run.add_argument("-c", "--config", required=True)
+    run.add_argument("--max-samples", type=int, default=None)
+    run.add_argument("--batch-size", type=int, default=None)
+    run.set_defaults(func=cmd_run)
+
+    for name, func in (("fit", cmd_fit), ("predict", cmd_predict)):
+        sp = sub.add_parser(name, help=f"{name} a taxonomy on Parquet embeddings")
+        sp.add_argument("--input", required=True, help="file, glob or directory (any fsspec URI)")
+        sp.add_argument("--storage-uri", required=True, help="where the taxonomy lives")
+        sp.add_argument("--output", default=None, help="where labelled Parquet goes")
+        sp.add_argument("--n-levels", type=int, default=1)
+        sp.add_argument("--branching-factor", default="16", help="N, or N1,N2,... per level")
+        sp.add_argument("--dim", type=int, default=None)
+        sp.add_argument("--metric", default="l2", choices=["l2", "cosine"])
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--max-iter", type=int, default=20)
+        sp.add_argument("--tol", type=float, default=1e-4)
+        sp.add_argument("--embedding-field", default="embedding")
+        sp.add_argument("--batch-size", type=int, default=1024)
+        sp.add_argument("--replicas", type=int, default=1)
+        sp.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from mdf_taxonomy.model import TaxonomyStoreError
+    from mdf_taxonomy.operators import InputError
+
+    try:
+        return args.func(args)
+    except (CliError, InputError, TaxonomyStoreError, ValueError) as e:
+        print(f"mdf-taxonomy: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""TaxonomyEngine: drives levels x passes of an MDF pipeline, with checkpoints and resume.
+
+A fit is a loop over passes of the same pipeline. Before each pass the current
+snapshot is pinned into every KMeansLevelRefiner of the pipeline; during it the
+refiners stream partials into the FitBackend; after it the driver turns the
+totals into the next snapshot (model.fitting) and saves it. Every finished pass
+is a checkpoint: running the same fit again continues from the latest snapshot.
+A pass whose totals do not account for every row (a backend actor or worker
+died) is run again from the same snapshot, so the result is unchanged.
+
+YAML pipelines (`mdf-taxonomy run`) and the Python API take the same path.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from mdf_taxonomy import _mdf, mdf_key
+from mdf_taxonomy.backend import FitBackend
+from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
+from mdf_taxonomy.model.fitting import LloydResult, SampleResult, finish_pass, resolve_config, \
+    start_level
+from mdf_taxonomy.operators import KMeansLevelRefiner, ParquetEmbeddingLoader, parse_embeddings
+
+log = logging.getLogger(__name__)
+
+
+
+class PassIncomplete(RuntimeError):
+    """A pass's totals miss rows: it is re-run from the same snapshot."""
+
+
+def _is_op(op: Any, class_name: str) -> bool:
+    """True when a YAML operator entry names `class_name` (either spelling)."""
+    keys = {class_name, mdf_key(class_name)}
+    return op.name in keys or op.get_class_name() in keys
+
+
+def _kmeans_ops(config: Any) -> list[Any]:
+    return [op for stage in config.stages for op in stage.operators
+            if op.enabled and _is_op(op, "KMeansLevelRefiner")]
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="rows", disable=not enabled, file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+class PipelineFit:
+    """Runs the fit passes of one MDF PipelineConfig that holds a KMeansLevelRefiner."""
+
+    def __init__(self, config: Any, progress: bool = True, max_pass_retries: int = 2,
+                 on_pass: Callable[[Taxonomy], None] | None = None):
+        ops = _kmeans_ops(config)
+        if len(ops) != 1:
+            raise ValueError(
+                f"a fit pipeline needs exactly one enabled kmeans_level_refiner, found {len(ops)}"
+            )
+        self.config = config
+        self.op = ops[0]
+        params = dict(self.op.params)
+        try:
+            probe = KMeansLevelRefiner(**params)
+        except TypeError as e:
+            raise ValueError(f"kmeans_level_refiner params: {e}") from e
+        self.fit_config: TaxonomyConfig = probe.config
+        self.storage_uri: str = probe.storage_uri
+        self.storage_options = probe.storage_options
+        self.backend: FitBackend = probe.backend
+        self.store = TaxonomyStore(self.storage_uri, self.storage_options)
+        self.progress = progress
+        self.max_pass_retries = max_pass_retries
+        self.on_pass = on_pass
+        self.rows_total: int | None = None
+        self.pass_log: list[dict[str, Any]] = []
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> Taxonomy:
+        tax = self._start_or_resume()
+        level_started = time.perf_counter()
+        while not tax.state.complete:
+            level = tax.state.level
+            tax = self._one_pass(tax)
+            if tax.state.level != level or tax.state.complete:
+                self._level_summary(tax, level, time.perf_counter() - level_started)
+                level_started = time.perf_counter()
+        return tax
+
+    def _start_or_resume(self) -> Taxonomy:
+        loader = _mdf.DataLoaderRegistry.create(self.config.data_loader.type,
+                                                self.config.data_loader.params)
+        items = loader.get_file_list(max_samples=self.config.executor.max_samples)
+        if not items:
+            raise ValueError(f"the loader {self.config.data_loader.type} found no input")
+        fingerprint = hashlib.sha256("\n".join(sorted(map(str, items))).encode()).hexdigest()
+        if self.store.latest_version() is not None:
+            tax = self.store.load()
+            wanted = resolve_config(self.fit_config, tax.dim)
+            if not wanted.same_tree(tax.config):
+                diff = {k: (v, tax.config.to_dict()[k]) for k, v in wanted.to_dict().items()
+                        if tax.config.to_dict()[k] != v}
+                raise ValueError(
+                    f"{self.storage_uri} holds a fit with other parameters {diff} "
+                    "(new, stored): use another storage_uri to fit anew"
+                )
+            if tax.fingerprint != fingerprint:
+                raise ValueError(
+                    f"{self.storage_uri} holds a fit of other input data (fingerprint "
+                    f"{tax.fingerprint[:12]} != {fingerprint[:12]}): use another storage_uri"
+                )
+            log.info("resuming fit at %s from snapshot %s (level %d, %s, iteration %d)",
+                     self.storage_uri, tax.version, tax.state.level, tax.state.phase,
+                     tax.state.iteration)
+            return tax
+        dim = self.fit_config.dim or _infer_dim(loader, items, self.fit_config.embedding_field)
+        tax = Taxonomy(config=resolve_config(self.fit_config, dim), dim=dim,
+                       fingerprint=fingerprint)
+        self.store.save(tax)
+        return tax
+
+    def _one_pass(self, tax: Taxonomy) -> Taxonomy:
+        st = tax.state
+        n_nodes = 0 if st.phase == "sample" else tax.levels[st.level - 1].n_nodes
+        for attempt in range(self.max_pass_retries + 1):
+            try:
+                result = self._stream(tax, n_nodes)
+                break
+            except PassIncomplete as e:
+                log.warning("pass over snapshot %s incomplete (%s); attempt %d of %d",
+                            tax.version, e, attempt + 1, self.max_pass_retries + 1)
+                self.backend.shutdown()
+                if attempt == self.max_pass_retries:
+                    raise
+        if st.phase == "sample":
+            rows = result["parent_rows"]
+            nxt = start_level(tax, SampleResult(rows=rows, samples=result["samples"]))
+        else:
+            nxt = finish_pass(tax, LloydResult(
+                sums=torch.from_numpy(result["sums"]), counts=torch.from_numpy(result["counts"]),
+                inertia_fixed=int(result["totals"].get("inertia_fixed", 0)),
+                rows=int(result["totals"]["rows"])))
+        self.store.save(nxt)
+        if self.on_pass is not None:
+            self.on_pass(nxt)
+        return nxt
+
+    def _stream(self, tax: Taxonomy, n_nodes: int) -> dict[str, Any]:
+        st = tax.state
+        cfg = pinned(self.config, tax.version, discard_output=True)
+        self.backend.start_pass(tax.version, n_nodes, tax.dim)
+        desc = f"L{st.level} {st.phase}" + (f" it{st.iteration + 1}" if st.phase == "lloyd" else "")
+        bar = _progress(self.rows_total, desc, self.progress)
+        started = time.perf_counter()
+        executor = _mdf.Executor(cfg)
+        loaded = 0
+        try:
+            for n_in, _n_out in executor.execute():
+                loaded += n_in
+                if bar is not None:
+                    bar.update(n_in)
+            stats = executor.get_operator_stats()
+            result = self.backend.collect(n_nodes, tax.dim)
+        except (ray.exceptions.RayError, RuntimeError) as e:
+            raise PassIncomplete(str(e)) from e
+        finally:
+            executor.shutdown()
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - started
+        totals = result["totals"]
+        seen = totals.get("rows", 0) + totals.get("rows_rejected", 0)
+        expected = _operator_inputs(stats, self.op.name)
+        if expected is None:
+            expected = loaded
+        if result["pass_ids"] != [str(tax.version)] or seen != expected:
+            raise PassIncomplete(f"backend accounted for {seen} rows, the stage saw {expected}")
+        self.rows_total = self.rows_total or loaded
+        self.pass_log.append({"snapshot": tax.version, "level": st.level, "phase": st.phase,
+                              "rows": loaded, "seconds": seconds,
+                              "rows_per_s": loaded / seconds if seconds else None,
+                              "rejected": result["rejected"]})
+        log.info("%s: %d rows in %.1fs (%.0f rows/s), rejected %s", desc, loaded, seconds,
+                 loaded / max(seconds, 1e-9), result["rejected"] or 0)
+        return result
+
+    def _level_summary(self, tax: Taxonomy, level: int, seconds: float) -> None:
+        hist = [h for h in tax.state.history if h["level"] == level and h["phase"] == "lloyd"]
+        lv = tax.levels[level - 1]
+        sizes = np.bincount(lv.parents) if level > 1 else np.array([lv.n_nodes])
+        line = (f"level {level}: {lv.n_nodes} nodes (children per parent min/median/max "
+                f"{sizes.min()}/{int(np.median(sizes))}/{sizes.max()}), {len(hist)} Lloyd passes, "
+                f"inertia {hist[-1]['inertia'] if hist else float('nan'):.6g}, {seconds:.1f}s")
+        log.info(line)
+        if self.progress:
+            print(line, file=sys.stderr)
+
+
+def pinned(config: Any, version: str | None, discard_output: bool) -> Any:
+    """A copy of the pipeline with every taxonomy operator pinned to one snapshot."""
+    cfg = copy.deepcopy(config)
+    for stage in cfg.stages:
+        for op in stage.operators:
+            if _is_op(op, "KMeansLevelRefiner") or _is_op(op, "TaxonomyPathRefiner"):
+                op.params = {**op.params, "snapshot": version}
+    if discard_output:
+        cfg.data_writer = _mdf.DataWriterConfig(type="DiscardWriter", params={})
+    return cfg
+
+
+def _operator_inputs(stats: Any, op_name: str) -> int | None:
+    """Records the kmeans operator received, summed over replicas, if the stats say."""
+    found = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "input_records" in node and "flush_failures" in node:
+                found.append(int(node["input_records"]))
+                return
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(stats)
+    return sum(found) if found else None
+
+
+def _infer_dim(loader: Any, items: list[str], field: str) -> int:
+    for rec in loader.load_files(items[:4]):
+        parsed = parse_embeddings([rec], field, None)
+        if len(parsed.valid):
+            return int(parsed.x.shape[1])
+    raise ValueError(f"no valid {field!r} embedding in the first input files: cannot infer dim")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+
+
+class TaxonomyEngine:
+    """The Python face: `TaxonomyEngine(n_levels, branching_factor, dim, storage_uri).fit(...)`.
+
+    It builds an MDF pipeline (ParquetEmbeddingLoader -> KMeansLevelRefiner ->
+    TaxonomyPathRefiner -> ParquetDataWriter) and runs it through the same
+    PipelineFit as `mdf-taxonomy run`.
+    """
+
+    def __init__(self, n_levels: int = 1, branching_factor: int | list[int] = 16,
+                 dim: int | None = None, storage_uri: str = "./output/taxonomy", *,
+                 metric: str = "l2", seed: int = 0, max_iter: int = 20, tol: float = 1e-4,
+                 sample_per_child: int = 64, max_sample_per_node: int = 65536,
+                 init_iters: int = 10, embedding_field: str = "embedding",
+                 batch_size: int = 1024, num_replicas: int = 1, num_loaders: int = 1,
+                 cpus_per_replica: float | None = None, gpus_per_replica: float = 0,
+                 backend_buckets: int = 2, device: str = "auto", kernel_backend: str = "auto",
+                 storage_options: dict[str, Any] | None = None, progress: bool = True,
+                 max_pass_retries: int = 2, partition_by: list[str] | None = None):
+        self.fit_params = TaxonomyConfig(
+            n_levels=n_levels, branching_factor=branching_factor, dim=dim, metric=metric,
+            seed=seed, max_iter=max_iter, tol=tol, sample_per_child=sample_per_child,
+            max_sample_per_node=max_sample_per_node, init_iters=init_iters,
+            embedding_field=embedding_field,
+        ).to_dict()
+        if batch_size < 1 or num_replicas < 1 or num_loaders < 1:
+            raise ValueError("batch_size, num_replicas and num_loaders must be >= 1")
+        self.storage_uri = storage_uri
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.num_loaders = num_loaders
+        self.cpus_per_replica = cpus_per_replica
+        self.gpus_per_replica = gpus_per_replica
+        self.backend_buckets = backend_buckets
+        self.device = device
+        self.kernel_backend = kernel_backend
+        self.storage_options = storage_options
+        self.progress = progress
+        self.max_pass_retries = max_pass_retries
+        self.partition_by = partition_by
+        self.last_fit: PipelineFit | None = None
+
+    # -- pipelines -------------------------------------------------------------------
+    def _loader_params(self, input: str | list[str], **extra: Any) -> dict[str, Any]:
+        return {"path": input, "embedding_field": self.fit_params["embedding_field"],
+                "storage_options": self.storage_options, **extra}
+
+    def _pipeline(self, input: str | list[str], output: str | None, fit: bool,
+                  loader_extra: dict[str, Any] | None = None) -> Any:
+        ensure_ray()
+        cpus = ray.cluster_resources().get("CPU", 1)
+        per_replica = self.cpus_per_replica or max(
+            0.1, min(1.0, (cpus - self.num_loaders) / self.num_replicas))
+        common = {"storage_uri": self.storage_uri, "device": self.device,
+                  "kernel_backend": self.kernel_backend, "storage_options": self.storage_options,
+                  "embedding_field": self.fit_params["embedding_field"]}
+        ops = []
+        if fit:
+            ops.append(_mdf.OperatorConfig(name="kmeans_level_refiner", params={
+                **common, **{k: v for k, v in self.fit_params.items() if k != "embedding_field"},
+                "backend_buckets": self.backend_buckets}))
+        ops.append(_mdf.OperatorConfig(name="taxonomy_path_refiner", params=dict(common)))
+        writer = (_mdf.DataWriterConfig(type="ParquetDataWriter", params={
+            "output_path": output, **({"partition_by": self.partition_by}
+                                      if self.partition_by else {})})
+                  if output else _mdf.DataWriterConfig(type="DiscardWriter", params={}))
+        return _mdf.PipelineConfig(
+            data_loader=_mdf.DataLoaderConfig(
+                type="ParquetEmbeddingLoader",
+                params=self._loader_params(input, **(loader_extra or {})),
+                num_workers=self.num_loaders),
+            stages=[_mdf.StageConfig(
+                name="taxonomy", operators=ops,
+                worker=_mdf.StageWorkerConfig(
+                    resources={"cpu": per_replica, "gpu": self.gpus_per_replica},
+                    min_replicas=self.num_replicas, max_replicas=self.num_replicas))],
+            data_writer=writer,
+            executor=_mdf.ExecutorConfig(
+                batch_size=self.batch_size,
+                max_in_flight=max(2 * self.num_replicas, self.num_loaders),
+                metrics=_mdf.MetricsConfig(enabled=False)),
+        )
+
+    # -- API ----------------------------------------------------------------------
+    def fit(self, input: str | list[str], output: str | None = None,
+            filter: Any = None) -> Taxonomy:  # noqa: A002 - the user-facing name
+        """Fit (or resume) the taxonomy on `input`; write labelled records to `output`."""
+        extra = {"filter": filter} if filter is not None else {}
+        config = self._pipeline(input, None, fit=True, loader_extra=extra)
+        run = PipelineFit(config, progress=self.progress, max_pass_retries=self.max_pass_retries)
+        self.last_fit = run
+        tax = run.run()
+        if output is not None:
+            final = pinned(self._pipeline(input, output, fit=False, loader_extra=extra),
+                           tax.version, discard_output=False)
+            run_pipeline(final, progress=self.progress, desc="label")
+        return tax
+
+    def load(self) -> Taxonomy:
+        return TaxonomyStore(self.storage_uri, self.storage_options).load()
+
+    def predict(self, input: str | list[str] | np.ndarray | torch.Tensor,
+                output: str | None = None) -> np.ndarray | str:
+        """Paths of `input` rows: an array in, (N, n_levels) int32 node ids out.
+
+        A URI with `output` runs the labelling pipeline and returns `output`; a URI
+        without it is read in this process and labelled in memory (-1 rows for
+        records with a rejected embedding).
+        """
+        tax = self.load()
+        if isinstance(input, np.ndarray | torch.Tensor):
+            return tax.assign_paths(input, backend=self.kernel_backend)[0]
+        if output is not None:
+            final = pinned(self._pipeline(input, output, fit=False), tax.version, False)
+            run_pipeline(final, progress=self.progress, desc="label")
+            return output
+        loader = ParquetEmbeddingLoader(**self._loader_params(input))
+        records = list(loader.load_files(loader.get_file_list()))
+        parsed = parse_embeddings(records, self.fit_params["embedding_field"], tax.dim)
+        paths = np.full((len(records), tax.n_levels), -1, dtype=np.int32)
+        if len(parsed.valid):
+            paths[parsed.valid] = tax.assign_paths(parsed.x, backend=self.kernel_backend)[0]
+        return paths
+
+
+def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[str, Any]:
+    """One MDF run of `config`: returns rows in/out and the operator stats."""
+    executor = _mdf.Executor(config)
+    rows_in = rows_out = 0
+    bar = _progress(None, desc, progress)
+    started = time.perf_counter()
+    try:
+        for n_in, n_out in executor.execute():
+            rows_in += n_in
+            rows_out += n_out
+            if bar is not None:
+                bar.update(n_in)
+        stats = executor.get_operator_stats()
+    finally:
+        executor.shutdown()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    return {"rows_in": rows_in, "rows_out": rows_out, "seconds": seconds, "stats": stats}
+
+
+def fit_pipeline_config(config: Any, progress: bool = True) -> Taxonomy | None:
+    """`mdf-taxonomy run`: fit passes for a kmeans stage (if any), then the pipeline as written."""
+    if not _kmeans_ops(config):
+        return None
+    run = PipelineFit(config, progress=progress)
+    return run.run()

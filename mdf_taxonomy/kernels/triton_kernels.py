@@ -1,0 +1,363 @@
+"""Triton kernels: fused assignment (plain and grouped) and exact partial sums.
+
+Assignment is a tiled GEMM (rows x centroids, reduced over D on tensor cores) whose
+epilogue keeps a running top-2 per row in registers, so the N x K distance matrix is
+never written. The ranking score is ``||c||^2 - 2 x.c`` (l2) or ``-x.c`` (cosine); the
+row constant ``||x||^2`` is added once at the end. bf16/fp16 inputs run on bf16/fp16
+tensor cores (centroids are cast to the input dtype); fp32 inputs use 3xTF32, which is
+close to fp32 accuracy.
+
+Determinism: the launch configuration depends on (dtype, D, K) only, never on N, and a
+row's arithmetic does not depend on the other rows of its tile, so a row's result does
+not depend on the batch. Splitting the centroid axis across programs (for small N) is
+merged by an exact top-2 merge with lowest-index tie-break, so it changes nothing.
+Partial sums quantise to int64 fixed point and reduce with integer adds (exact,
+order-free).
+
+Import this module only when Triton is wanted; ``mdf_taxonomy.kernels`` does it lazily.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import FIXED_POINT_BITS
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------- assignment
+@triton.jit
+def _assign_kernel(
+    x_ptr, c_ptr, cn_ptr,
+    ids_ptr, dist_ptr, sec_ptr,
+    perm_ptr, item_parent_ptr, item_pos_ptr, item_end_ptr, child_off_ptr,
+    N, K, D, stride_x, stride_c, tiles_per_split,
+    L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
+    SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if GROUPED:
+        parent = tl.load(item_parent_ptr + pid)
+        pos0 = tl.load(item_pos_ptr + pid)
+        pos_end = tl.load(item_end_ptr + pid)
+        pos = pos0 + offs_m
+        row_mask = pos < pos_end
+        rows = tl.load(perm_ptr + pos, mask=row_mask, other=0)
+        c_lo = tl.load(child_off_ptr + parent).to(tl.int32)
+        c_hi = tl.load(child_off_ptr + parent + 1).to(tl.int32)
+    else:
+        rows = pid * BLOCK_M + offs_m
+        row_mask = rows < N
+        c_lo = 0
+        c_hi = K
+        if SPLIT:
+            c_lo = tl.program_id(1) * tiles_per_split * BLOCK_N
+            c_hi = tl.minimum(c_lo + tiles_per_split * BLOCK_N, K)
+    rows = rows.to(tl.int64)
+    x_rows = x_ptr + rows[:, None] * stride_x
+
+    best = tl.full((BLOCK_M,), float("inf"), tl.float32)
+    best_id = tl.full((BLOCK_M,), -1, tl.int32)
+    second = tl.full((BLOCK_M,), float("inf"), tl.float32)
+    for c0 in tl.range(c_lo, c_hi, BLOCK_N):
+        cols = c0 + offs_n
+        col_mask = cols < c_hi
+        c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_c
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in tl.range(0, D, BLOCK_K, num_stages=NUM_STAGES):
+            kk = k0 + offs_k
+            if EVEN_D:
+                a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
+                b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None], other=0.0)
+            else:
+                a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
+                            other=0.0)
+                b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None] & (kk[None, :] < D),
+                            other=0.0)
+            if IS_FP32:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32x3")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+        if L2:
+            cn = tl.load(cn_ptr + cols, mask=col_mask, other=0.0)
+            s = cn[None, :] - 2.0 * acc
+        else:
+            s = -acc
+        s = tl.where(col_mask[None, :], s, float("inf"))
+        tmin, targ = tl.min(s, axis=1, return_indices=True)
+        take = tmin < best
+        if WITH_SECOND:
+            s2 = tl.where(offs_n[None, :] == targ[:, None], float("inf"), s)
+            tsec = tl.min(s2, axis=1)
+            second = tl.where(take, tl.minimum(best, tsec), tl.minimum(second, tmin))
+        best = tl.where(take, tmin, best)
+        best_id = tl.where(take, targ + c0, best_id)
+
+    if SPLIT:  # raw scores; merged (and finished) on the host side
+        out = tl.program_id(1).to(tl.int64) * N + rows
+        tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
+        tl.store(dist_ptr + out, best, mask=row_mask)
+        if WITH_SECOND:
+            tl.store(sec_ptr + out, second, mask=row_mask)
+    else:
+        if L2:
+            xn = tl.zeros((BLOCK_M,), tl.float32)
+            for k0 in tl.range(0, D, BLOCK_K):
+                kk = k0 + offs_k
+                xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
+                             other=0.0).to(tl.float32)
+                xn += tl.sum(xv * xv, axis=1)
+            dist = tl.maximum(best + xn, 0.0)
+            if WITH_SECOND:
+                second = tl.maximum(second + xn, 0.0)
+        else:
+            dist = best + 1.0
+            if WITH_SECOND:
+                second = second + 1.0
+        tl.store(ids_ptr + rows, best_id.to(tl.int64), mask=row_mask)
+        tl.store(dist_ptr + rows, dist, mask=row_mask)
+        if WITH_SECOND:
+            tl.store(sec_ptr + rows, second, mask=row_mask)
+
+
+def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
+    """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
+    if device.type != "cuda":  # interpreter: tiny tiles keep it quick
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, NUM_STAGES=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, NUM_STAGES=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, NUM_STAGES=4)
+
+
+_OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
+
+
+def _prep(x: torch.Tensor, centroids: torch.Tensor, metric: str):
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    if x.dim() != 2 or centroids.dim() != 2 or x.shape[1] != centroids.shape[1]:
+        raise ValueError(f"bad shapes x={tuple(x.shape)} centroids={tuple(centroids.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or (
+        _INTERPRET and x.dtype == torch.bfloat16  # the interpreter mis-handles bf16
+    ):
+        x = x.float()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    c = centroids.to(device=x.device, dtype=x.dtype).contiguous()
+    cn = c.float().pow(2).sum(1) if metric == "l2" else c.new_empty(1, dtype=torch.float32)
+    return x, c, cn
+
+
+def _empty_out(n: int, device, with_second: bool):
+    ids = torch.full((n,), -1, dtype=torch.int64, device=device)
+    dist = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
+    sec = torch.full((n,), float("inf"), dtype=torch.float32, device=device) if with_second \
+        else None
+    return ids, dist, sec
+
+
+def _n_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _with_oom_retry(fn, x: torch.Tensor, *rest_rowwise, with_second: bool):
+    """Run ``fn`` on all rows; on CUDA OOM, run it on halves (recursively)."""
+    try:
+        return fn(x, *rest_rowwise)
+    except torch.OutOfMemoryError:
+        n = x.shape[0]
+        if n <= 1:
+            raise
+        torch.cuda.empty_cache()
+        h = n // 2
+        a = _with_oom_retry(fn, x[:h], *[r[:h] for r in rest_rowwise], with_second=with_second)
+        b = _with_oom_retry(fn, x[h:], *[r[h:] for r in rest_rowwise], with_second=with_second)
+        return (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]),
+                torch.cat([a[2], b[2]]) if with_second else None)
+
+
+def assign_triton(
+    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", with_second: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fused nearest-centroid search; see module docstring."""
+    x, c, cn = _prep(x, centroids, metric)
+
+    def run(xs: torch.Tensor):
+        n, d = xs.shape
+        k = c.shape[0]
+        ids, dist, sec = _empty_out(n, xs.device, with_second)
+        if n == 0 or k == 0:
+            return ids, dist, sec
+        cfg = dict(_OVERRIDE or _config(xs.dtype, d, k, xs.device))
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        row_blocks = triton.cdiv(n, bm)
+        c_tiles = triton.cdiv(k, bn)
+        # too few row blocks to fill the GPU: split the centroid axis too
+        splits = max(1, min(c_tiles, (2 * _n_sms(xs.device)) // row_blocks))
+        tps = triton.cdiv(c_tiles, splits)
+        splits = triton.cdiv(c_tiles, tps)
+        dummy = ids
+        common = dict(
+            L2=metric == "l2", WITH_SECOND=with_second, GROUPED=False,
+            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0, **cfg)
+        if splits == 1:
+            _assign_kernel[(row_blocks,)](
+                xs, c, cn, ids, dist, sec if with_second else dist,
+                dummy, dummy, dummy, dummy, dummy,
+                n, k, d, xs.stride(0), c.stride(0), tps, SPLIT=False, **common)
+            return ids, dist, sec
+        pids = torch.empty((splits, n), dtype=torch.int64, device=xs.device)
+        pbest = torch.empty((splits, n), dtype=torch.float32, device=xs.device)
+        psec = torch.empty((splits, n), dtype=torch.float32, device=xs.device) \
+            if with_second else pbest
+        _assign_kernel[(row_blocks, splits)](
+            xs, c, cn, pids, pbest, psec, dummy, dummy, dummy, dummy, dummy,
+            n, k, d, xs.stride(0), c.stride(0), tps, SPLIT=True, **common)
+        # exact top-2 merge over splits (lowest split = lowest ids win ties)
+        b, arg = pbest.min(dim=0)
+        ids = pids.gather(0, arg[None])[0]
+        if with_second:
+            others = pbest.scatter(0, arg[None], float("inf")).min(dim=0).values
+            sec = torch.minimum(psec.gather(0, arg[None])[0], others)
+        if metric == "l2":
+            xn = xs.float().pow(2).sum(1)
+            dist = (b + xn).clamp_min_(0.0)
+            if with_second:
+                sec = (sec + xn).clamp_min_(0.0)
+        else:
+            dist = b + 1.0
+            if with_second:
+                sec = sec + 1.0
+        return ids, dist, sec
+
+    return _with_oom_retry(run, x, with_second=with_second)
+
+
+def _work_items(keys: torch.Tensor, n_keys: int, block: int):
+    """Bucket rows by key: (perm, item_key, item_pos, item_end) with <= ``block`` rows each.
+
+    Items of one key cover consecutive positions of the key-sorted permutation.
+    """
+    perm = torch.argsort(keys)
+    counts = torch.bincount(keys, minlength=n_keys)
+    seg_end = counts.cumsum(0)
+    seg_start = seg_end - counts
+    nb = (counts + block - 1) // block
+    item_cum = nb.cumsum(0)
+    total = int(item_cum[-1]) if n_keys else 0
+    j = torch.arange(total, device=keys.device)
+    item_key = torch.searchsorted(item_cum, j, right=True)
+    first = item_cum[item_key] - nb[item_key]
+    item_pos = seg_start[item_key] + (j - first) * block
+    item_end = seg_end[item_key]
+    return perm, item_key, item_pos, item_end
+
+
+def grouped_assign_triton(
+    x: torch.Tensor,
+    groups: torch.Tensor,
+    centroids: torch.Tensor,
+    child_offsets: torch.Tensor,
+    *,
+    metric: str = "l2",
+    with_second: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One launch labels a whole tree level: each row vs its parent's children block."""
+    x, c, cn = _prep(x, centroids, metric)
+    offs = child_offsets.to(device=x.device, dtype=torch.int64).contiguous()
+    n_parents = offs.numel() - 1
+    groups = groups.to(device=x.device, dtype=torch.int64)
+
+    def run(xs: torch.Tensor, gs: torch.Tensor):
+        n, d = xs.shape
+        ids, dist, sec = _empty_out(n, xs.device, with_second)
+        if n == 0:
+            return ids, dist, sec
+        cfg = dict(_OVERRIDE or _config(xs.dtype, d, c.shape[0], xs.device))
+        perm, ip, ipos, iend = _work_items(gs, n_parents, cfg["BLOCK_M"])
+        if ip.numel() == 0:
+            return ids, dist, sec
+        _assign_kernel[(ip.numel(),)](
+            xs, c, cn, ids, dist, sec if with_second else dist,
+            perm, ip, ipos, iend, offs,
+            n, c.shape[0], d, xs.stride(0), c.stride(0), 1,
+            L2=metric == "l2", WITH_SECOND=with_second, GROUPED=True, SPLIT=False,
+            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0, **cfg)
+        return ids, dist, sec
+
+    if groups.numel():
+        gmin, gmax = torch.aminmax(groups)
+        if int(gmin) < 0 or int(gmax) >= n_parents:
+            raise ValueError(f"group ids must lie in [0, {n_parents})")
+    return _with_oom_retry(run, x, groups, with_second=with_second)
+
+
+# --------------------------------------------------------------------------- partial sums
+@triton.jit
+def _partial_sums_kernel(
+    x_ptr, perm_ptr, item_key_ptr, item_pos_ptr, item_end_ptr, sums_ptr,
+    D, stride_x, SCALE,
+    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    key = tl.load(item_key_ptr + pid)
+    pos0 = tl.load(item_pos_ptr + pid)
+    pos_end = tl.minimum(tl.load(item_end_ptr + pid), pos0 + CHUNK)
+    acc = tl.zeros((BLOCK_D,), tl.int64)
+    for p in tl.range(pos0, pos_end, BLOCK_R):
+        pos = p + tl.arange(0, BLOCK_R)
+        pm = pos < pos_end
+        rows = tl.load(perm_ptr + pos, mask=pm, other=0).to(tl.int64)
+        v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                    mask=pm[:, None] & col_mask[None, :], other=0.0)
+        q = tl.floor(v.to(tl.float64) * SCALE + 0.5).to(tl.int64)
+        acc += tl.sum(q, axis=0)
+    tl.atomic_add(sums_ptr + key.to(tl.int64) * D + cols, acc, mask=col_mask)
+
+
+def partial_sums_triton(
+    x: torch.Tensor, ids: torch.Tensor, n_clusters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted segmented int64 sums (chunks of <= CHUNK rows, merged by integer atomics)."""
+    n, d = x.shape
+    dev = x.device
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or (
+        _INTERPRET and x.dtype == torch.bfloat16  # the interpreter mis-handles bf16
+    ):
+        x = x.float()
+    ids = ids.to(device=dev, dtype=torch.int64)
+    sums = torch.zeros((n_clusters, d), dtype=torch.int64, device=dev)
+    counts = torch.zeros((n_clusters + 1,), dtype=torch.int64, device=dev)
+    if n == 0 or n_clusters == 0:
+        return sums, counts[1:]
+    if int(ids.max()) >= n_clusters:
+        raise ValueError("ids must be < n_clusters")
+    keys = ids.clamp_min(-1) + 1  # key 0 = skipped rows
+    counts.scatter_add_(0, keys, torch.ones_like(keys))
+    chunk = 1024 if dev.type == "cuda" else 32
+    perm, ik, ipos, iend = _work_items(keys, n_clusters + 1, chunk)
+    keep = ik > 0
+    ik, ipos, iend = ik[keep] - 1, ipos[keep], iend[keep]
+    if ik.numel():
+        block_d = 128 if dev.type == "cuda" else 32
+        block_r = 16 if dev.type == "cuda" else 8
+        _partial_sums_kernel[(ik.numel(), triton.cdiv(d, block_d))](
+            x, perm, ik, ipos, iend, sums, d, x.stride(0), float(2**FIXED_POINT_BITS),
+            CHUNK=chunk, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return sums, counts[1:]

@@ -1,0 +1,15 @@
+"""The taxonomy as data: config, tree, snapshots on fsspec storage, fit arithmetic."""
+
+from mdf_taxonomy.model.config import TaxonomyConfig
+from mdf_taxonomy.model.store import TaxonomyStore, TaxonomyStoreError
+from mdf_taxonomy.model.taxonomy import FitState, Level, Taxonomy, format_path
+
+__all__ = [
+    "FitState",
+    "Level",
+    "Taxonomy",
+    "TaxonomyConfig",
+    "TaxonomyStore",
+    "TaxonomyStoreError",
+    "format_path",
+]

@@ -1,0 +1,140 @@
+"""The taxonomy as data: per level, the centroids of its nodes and each node's parent.
+
+Nodes of a level are numbered 0..n-1 and sorted by parent, so the children of a
+parent form one contiguous block; that block structure is what the grouped
+assignment kernel consumes, and the same code labels rows during the fit and
+after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mdf_taxonomy import kernels
+from mdf_taxonomy.model.config import TaxonomyConfig
+
+
+@dataclass
+class Level:
+    centroids: np.ndarray  # (n_nodes, dim) float32
+    parents: np.ndarray  # (n_nodes,) int64, node id in the level above (0 = root for level 1)
+
+    def __post_init__(self) -> None:
+        self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
+        self.parents = np.ascontiguousarray(self.parents, dtype=np.int64)
+        if self.centroids.ndim != 2 or self.parents.shape != (self.centroids.shape[0],):
+            raise ValueError(
+                f"level arrays disagree: centroids {self.centroids.shape}, "
+                f"parents {self.parents.shape}"
+            )
+        if self.parents.size and np.any(np.diff(self.parents) < 0):
+            raise ValueError("level nodes must be sorted by parent")
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def child_offsets(self, n_parents: int) -> np.ndarray:
+        """(n_parents + 1,) offsets: children of parent p are nodes offsets[p]:offsets[p+1]."""
+        return np.searchsorted(self.parents, np.arange(n_parents + 1), side="left").astype(
+            np.int64
+        )
+
+
+@dataclass
+class FitState:
+    """Where a fit stands; stored in every snapshot so a killed fit resumes from it.
+
+    phase "sample": levels[:level-1] are final and the next pass draws the init
+    sample for `level`; phase "lloyd": levels[level-1] holds the centroids being
+    refined, `iteration` passes done; phase "done": the tree is complete.
+    """
+
+    level: int = 1
+    phase: str = "sample"
+    iteration: int = 0
+    inertia: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.phase == "done"
+
+
+@dataclass
+class Taxonomy:
+    config: TaxonomyConfig
+    dim: int
+    levels: list[Level] = field(default_factory=list)
+    state: FitState = field(default_factory=FitState)
+    fingerprint: str = ""
+    version: str | None = field(default=None, compare=False)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    def prepare(self, x: np.ndarray | torch.Tensor, device: str | torch.device = "cpu"
+                ) -> torch.Tensor:
+        """Rows as the metric sees them: float32 (bf16/fp16 kept on GPU), unit norm for cosine."""
+        t = torch.as_tensor(x)
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or t.device.type == "cpu":
+            t = t.to(torch.float32)
+        t = t.to(device)
+        if t.ndim != 2 or t.shape[1] != self.dim:
+            raise ValueError(f"expected rows of {self.dim} values, got shape {tuple(t.shape)}")
+        if self.config.metric == "cosine":
+            t = torch.nn.functional.normalize(t.float(), dim=1).to(t.dtype)
+        return t
+
+    def assign_level(self, x: torch.Tensor, parents: torch.Tensor, level: int,
+                     backend: str = "auto", with_second: bool = False) -> kernels.Assignment:
+        """Nearest child of each row's parent at `level` (1-based); rows already prepared."""
+        lv = self.levels[level - 1]
+        n_parents = 1 if level == 1 else self.levels[level - 2].n_nodes
+        centroids = torch.from_numpy(lv.centroids).to(x.device)
+        offsets = torch.from_numpy(lv.child_offsets(n_parents)).to(x.device)
+        return kernels.grouped_assign(
+            x, parents, centroids, offsets, metric=self.config.metric, backend=backend,
+            with_second=with_second,
+        )
+
+    def walk(self, x: torch.Tensor, upto: int, backend: str = "auto"
+             ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """Descend `upto` levels from the root for prepared rows.
+
+        Returns (paths (N, upto) int32 node ids, deepest node ids, kernel distance to
+        them); with upto=0 every row sits at the root (id 0, distance 0).
+        """
+        n = x.shape[0]
+        paths = np.zeros((n, upto), dtype=np.int32)
+        ids = torch.zeros(n, dtype=torch.int64, device=x.device)
+        distance = torch.zeros(n, dtype=torch.float32, device=x.device)
+        for level in range(1, upto + 1):
+            a = self.assign_level(x, ids, level, backend=backend)
+            ids, distance = a.ids, a.distance
+            paths[:, level - 1] = ids.cpu().numpy()
+        return paths, ids, distance
+
+    def assign_paths(self, x: np.ndarray | torch.Tensor, upto: int | None = None,
+                     backend: str = "auto", device: str | torch.device = "cpu"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Node id per level for every row, and the distance to the deepest centroid.
+
+        Returns (paths (N, upto) int32, distance (N,) float32); the distance is
+        Euclidean for "l2" and 1 - cosine similarity for "cosine".
+        """
+        upto = self.n_levels if upto is None else upto
+        paths, _, distance = self.walk(self.prepare(x, device), upto, backend)
+        distance = distance.float().cpu().numpy()
+        if self.config.metric == "l2":
+            distance = np.sqrt(np.maximum(distance, 0.0))
+        return paths, distance.astype(np.float32)
+
+
+def format_path(path_row: np.ndarray) -> str:
+    return "/".join(str(int(v)) for v in path_row)

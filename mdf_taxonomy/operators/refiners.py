@@ -1,0 +1,240 @@
+"""The two MDF operators: fit a level while the pipeline streams, and label records.
+
+Both are thin: parse the batch's embeddings, call the model and kernels, talk to
+the backend, write fields. They are constructed in the driver and pickled into
+actors, so the taxonomy is loaded lazily on the first batch. A bad record gets a
+`taxonomy_error` reason and passes through; a failure of the whole batch (say,
+unreachable storage) labels every record with the reason instead of raising,
+because MDF would drop the batch silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mdf_taxonomy._mdf import Refiner
+from mdf_taxonomy.backend import FitBackend, bottom_k
+from mdf_taxonomy.kernels import partial_sums
+from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore, format_path
+from mdf_taxonomy.model.fitting import inertia_to_fixed, sample_priorities
+from mdf_taxonomy.operators.records import ERROR_FIELD, ParsedBatch, parse_embeddings
+
+log = logging.getLogger(__name__)
+PREFIX = "taxonomy"
+
+
+def level_field(level: int) -> str:
+    return f"{PREFIX}_l{level}"
+
+
+class _TaxonomyRefiner(Refiner):
+    """Shared plumbing: lazy snapshot loading, parsing, per-record error fields."""
+
+    def __init__(self, storage_uri: str, embedding_field: str = "embedding",
+                 snapshot: str | None = None, device: str = "auto", kernel_backend: str = "auto",
+                 storage_options: dict[str, Any] | None = None):
+        super().__init__()
+        if not storage_uri:
+            raise ValueError(f"{type(self).__name__}: storage_uri is required")
+        self.storage_uri = storage_uri
+        self.embedding_field = embedding_field
+        self.snapshot = snapshot
+        self.device = device
+        self.kernel_backend = kernel_backend
+        self.storage_options = storage_options
+        self._taxonomy: Taxonomy | None = None
+        self.rejected: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_taxonomy"] = None  # reload inside the actor, never ship arrays by pickle
+        return state
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        if self._taxonomy is None:
+            self._taxonomy = TaxonomyStore(self.storage_uri, self.storage_options).load(
+                self.snapshot)
+        return self._taxonomy
+
+    def _torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def refine_batch(self, records: list[dict]) -> None:
+        for rec in records:
+            rec[ERROR_FIELD] = None
+        try:
+            tax = self.taxonomy
+            parsed = parse_embeddings(records, self.embedding_field, tax.dim)
+            for i, reason in parsed.errors.items():
+                records[i][ERROR_FIELD] = reason
+            for kind, n in parsed.reasons().items():
+                self.rejected[kind] = self.rejected.get(kind, 0) + n
+            self._refine(records, parsed, tax)
+        except Exception as e:  # noqa: BLE001 - MDF would drop the batch: label it instead
+            log.exception("%s failed on a batch of %d records", type(self).__name__, len(records))
+            reason = f"operator_failed: {type(e).__name__}: {e}"
+            for rec in records:
+                rec[ERROR_FIELD] = rec[ERROR_FIELD] or reason
+            self.rejected["operator_failed"] = self.rejected.get("operator_failed", 0) + len(
+                records)
+
+    def _refine(self, records: list[dict], parsed: ParsedBatch, tax: Taxonomy) -> None:
+        raise NotImplementedError
+
+    def get_stats(self) -> dict:
+        stats = super().get_stats()
+        stats["rejected"] = dict(self.rejected)
+        return stats
+
+
+class TaxonomyPathRefiner(_TaxonomyRefiner):
+    """Labels every record with its path in a fitted taxonomy (no refit).
+
+    Adds taxonomy_path ("12/305/77"), taxonomy_l1..taxonomy_lN (int32),
+    taxonomy_distance (float32, to the leaf centroid) and taxonomy_error.
+    """
+
+    def __init__(self, storage_uri: str, embedding_field: str = "embedding",
+                 snapshot: str | None = None, n_levels: int | None = None, device: str = "auto",
+                 kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None):
+        super().__init__(storage_uri, embedding_field, snapshot, device, kernel_backend,
+                         storage_options)
+        self.n_levels = n_levels
+
+    def get_output_schema(self) -> dict[str, pa.DataType]:
+        n = self.n_levels
+        if n is None:
+            manifest = TaxonomyStore(self.storage_uri, self.storage_options).manifest(
+                self.snapshot)
+            n = manifest["n_levels_stored"]
+        schema = {f"{PREFIX}_path": pa.string()}
+        schema.update({level_field(i): pa.int32() for i in range(1, n + 1)})
+        schema[f"{PREFIX}_distance"] = pa.float32()
+        schema[ERROR_FIELD] = pa.string()
+        return schema
+
+    def _refine(self, records: list[dict], parsed: ParsedBatch, tax: Taxonomy) -> None:
+        if not tax.state.complete:
+            raise RuntimeError(
+                f"taxonomy at {self.storage_uri} is not complete (level {tax.state.level}, "
+                f"{tax.state.phase}): finish the fit before labelling"
+            )
+        for rec in records:
+            rec[f"{PREFIX}_path"] = None
+            rec[f"{PREFIX}_distance"] = None
+            for lv in range(1, tax.n_levels + 1):
+                rec[level_field(lv)] = None
+        if not len(parsed.valid):
+            return
+        paths, dist = tax.assign_paths(parsed.x, backend=self.kernel_backend,
+                                       device=self._torch_device())
+        for row, i in enumerate(parsed.valid):
+            rec = records[i]
+            rec[f"{PREFIX}_path"] = format_path(paths[row])
+            rec[f"{PREFIX}_distance"] = float(dist[row])
+            for lv in range(tax.n_levels):
+                rec[level_field(lv + 1)] = int(paths[row, lv])
+
+
+class KMeansLevelRefiner(_TaxonomyRefiner):
+    """One Lloyd (or sampling) pass of the level being fitted, streamed through MDF.
+
+    Each batch is assigned with the snapshot's centroids and its per-cluster
+    fixed-point sums go to the sharded FitBackend (or, in a sampling pass, its
+    bottom-k rows per parent). The driver (TaxonomyEngine / `mdf-taxonomy run`)
+    turns the pass's totals into the next snapshot. Records get the ids of the
+    levels fitted so far.
+    """
+
+    def __init__(self, storage_uri: str, embedding_field: str = "embedding",
+                 snapshot: str | None = None, n_levels: int = 1,
+                 branching_factor: int | list[int] = 16, dim: int | None = None,
+                 metric: str = "l2", seed: int = 0, max_iter: int = 20, tol: float = 1e-4,
+                 sample_per_child: int = 64, max_sample_per_node: int = 65536,
+                 init_iters: int = 10, backend_buckets: int = 2,
+                 backend_name: str = "mdf_taxonomy_fit", device: str = "auto",
+                 kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None):
+        super().__init__(storage_uri, embedding_field, snapshot, device, kernel_backend,
+                         storage_options)
+        self.config = TaxonomyConfig(
+            n_levels=n_levels, branching_factor=branching_factor, dim=dim, metric=metric,
+            seed=seed, max_iter=max_iter, tol=tol, sample_per_child=sample_per_child,
+            max_sample_per_node=max_sample_per_node, init_iters=init_iters,
+            embedding_field=embedding_field,
+        )
+        self.backend = FitBackend(backend_buckets, backend_name)
+        self.flush_failures = 0
+
+    def get_output_schema(self) -> dict[str, pa.DataType]:
+        schema = {level_field(i): pa.int32() for i in range(1, self.config.n_levels + 1)}
+        schema[ERROR_FIELD] = pa.string()
+        return schema
+
+    def _refine(self, records: list[dict], parsed: ParsedBatch, tax: Taxonomy) -> None:
+        st = tax.state
+        upto = tax.n_levels if st.phase != "sample" else st.level - 1
+        device = self._torch_device()
+        x = tax.prepare(parsed.x, device)
+        paths, parents, distance = tax.walk(x, upto, self.kernel_backend)
+        for rec in records:
+            for lv in range(1, self.config.n_levels + 1):
+                rec[level_field(lv)] = None
+        for row, i in enumerate(parsed.valid):
+            for lv in range(upto):
+                records[i][level_field(lv + 1)] = int(paths[row, lv])
+        if st.complete:
+            return
+        pass_id = tax.version or "unversioned"
+        flush_id = parsed.flush_id(pass_id)
+        totals = {"rows": len(parsed.valid), "rows_rejected": len(parsed.errors)}
+        try:
+            if st.phase == "sample":
+                self._offer_samples(tax, x, parents, pass_id, flush_id, totals, parsed)
+            else:
+                n_nodes = tax.levels[st.level - 1].n_nodes
+                sums, counts = partial_sums(x, parents, n_nodes, backend=self.kernel_backend)
+                nodes = torch.nonzero(counts).flatten()
+                totals["inertia_fixed"] = inertia_to_fixed(distance)
+                self.backend.add_partials(
+                    pass_id, flush_id, nodes.cpu().numpy(), sums[nodes].cpu().numpy(),
+                    counts[nodes].cpu().numpy(), totals, parsed.reasons())
+        except Exception as e:  # noqa: BLE001 - counted; the driver's row check re-runs the pass
+            self.flush_failures += 1
+            log.error("backend flush failed (%s); the driver will see the missing rows", e)
+            for i in parsed.valid:
+                records[i][ERROR_FIELD] = f"backend_flush_failed: {type(e).__name__}: {e}"
+
+    def _offer_samples(self, tax: Taxonomy, x: torch.Tensor, parents: torch.Tensor,
+                       pass_id: str, flush_id: str, totals: dict[str, int],
+                       parsed: ParsedBatch) -> None:
+        cfg, level = tax.config, tax.state.level
+        rows = x.float().cpu().numpy()
+        prio = sample_priorities(rows, cfg.seed, level)
+        par = parents.cpu().numpy()
+        k = cfg.sample_size(level)
+        keep = []  # local bottom-k per parent first: only candidates travel
+        for p in np.unique(par):
+            idx = np.flatnonzero(par == p)
+            keep.append(idx[bottom_k(prio[idx], k)])
+        keep_idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+        self.backend.offer_samples(
+            pass_id, flush_id, par[keep_idx], prio[keep_idx], rows[keep_idx], k,
+            _count_parents(par), totals, parsed.reasons())
+
+    def get_stats(self) -> dict:
+        stats = super().get_stats()
+        stats["flush_failures"] = self.flush_failures
+        return stats
+
+
+def _count_parents(par: np.ndarray) -> dict[int, int]:
+    uniq, n = np.unique(par, return_counts=True)
+    return {int(p): int(c) for p, c in zip(uniq, n, strict=True)}
