@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_ray(config.executor.num_cpus)
     tax = fit_pipeline_config(config, progress=not args.quiet)
     if tax is not None:
-        config = pinned(config, tax.version, discard_output=False)
+        config = pinned(config, tax.version, fit_pass=False)
         print(f"taxonomy: {tax.n_levels} level(s), snapshot {tax.version}")
     result = run_pipeline(config, progress=not args.quiet)
     _report(result, config)

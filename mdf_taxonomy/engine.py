@@ -160,7 +160,7 @@ class PipelineFit:
 
     def _stream(self, tax: Taxonomy, n_nodes: int) -> dict[str, Any]:
         st = tax.state
-        cfg = pinned(self.config, tax.version, discard_output=True)
+        cfg = pinned(self.config, tax.version, fit_pass=True)
         self.backend.start_pass(tax.version, n_nodes, tax.dim)
         desc = f"L{st.level} {st.phase}" + (f" it{st.iteration + 1}" if st.phase == "lloyd" else "")
         bar = _progress(self.rows_total, desc, self.progress)
@@ -183,9 +183,7 @@ class PipelineFit:
         seconds = time.perf_counter() - started
         totals = result["totals"]
         seen = totals.get("rows", 0) + totals.get("rows_rejected", 0)
-        expected = _operator_inputs(stats, self.op.name)
-        if expected is None:
-            expected = loaded
+        expected = _expected_rows(cfg, stats, loaded)
         if result["pass_ids"] != [str(tax.version)] or seen != expected:
             raise PassIncomplete(f"backend accounted for {seen} rows, the stage saw {expected}")
         self.rows_total = self.rows_total or loaded
@@ -209,35 +207,38 @@ class PipelineFit:
             print(line, file=sys.stderr)
 
 
-def pinned(config: Any, version: str | None, discard_output: bool) -> Any:
-    """A copy of the pipeline with every taxonomy operator pinned to one snapshot."""
+def pinned(config: Any, version: str | None, fit_pass: bool) -> Any:
+    """A copy of the pipeline with every taxonomy operator pinned to one snapshot.
+
+    In a fit pass the labelling operators are switched off (the tree is not
+    finished) and the records are discarded.
+    """
     cfg = copy.deepcopy(config)
     for stage in cfg.stages:
         for op in stage.operators:
             if _is_op(op, "KMeansLevelRefiner") or _is_op(op, "TaxonomyPathRefiner"):
                 op.params = {**op.params, "snapshot": version}
-    if discard_output:
+            if fit_pass and _is_op(op, "TaxonomyPathRefiner"):
+                op.enabled = False
+    if fit_pass:
         cfg.data_writer = _mdf.DataWriterConfig(type="DiscardWriter", params={})
     return cfg
 
 
-def _operator_inputs(stats: Any, op_name: str) -> int | None:
-    """Records the kmeans operator received, summed over replicas, if the stats say."""
-    found = []
+def _expected_rows(config: Any, stats: Any, loaded: int) -> int:
+    """Rows the kmeans operator must have accounted for in a pass.
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if "input_records" in node and "flush_failures" in node:
-                found.append(int(node["input_records"]))
-                return
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(stats)
-    return sum(found) if found else None
+    When it is the pipeline's first operator that is every row the loaders read
+    (so a lost batch is caught); after other operators it is what it was given.
+    """
+    first = next((op for st in config.stages for op in st.operators if op.enabled), None)
+    if first is not None and _is_op(first, "KMeansLevelRefiner"):
+        return loaded
+    for stage_stats in (stats or {}).values():
+        for name, op_stats in (stage_stats or {}).items():
+            if name in ("KMeansLevelRefiner", mdf_key("KMeansLevelRefiner")):
+                return int(op_stats.get("input_records", 0))
+    return loaded
 
 
 def _infer_dim(loader: Any, items: list[str], field: str) -> int:
@@ -347,7 +348,7 @@ class TaxonomyEngine:
         tax = run.run()
         if output is not None:
             final = pinned(self._pipeline(input, output, fit=False, loader_extra=extra),
-                           tax.version, discard_output=False)
+                           tax.version, fit_pass=False)
             run_pipeline(final, progress=self.progress, desc="label")
         return tax
 
@@ -366,7 +367,7 @@ class TaxonomyEngine:
         if isinstance(input, np.ndarray | torch.Tensor):
             return tax.assign_paths(input, backend=self.kernel_backend)[0]
         if output is not None:
-            final = pinned(self._pipeline(input, output, fit=False), tax.version, False)
+            final = pinned(self._pipeline(input, output, fit=False), tax.version, fit_pass=False)
             run_pipeline(final, progress=self.progress, desc="label")
             return output
         loader = ParquetEmbeddingLoader(**self._loader_params(input))

@@ -104,7 +104,7 @@ class ParquetDataWriter(DataWriter):
         self.files_written.append(path)
         self.records_written += table.num_rows
 
-    def write(self, data: list[dict[str, Any]]):
+    def write(self, data: list[dict[str, Any]]) -> None:
         """Write one batch (no-op for an empty batch)."""
         if not data:
             return
@@ -127,7 +127,7 @@ class ParquetDataWriter(DataWriter):
                            for c, v in zip(self.partition_by, key, strict=True))
             self._write_table(pa.Table.from_pylist(recs), f"{root}/{sub}")
 
-    def close(self):
+    def close(self) -> None:
         """Nothing buffered: every batch is already a complete file."""
 
 

@@ -76,6 +76,8 @@ def test_assign_split_centroids():
     whole = K.assign(torch.cat([x, make(300, 200, 16, seed=2)[0]]), c, backend="triton",
                      with_second=True)  # no split: same per-row result
     assert torch.equal(whole.ids[:5], out.ids)
+    assert torch.equal(whole.distance[:5], out.distance)
+    assert torch.equal(whole.second[:5], out.second)
 
 
 def test_assign_empty():
@@ -120,3 +122,21 @@ def test_partial_sums_interpreted(dtype):
     perm = torch.randperm(150, generator=g)
     s2, _ = K.partial_sums(x[perm], ids[perm], 10, backend="triton")
     assert torch.equal(s2, rs)
+
+
+def test_partial_sums_rounding_edges():
+    """Exact halves, negatives, tiny and large values round exactly like the fp64 reference."""
+    s = 2.0**-24
+    vals = torch.tensor([0.5 * s, -0.5 * s, 1.5 * s, -1.5 * s, 2.5 * s, -2.5 * s, 0.3 * s,
+                         -0.3 * s, -0.7 * s, 0.7 * s, -0.5, 0.5, -1.0 - 0.5 * s, 3.75,
+                         -1234.5678, 2.0**20 + 0.5, -(2.0**27), 1e-30, -1e-30, 0.0])
+    x = vals[:, None].repeat(1, 3)
+    x[:, 1] *= 3.0
+    ids = torch.arange(vals.numel()) % 4
+    got, _ = K.partial_sums(x, ids, 4, backend="triton")
+    ref, _ = K.partial_sums(x, ids, 4, backend="torch")
+    assert torch.equal(got, ref)
+    for i in range(vals.numel()):
+        a, _ = K.partial_sums(x[i : i + 1], ids[i : i + 1], 4, backend="triton")
+        b, _ = K.partial_sums(x[i : i + 1], ids[i : i + 1], 4, backend="torch")
+        assert torch.equal(a, b), (i, vals[i])

@@ -50,7 +50,7 @@ class FitBucket:
 
     def _count(self, totals: dict[str, int] | None, rejected: dict[str, int] | None) -> None:
         for k, v in (totals or {}).items():
-            self.totals[k] += int(v)
+            self.totals[k] = self.totals.get(k, 0) + int(v)
         for k, v in (rejected or {}).items():
             self.rejected[k] = self.rejected.get(k, 0) + int(v)
 

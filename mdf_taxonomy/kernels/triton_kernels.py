@@ -34,13 +34,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _assign_kernel(
     x_ptr, c_ptr, cn_ptr,
-    ids_ptr, dist_ptr, sec_ptr,
+    ids_ptr, dist_ptr, sec_ptr, xn_ptr,
     perm_ptr, item_parent_ptr, item_pos_ptr, item_end_ptr, child_off_ptr,
     N, K, D, stride_x, stride_c, tiles_per_split,
     L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    FLATTEN: tl.constexpr, WS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -69,12 +69,12 @@ def _assign_kernel(
     best = tl.full((BLOCK_M,), float("inf"), tl.float32)
     best_id = tl.full((BLOCK_M,), -1, tl.int32)
     second = tl.full((BLOCK_M,), float("inf"), tl.float32)
-    for c0 in tl.range(c_lo, c_hi, BLOCK_N):
+    for c0 in tl.range(c_lo, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
         cols = c0 + offs_n
         col_mask = cols < c_hi
         c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_c
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in tl.range(0, D, BLOCK_K, num_stages=NUM_STAGES):
+        for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             if EVEN_D:
                 a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
@@ -103,20 +103,23 @@ def _assign_kernel(
         best = tl.where(take, tmin, best)
         best_id = tl.where(take, targ + c0, best_id)
 
+    if L2:  # ||x||^2, same code in both modes (the split merge adds it on the host)
+        xn = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
+                         other=0.0).to(tl.float32)
+            xn += tl.sum(xv * xv, axis=1)
     if SPLIT:  # raw scores; merged (and finished) on the host side
         out = tl.program_id(1).to(tl.int64) * N + rows
         tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
         tl.store(dist_ptr + out, best, mask=row_mask)
         if WITH_SECOND:
             tl.store(sec_ptr + out, second, mask=row_mask)
+        if L2:
+            tl.store(xn_ptr + rows, xn, mask=row_mask)  # every split writes the same value
     else:
         if L2:
-            xn = tl.zeros((BLOCK_M,), tl.float32)
-            for k0 in tl.range(0, D, BLOCK_K):
-                kk = k0 + offs_k
-                xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
-                             other=0.0).to(tl.float32)
-                xn += tl.sum(xv * xv, axis=1)
             dist = tl.maximum(best + xn, 0.0)
             if WITH_SECOND:
                 second = tl.maximum(second + xn, 0.0)
@@ -133,10 +136,14 @@ def _assign_kernel(
 def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
     if device.type != "cuda":  # interpreter: tiny tiles keep it quick
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, NUM_STAGES=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1,
+                    FLATTEN=False, WS=False)
     if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, NUM_STAGES=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, NUM_STAGES=4)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
+                    FLATTEN=False, WS=False)
+    # swept on H100 (benchmarks/NOTES_kernels.md)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
+                FLATTEN=False, WS=False)
 
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
@@ -214,7 +221,7 @@ def assign_triton(
             IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0, **cfg)
         if splits == 1:
             _assign_kernel[(row_blocks,)](
-                xs, c, cn, ids, dist, sec if with_second else dist,
+                xs, c, cn, ids, dist, sec if with_second else dist, dist,
                 dummy, dummy, dummy, dummy, dummy,
                 n, k, d, xs.stride(0), c.stride(0), tps, SPLIT=False, **common)
             return ids, dist, sec
@@ -222,8 +229,9 @@ def assign_triton(
         pbest = torch.empty((splits, n), dtype=torch.float32, device=xs.device)
         psec = torch.empty((splits, n), dtype=torch.float32, device=xs.device) \
             if with_second else pbest
+        xn = torch.zeros(n, dtype=torch.float32, device=xs.device)
         _assign_kernel[(row_blocks, splits)](
-            xs, c, cn, pids, pbest, psec, dummy, dummy, dummy, dummy, dummy,
+            xs, c, cn, pids, pbest, psec, xn, dummy, dummy, dummy, dummy, dummy,
             n, k, d, xs.stride(0), c.stride(0), tps, SPLIT=True, **common)
         # exact top-2 merge over splits (lowest split = lowest ids win ties)
         b, arg = pbest.min(dim=0)
@@ -231,8 +239,7 @@ def assign_triton(
         if with_second:
             others = pbest.scatter(0, arg[None], float("inf")).min(dim=0).values
             sec = torch.minimum(psec.gather(0, arg[None])[0], others)
-        if metric == "l2":
-            xn = xs.float().pow(2).sum(1)
+        if metric == "l2":  # same fp32 add as the kernel's epilogue
             dist = (b + xn).clamp_min_(0.0)
             if with_second:
                 sec = (sec + xn).clamp_min_(0.0)
@@ -290,7 +297,7 @@ def grouped_assign_triton(
         if ip.numel() == 0:
             return ids, dist, sec
         _assign_kernel[(ip.numel(),)](
-            xs, c, cn, ids, dist, sec if with_second else dist,
+            xs, c, cn, ids, dist, sec if with_second else dist, dist,
             perm, ip, ipos, iend, offs,
             n, c.shape[0], d, xs.stride(0), c.stride(0), 1,
             L2=metric == "l2", WITH_SECOND=with_second, GROUPED=True, SPLIT=False,
@@ -324,7 +331,11 @@ def _partial_sums_kernel(
         rows = tl.load(perm_ptr + pos, mask=pm, other=0).to(tl.int64)
         v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
                     mask=pm[:, None] & col_mask[None, :], other=0.0)
-        q = tl.floor(v.to(tl.float64) * SCALE + 0.5).to(tl.int64)
+        # floor(y + 0.5) with y = v * 2**B, exactly, in fp32: y, floor(y) and y - floor(y)
+        # are all exact, so this equals the reference's fp64 floor(x * 2**B + 0.5).
+        y = v.to(tl.float32) * SCALE
+        f = tl.floor(y)
+        q = f.to(tl.int64) + ((y - f) >= 0.5).to(tl.int64)
         acc += tl.sum(q, axis=0)
     tl.atomic_add(sums_ptr + key.to(tl.int64) * D + cols, acc, mask=col_mask)
 
@@ -355,9 +366,10 @@ def partial_sums_triton(
     keep = ik > 0
     ik, ipos, iend = ik[keep] - 1, ipos[keep], iend[keep]
     if ik.numel():
-        block_d = 128 if dev.type == "cuda" else 32
-        block_r = 16 if dev.type == "cuda" else 8
+        block_d = 256 if dev.type == "cuda" else 32
+        block_r = 32 if dev.type == "cuda" else 8
         _partial_sums_kernel[(ik.numel(), triton.cdiv(d, block_d))](
             x, perm, ik, ipos, iend, sums, d, x.stride(0), float(2**FIXED_POINT_BITS),
-            CHUNK=chunk, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+            CHUNK=chunk, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=8 if dev.type == "cuda" else 1)
     return sums, counts[1:]

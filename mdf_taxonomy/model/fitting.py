@@ -65,7 +65,7 @@ def kmeans_plus_plus(sample: torch.Tensor, k: int, seed: int, metric: str = "l2"
         raise ValueError(f"k-means++ needs at least k={k} rows, got {n}")
     gen = torch.Generator().manual_seed(seed)
     chosen = [int(torch.randint(n, (1,), generator=gen))]
-    best = kernels.assign(sample, sample[chosen[0]][None].float(), metric=metric).distance.double()
+    best = _distance_to(sample, sample[chosen[0]], metric)
     for _ in range(1, k):
         total = float(best.sum())
         if total <= 0:  # every row sits on a chosen centre: take unchosen rows in order
@@ -75,9 +75,13 @@ def kmeans_plus_plus(sample: torch.Tensor, k: int, seed: int, metric: str = "l2"
         else:
             nxt = int(torch.multinomial(best / total, 1, generator=gen))
         chosen.append(nxt)
-        d = kernels.assign(sample, sample[nxt][None].float(), metric=metric).distance.double()
-        best = torch.minimum(best, d)
+        best = torch.minimum(best, _distance_to(sample, sample[nxt], metric))
     return sample[chosen].float().clone()
+
+
+def _distance_to(sample: torch.Tensor, centre: torch.Tensor, metric: str) -> torch.Tensor:
+    d = kernels.assign(sample, centre[None].float(), metric=metric).distance
+    return d.double().clamp_min(0)  # cosine distances of near-identical rows can dip below 0
 
 
 def update_centroids(sums: torch.Tensor, counts: torch.Tensor, previous: np.ndarray,
@@ -125,7 +129,7 @@ def init_children(sample: np.ndarray, rows: int, k_max: int, seed: int, metric: 
         if fallback is None:
             raise ValueError("no valid rows reached the top level: nothing to fit")
         return fallback[None].astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
+    t = torch.from_numpy(np.array(sample, dtype=np.float32))  # writable copy
     centroids = kmeans_plus_plus(t, k, seed, metric).numpy()
     return lloyd_on_sample(t, centroids, init_iters, metric)
 

@@ -1,7 +1,10 @@
 """The two MDF operators: fit a level while the pipeline streams, and label records.
 
 Both are thin: parse the batch's embeddings, call the model and kernels, talk to
-the backend, write fields. They are constructed in the driver and pickled into
+the backend, write fields. Fields are typed numpy scalars and never None (a
+rejected record has path "", node ids -1, distance NaN and its reason in
+taxonomy_error; a good one has taxonomy_error ""), so every Parquet file a writer
+produces has the same schema, whichever batch it holds. They are constructed in the driver and pickled into
 actors, so the taxonomy is loaded lazily on the first batch. A bad record gets a
 `taxonomy_error` reason and passes through; a failure of the whole batch (say,
 unreachable storage) labels every record with the reason instead of raising,
@@ -68,10 +71,11 @@ class _TaxonomyRefiner(Refiner):
         return torch.device(self.device)
 
     def refine_batch(self, records: list[dict]) -> None:
-        for rec in records:
-            rec[ERROR_FIELD] = None
         try:
             tax = self.taxonomy
+            blank = self._blank_fields()
+            for rec in records:
+                rec.update(blank)
             parsed = parse_embeddings(records, self.embedding_field, tax.dim)
             for i, reason in parsed.errors.items():
                 records[i][ERROR_FIELD] = reason
@@ -82,12 +86,17 @@ class _TaxonomyRefiner(Refiner):
             log.exception("%s failed on a batch of %d records", type(self).__name__, len(records))
             reason = f"operator_failed: {type(e).__name__}: {e}"
             for rec in records:
-                rec[ERROR_FIELD] = rec[ERROR_FIELD] or reason
+                rec[ERROR_FIELD] = reason
             self.rejected["operator_failed"] = self.rejected.get("operator_failed", 0) + len(
                 records)
 
     def _refine(self, records: list[dict], parsed: ParsedBatch, tax: Taxonomy) -> None:
         raise NotImplementedError
+
+    def _blank_fields(self) -> dict[str, Any]:
+        """The output fields of a record that gets no label."""
+        blank = {"string": "", "int32": np.int32(-1), "float": np.float32("nan")}
+        return {name: blank[str(t)] for name, t in self.get_output_schema().items()}
 
     def get_stats(self) -> dict:
         stats = super().get_stats()
@@ -110,7 +119,7 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         self.n_levels = n_levels
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
-        n = self.n_levels
+        n = self._taxonomy.n_levels if self._taxonomy is not None else self.n_levels
         if n is None:
             manifest = TaxonomyStore(self.storage_uri, self.storage_options).manifest(
                 self.snapshot)
@@ -127,11 +136,6 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
                 f"taxonomy at {self.storage_uri} is not complete (level {tax.state.level}, "
                 f"{tax.state.phase}): finish the fit before labelling"
             )
-        for rec in records:
-            rec[f"{PREFIX}_path"] = None
-            rec[f"{PREFIX}_distance"] = None
-            for lv in range(1, tax.n_levels + 1):
-                rec[level_field(lv)] = None
         if not len(parsed.valid):
             return
         paths, dist = tax.assign_paths(parsed.x, backend=self.kernel_backend,
@@ -139,9 +143,9 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         for row, i in enumerate(parsed.valid):
             rec = records[i]
             rec[f"{PREFIX}_path"] = format_path(paths[row])
-            rec[f"{PREFIX}_distance"] = float(dist[row])
+            rec[f"{PREFIX}_distance"] = dist[row]
             for lv in range(tax.n_levels):
-                rec[level_field(lv + 1)] = int(paths[row, lv])
+                rec[level_field(lv + 1)] = paths[row, lv]
 
 
 class KMeansLevelRefiner(_TaxonomyRefiner):
@@ -184,12 +188,9 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         device = self._torch_device()
         x = tax.prepare(parsed.x, device)
         paths, parents, distance = tax.walk(x, upto, self.kernel_backend)
-        for rec in records:
-            for lv in range(1, self.config.n_levels + 1):
-                rec[level_field(lv)] = None
         for row, i in enumerate(parsed.valid):
             for lv in range(upto):
-                records[i][level_field(lv + 1)] = int(paths[row, lv])
+                records[i][level_field(lv + 1)] = paths[row, lv]
         if st.complete:
             return
         pass_id = tax.version or "unversioned"

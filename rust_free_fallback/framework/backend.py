@@ -159,7 +159,7 @@ class DedupBackend:
         """Number of distinct keys held over all buckets."""
         return sum(ray.get([a.size.remote() for a in self._actors()]))
 
-    def reset(self):
+    def reset(self) -> None:
         """Clear every bucket."""
         ray.get([a.reset.remote() for a in self._actors()])
 

@@ -37,8 +37,8 @@ class DataWriter(ABC):
     """Receives the records that survive the last stage."""
 
     @abstractmethod
-    def write(self, data: list[dict[str, Any]]):
+    def write(self, data: list[dict[str, Any]]) -> None:
         """Persist one batch of records."""
 
-    def close(self):  # noqa: B027 - optional hook, intentionally a no-op
+    def close(self) -> None:  # noqa: B027 - optional hook, intentionally a no-op
         """Flush/release resources; called by ``Executor.shutdown``."""

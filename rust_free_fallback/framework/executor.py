@@ -1,21 +1,29 @@
 """Executor: runs a PipelineConfig on Ray (MDF-compatible behaviour, fewer traps).
 
 Flow: the driver lists the shards, starts one loader actor per contiguous
-chunk (``pipeline_loader_{i}``, 1 CPU each) and a pool of replicas per stage;
-batches travel loader -> stage 1 -> ... -> stage N by object reference and
-the driver writes the last stage's output.
+chunk (``pipeline_loader_{i}``, 1 CPU each) and a pool of replicas per stage
+(``pipeline_stage_{stage}_{i}``); batches travel loader -> stage 1 -> ... ->
+stage N by object reference, at most ``max_in_flight`` at a time (default: the
+number of loaders, as in MDF), and the driver writes the last stage's output.
 
 Differences from MDF, on purpose:
 - an operator exception still drops the whole batch, but is logged as a
   warning and counted (``dropped_batches``) instead of vanishing;
-- loaders + replicas that cannot fit the cluster raise before any actor starts
-  (MDF hangs forever);
+- loaders + replicas that cannot fit the cluster raise
+  ``InsufficientResourcesError`` at the start of ``execute()``, before any actor
+  starts (MDF hangs forever); actors that fail to construct (e.g. a plugin not
+  importable in workers) raise instead of yielding an empty run;
 - ``shutdown()`` kills this executor's actors (freeing their names) and only
   shuts Ray down if this Executor started it, so one driver can run several
   passes in one Ray session (MDF always calls ``ray.shutdown()``);
+- when it starts Ray, workers get the driver's ``sys.path`` as PYTHONPATH so
+  plugins importable in the driver import in actors (single host);
 - replicas: ``num_replicas`` pins the count; otherwise each stage starts with as
   many replicas as fit, between ``min_replicas`` and ``max_replicas`` (no
-  autoscaling while running).
+  autoscaling while running);
+- the executor-owned DedupBackend is reset at the start of every run;
+- ``checkpoint_interval`` is accepted but loaders always start from scratch;
+  ``use_ray: false`` is rejected.
 """
 
 from __future__ import annotations
@@ -83,6 +91,9 @@ class _LoaderWorker:
         else:
             self._done = True
         return len(batch), batch
+
+    def ping(self) -> bool:
+        return True
 
 
 class _StageWorker:
@@ -226,13 +237,24 @@ class Executor:
             if have != ex.num_cpus:
                 logger.warning("Ray already initialised with %s CPUs; executor.num_cpus=%s "
                                "is ignored", have, ex.num_cpus)
+        self.dedup_backend: Any = None
+        self._owns_dedup = False
+        try:
+            self._setup()
+        except BaseException:
+            if self._owns_dedup:
+                self.dedup_backend.kill()
+            if self._started_ray:
+                ray.shutdown()
+            raise
+
+    def _setup(self) -> None:
+        config, ex = self.config, self.config.executor
         # Everything below is built here, in the driver, and pickled into actors.
         self.data_loader = DataLoaderRegistry.create(config.data_loader.type,
                                                      config.data_loader.params)
         self.data_writer = DataWriterRegistry.create(config.data_writer.type,
                                                      config.data_writer.params)
-        self.dedup_backend: Any = None
-        self._owns_dedup = False
         self._stage_ops = {s.name: self._build_stage(s) for s in config.stages}
         self._rejected_writer: Any = None
         if ex.rejected_samples.enabled:
@@ -245,6 +267,7 @@ class Executor:
         self._replicas: dict[str, list[Any]] = {}
         self._replica_names: list[str] = []
         self._cached_stats: dict[str, Any] | None = None
+        self._actors_ok = False
         self._closed = False
         self.run_id = uuid.uuid4().hex[:8]
         self.pipeline_stats: dict[str, Any] = self._fresh_pipeline_stats()
@@ -342,7 +365,32 @@ class Executor:
                     ex.rejected_samples.enabled, s.output_path))
                 self._replica_names.append(name)
             self._replicas[s.name] = pool
+        self._check_started()
+        self._actors_ok = True
         logger.info("started %d loader(s); replicas per stage: %s", n_loaders, plan)
+
+    def _check_started(self, timeout: float = 300.0) -> None:
+        """Fail loudly if an actor cannot be built (typically: plugin not importable there)."""
+        actors = self._loaders + [a for pool in self._replicas.values() for a in pool]
+        names = self._loader_names + self._replica_names
+        refs = [a.ping.remote() for a in actors]
+        try:
+            ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise InsufficientResourcesError(
+                f"pipeline actors not scheduled after {timeout:g}s; other Ray work may hold "
+                f"the resources (available: {ray.available_resources()})") from None
+        except Exception as exc:
+            failed = []
+            for name, ref in zip(names, refs, strict=True):
+                try:
+                    ray.get(ref, timeout=0)
+                except Exception:  # noqa: BLE001 - collecting which ones failed
+                    failed.append(name)
+            raise RuntimeError(
+                f"pipeline actors failed to start ({', '.join(failed)}). If the cause is an "
+                "ImportError, make the plugin importable by Ray workers (install it, or put "
+                f"it on PYTHONPATH before ray.init). Cause: {exc}") from exc
 
     # -- run -----------------------------------------------------------------
     def execute(self) -> Iterator[tuple[int, int]]:
@@ -360,6 +408,9 @@ class Executor:
             logger.warning("nothing to do: %d file(s), max_samples=%s", len(files),
                            ex.max_samples)
             return
+        if self._owns_dedup:
+            # Fresh seen-set per run, as with MDF (whose shutdown ends the Ray session).
+            self.dedup_backend.reset()
         self._start_actors(files)
         yield from self._pump(ex.batch_size, ex.max_samples,
                               ex.max_in_flight or len(self._loaders))
@@ -469,7 +520,7 @@ class Executor:
 
     def get_operator_stats(self) -> dict[str, Any]:
         """``{stage: {operator_class: stats}}`` merged over replicas (+ dropped_batches)."""
-        if self._replicas:
+        if self._replicas and self._actors_ok:
             return self._collect_stats()
         return copy.deepcopy(self._cached_stats or {})
 
@@ -496,15 +547,16 @@ class Executor:
 
     # -- teardown ------------------------------------------------------------
     def _teardown_actors(self) -> None:
-        if self._replicas:
+        if self._replicas and self._actors_ok:
             self._cached_stats = self._collect_stats()
+        self._actors_ok = False
         handles = self._loaders + [a for pool in self._replicas.values() for a in pool]
         _kill(handles)
         _wait_names_free(self._loader_names + self._replica_names)
         self._loaders, self._loader_names = [], []
         self._replicas, self._replica_names = {}, []
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         """Close writers, kill this executor's actors; ray.shutdown() only if we started Ray."""
         if self._closed:
             return

@@ -116,7 +116,7 @@ class Operator(ABC):
         """MDF stats: counts, pass_rate (%), total_time, per-record latencies (s), throughput."""
         return summarize_raw_stats(self._raw_stats())
 
-    def reset_stats(self):
+    def reset_stats(self) -> None:
         self._stats = _empty_raw_stats()
 
     # -- processing ----------------------------------------------------------
@@ -266,7 +266,7 @@ class Deduplicator(Operator):
     def get_output_schema(self) -> dict[str, pa.DataType]:
         return {}
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget all seen keys (clears the shared backend)."""
         if self.backend is not None:
             self.backend.reset()

@@ -1,0 +1,286 @@
+"""Assignment / Lloyd-step / grouped-labelling throughput on one GPU (issue 3's table).
+
+One run measures, side by side, D=1024 clustered data, median of CUDA-event timings:
+baseline A (obvious PyTorch: matmul + argmin + index_add_), baseline B (our torch
+reference, on a row subset), flash-kmeans 0.3.1 (fp16 assign and one Lloyd iteration)
+if importable, our Triton kernels (bf16), and the bf16 roofline (measured matmul rate /
+(2*K*D) flops per row). Writes bench_kernels.json/.md to $OUT (or benchmarks/results)
+and prints the table last.
+
+Usage: python benchmarks/bench_kernels.py [--sweep] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, _ROOT)
+# Load only mdf_taxonomy.kernels: the package __init__ pulls in Ray & co., absent on the GPU box.
+_pkg = types.ModuleType("mdf_taxonomy")
+_pkg.__path__ = [os.path.join(_ROOT, "mdf_taxonomy")]
+sys.modules.setdefault("mdf_taxonomy", _pkg)
+
+from mdf_taxonomy import kernels as KR  # noqa: E402
+from mdf_taxonomy.kernels import reference as REF  # noqa: E402
+from mdf_taxonomy.kernels import triton_kernels as T  # noqa: E402
+
+DEV = "cuda"
+D = 1024
+
+
+def timeit(fn, min_reps=3, max_reps=20, budget_s=1.5) -> float:
+    """Median seconds of ``fn`` with CUDA events after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    t_start = time.time()
+    while len(times) < max_reps and (len(times) < min_reps or time.time() - t_start < budget_s):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    t = timeit(lambda: a @ b, min_reps=10, max_reps=30)
+    return 2 * 8192**3 / t
+
+
+def clustered(n, k_true=4096, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    centers = torch.randn(k_true, D, device=DEV, generator=g)
+    x = torch.empty(n, D, device=DEV, dtype=torch.bfloat16)
+    for i in range(0, n, 1 << 18):
+        m = min(1 << 18, n - i)
+        lab = torch.randint(0, k_true, (m,), device=DEV, generator=g)
+        x[i : i + m] = centers[lab] + 0.5 * torch.randn(m, D, device=DEV, generator=g)
+    return x
+
+
+# ---------------------------------------------------------------- baseline A (obvious torch)
+def torch_assign(x, c):
+    c_sq = c.float().pow(2).sum(1)
+    ids = torch.empty(x.shape[0], dtype=torch.int64, device=DEV)
+    ch = max(1024, (1 << 29) // c.shape[0])
+    for i in range(0, x.shape[0], ch):
+        d = c_sq[None] - 2 * (x[i : i + ch] @ c.T).float()
+        ids[i : i + ch] = d.argmin(1)
+    return ids
+
+
+def torch_lloyd(x, c):
+    ids = torch_assign(x, c)
+    sums = torch.zeros(c.shape[0], D, device=DEV, dtype=torch.float32)
+    for i in range(0, x.shape[0], 1 << 18):
+        sums.index_add_(0, ids[i : i + (1 << 18)], x[i : i + (1 << 18)].float())
+    cnt = torch.bincount(ids, minlength=c.shape[0])
+    return (sums / cnt.clamp_min(1)[:, None]).to(x.dtype)
+
+
+# ---------------------------------------------------------------- ours
+def our_assign(x, c):
+    return KR.assign(x, c, backend="triton").ids
+
+
+def our_lloyd(x, c):
+    ids = KR.assign(x, c, backend="triton").ids
+    sums, cnt = KR.partial_sums(x, ids, c.shape[0], backend="triton")
+    return (KR.from_fixed_point(sums) / cnt.clamp_min(1)[:, None]).to(x.dtype)
+
+
+def _cfg(bm, bn, bk, w, st, flatten=False, ws=False):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                FLATTEN=flatten, WS=ws)
+
+
+SWEEP = [
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 4),
+    _cfg(128, 256, 64, 8, 3, flatten=True),
+    _cfg(128, 256, 64, 8, 4, flatten=True),
+    _cfg(128, 256, 64, 8, 3, ws=True),
+    _cfg(128, 256, 128, 8, 2, flatten=True),
+    _cfg(256, 128, 64, 8, 3, flatten=True),
+    _cfg(128, 128, 64, 4, 4, flatten=True),
+]
+
+
+def sweep(x, rate, log):
+    best = {}
+    for k, n in [(1024, x.shape[0]), (16384, min(x.shape[0], 1 << 18))]:
+        c = x[torch.randperm(x.shape[0], device=DEV)[:k]].clone()
+        xs = x[:n]
+        for cfg in SWEEP:
+            T._OVERRIDE = cfg
+            try:
+                t = timeit(lambda xs=xs, c=c: our_assign(xs, c), max_reps=10, budget_s=1.0)
+            except Exception as e:  # noqa: BLE001 - a config may not compile
+                log.append(dict(sweep_k=k, cfg=cfg, error=repr(e)[:200]))
+                print("sweep", k, cfg, "ERROR", repr(e)[:200], flush=True)
+                continue
+            frac = n * 2 * k * D / t / rate
+            log.append(dict(sweep_k=k, n=n, cfg=cfg, seconds=t, roofline_frac=frac))
+            print(f"sweep K={k} {cfg} {n / t / 1e6:.1f} M rows/s ({frac:.1%} roofline)",
+                  flush=True)
+            if k not in best or t < best[k][0]:
+                best[k] = (t, cfg)
+    T._OVERRIDE = None
+    return {k: v[1] for k, v in best.items()}
+
+
+def bench_k(x, k, rate, cfg, with_fk):
+    """One row of the table: every contender at one K."""
+    n = x.shape[0]
+    c = x[torch.randperm(n, device=DEV)[:k]].clone()
+    r = dict(K=k, N=n, roofline=rate / (2 * k * D), cfg=cfg)
+    T._OVERRIDE = cfg
+    ids_ours = our_assign(x, c)
+    r["ours_assign"] = n / timeit(lambda: our_assign(x, c))
+    r["ours_lloyd"] = n / timeit(lambda: our_lloyd(x, c))
+    r["ours_psums_ms"] = 1e3 * timeit(lambda: KR.partial_sums(x, ids_ours, k))
+    T._OVERRIDE = None
+    r["agree_vs_torch"] = float((torch_assign(x, c) == ids_ours).float().mean())
+    r["A_assign"] = n / timeit(lambda: torch_assign(x, c), max_reps=5)
+    r["A_lloyd"] = n / timeit(lambda: torch_lloyd(x, c), max_reps=5)
+    nb = min(n, 1 << 15)
+    xb = x[:nb]
+    r["B_assign"] = nb / timeit(lambda: REF.assign_torch(xb, c.float()), min_reps=1, max_reps=3)
+    r["B_lloyd"] = nb / timeit(lambda: REF.partial_sums_torch(
+        xb, REF.assign_torch(xb, c.float())[0], k), min_reps=1, max_reps=3)
+    if with_fk:
+        from flash_kmeans import batch_kmeans_Euclid
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+
+        x16, c16 = x.half()[None], c.half()[None]
+        xsq = x16.float().pow(2).sum(-1)
+        csq = c16.float().pow(2).sum(-1)
+        out = torch.empty((1, n), dtype=torch.int32, device=DEV)
+        r["fk_assign"] = n / timeit(lambda: euclid_assign_triton(
+            x16, c16, xsq, out=out, c_sq=csq))
+        r["fk_agree"] = float((out[0].long() == ids_ours).float().mean())
+        r["fk_lloyd"] = n / timeit(lambda: batch_kmeans_Euclid(
+            x16, k, max_iters=1, tol=-1.0, init_centroids=c16))
+    r["assign_frac_roofline"] = r["ours_assign"] / r["roofline"]
+    print({a: (round(b / 1e6, 2) if isinstance(b, float) and b > 1e3 else b)
+           for a, b in r.items()}, flush=True)
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--small", action="store_true", help="quick smoke run")
+    args = ap.parse_args()
+    t0 = time.time()
+    try:
+        import flash_kmeans
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton  # noqa: F401
+        fk_version = getattr(flash_kmeans, "__version__", "0.3.1")
+    except Exception as e:  # noqa: BLE001
+        print("flash-kmeans not importable:", repr(e))
+        flash_kmeans = None
+        fk_version = None
+
+    import triton
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, flash_kmeans=fk_version,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), D=D)
+    rate = matmul_rate()
+    info["bf16_matmul_tflops"] = rate / 1e12
+    print(info, flush=True)
+
+    n_big = (1 << 16) if args.small else (1 << 20)
+    x_all = clustered(n_big)
+    log: list = []
+    chosen = sweep(x_all, rate, log) if args.sweep else {}
+    rows = []
+    for k, n in [(1024, n_big), (16384, n_big), (65536, n_big // 4)]:
+        cfg = (chosen[1024] if k <= 4096 else chosen[16384]) if chosen else None
+        rows.append(bench_k(x_all[:n], k, rate, cfg, flash_kmeans is not None))
+    # grouped: a 3-level tree, 1024 children per node, each row labelled at every level
+    n = n_big
+    x = x_all[:n]
+    lv1 = x[torch.randperm(n, device=DEV)[:1024]].clone()
+    g1 = torch.zeros(n, dtype=torch.int64, device=DEV)
+    off1 = torch.tensor([0, 1024], device=DEV)
+    ids1 = KR.grouped_assign(x, g1, lv1, off1).ids
+    # level-2 and level-3 children: 1024 parents x 1024 children (bf16, cast once)
+    lv2 = (lv1.repeat_interleave(1024, 0).float()
+           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
+    off2 = torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV)
+    lv3 = (lv2[::1024].float().repeat_interleave(1024, 0)
+           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
+
+    def three_levels():
+        a = KR.grouped_assign(x, g1, lv1, off1).ids
+        b = KR.grouped_assign(x, a, lv2, off2).ids
+        return KR.grouped_assign(x, b % 1024, lv3, off2).ids  # level 3: 1024 parent buckets
+
+    T._OVERRIDE = chosen.get(1024)
+    t3 = timeit(three_levels)
+    a1 = KR.grouped_assign(x, g1, lv1, off1).ids
+    a2 = KR.grouped_assign(x, a1, lv2, off2).ids
+    lvl_ms = [1e3 * timeit(lambda: KR.grouped_assign(x, g1, lv1, off1)),
+              1e3 * timeit(lambda: KR.grouped_assign(x, a1, lv2, off2)),
+              1e3 * timeit(lambda: KR.grouped_assign(x, a2 % 1024, lv3, off2))]
+    prep_ms = 1e3 * timeit(lambda: T._work_items(a1, 1024, 128))
+    T._OVERRIDE = None
+    g_row = dict(N=n, levels=3, children=1024, rows_per_s=n / t3, level_ms=lvl_ms,
+                 work_items_ms=prep_ms,
+                 roofline=rate / (3 * 2 * 1024 * D), check_lv1_equals_plain=bool(
+                     torch.equal(ids1, KR.assign(x, lv1).ids)))
+    print(g_row, flush=True)
+
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    res = dict(info=info, rows=rows, grouped=g_row, sweep=log,
+               seconds=round(time.time() - t0, 1))
+    with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+    def m(v):
+        return "-" if v is None else f"{v / 1e6:.1f} M"
+
+    lines = [
+        f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}, "
+        f"flash-kmeans {fk_version}; {info['date']}; D={D}; "
+        f"bf16 matmul {rate / 1e12:.0f} TFLOP/s; rows/s, median of CUDA-event repeats.",
+        "",
+        "| K | N | A torch assign | A torch Lloyd | B ref assign | B ref Lloyd | "
+        "flash-kmeans assign | flash-kmeans Lloyd | ours assign | ours Lloyd | "
+        "bf16 roofline | ours/roofline | assign vs fk | Lloyd vs fk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fa, fl = r.get("fk_assign"), r.get("fk_lloyd")
+        va = "-" if fa is None else f"{r['ours_assign'] / fa:.2f}x"
+        vl = "-" if fl is None else f"{r['ours_lloyd'] / fl:.2f}x"
+        lines.append(
+            f"| {r['K']} | {r['N']} | {m(r['A_assign'])} | {m(r['A_lloyd'])} | "
+            f"{m(r['B_assign'])} | {m(r['B_lloyd'])} | {m(fa)} | {m(fl)} | "
+            f"{m(r['ours_assign'])} | {m(r['ours_lloyd'])} | {m(r['roofline'])} | "
+            f"{r['assign_frac_roofline']:.0%} | {va} | {vl} |")
+    lines += ["", f"Grouped 3-level labelling (1024 children per node, N={n}): "
+              f"{m(g_row['rows_per_s'])} rows/s (roofline {m(g_row['roofline'])})"]
+    table = "\n".join(lines)
+    with open(os.path.join(out_dir, "bench_kernels.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

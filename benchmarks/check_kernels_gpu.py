@@ -1,0 +1,189 @@
+"""GPU correctness of the Triton kernels against a float64 reference (run on the device).
+
+The fp64 reference uses the inputs as the kernel sees them (centroids rounded to the input
+dtype), so what is measured is the kernel's own arithmetic error: ids must agree except
+counted near-ties (chosen centroid's fp64 distance within 1e-5 * (||x||^2 + ||c||^2) of
+the best); distances' relative error (norm-wise) under 1e-3 (bf16/fp16) / 1e-5 (fp32).
+Agreement with fp32 (unrounded) centroids is reported too, for information. Partial sums
+bit-identical to the torch reference and
+independent of row order and batch split. Prints one line per case and a summary; writes
+JSON to $OUT (or benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+
+import torch
+
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, _ROOT)
+# Load only mdf_taxonomy.kernels: the package __init__ pulls in Ray & co., absent on the GPU box.
+_pkg = types.ModuleType("mdf_taxonomy")
+_pkg.__path__ = [os.path.join(_ROOT, "mdf_taxonomy")]
+sys.modules.setdefault("mdf_taxonomy", _pkg)
+
+from mdf_taxonomy import kernels as K  # noqa: E402
+
+DEV = "cuda"
+REL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+# near-tie bound on the fp64 gap, relative to ||x||^2 + ||c||^2 (input rounding)
+TIE = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+def clustered(n, k, d, metric, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    c = torch.randn(k, d, device=DEV, generator=g)
+    x = c[torch.randint(0, k, (n,), device=DEV, generator=g)]
+    x = x + 0.3 * torch.randn(n, d, device=DEV, generator=g)
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+        c = torch.nn.functional.normalize(c, dim=1)
+    return x.to(dtype), c
+
+
+def fp64_top2(x, c, metric, chunk=4096):
+    best = torch.empty(x.shape[0], dtype=torch.float64, device=DEV)
+    sec = torch.empty_like(best)
+    arg = torch.empty(x.shape[0], dtype=torch.int64, device=DEV)
+    c64 = c.double()
+    for i in range(0, x.shape[0], chunk):
+        x64 = x[i : i + chunk].double()
+        if metric == "l2":
+            d = (x64.pow(2).sum(1)[:, None] - 2 * x64 @ c64.T + c64.pow(2).sum(1)[None])
+        else:
+            d = 1 - x64 @ c64.T
+        t = d.topk(min(2, c.shape[0]), dim=1, largest=False)
+        best[i : i + chunk] = t.values[:, 0]
+        arg[i : i + chunk] = t.indices[:, 0]
+        sec[i : i + chunk] = t.values[:, 1] if c.shape[0] > 1 else float("inf")
+    return arg, best, sec
+
+
+def chosen_dist(x, c, ids, metric):
+    x64, cc = x.double(), c.double()[ids]
+    if metric == "l2":
+        return (x64 - cc).pow(2).sum(1)
+    return 1 - (x64 * cc).sum(1)
+
+
+def check_assign(n, k, d, metric, dtype, seed=0):
+    x, c = clustered(n, k, d, metric, dtype, seed)
+    out = K.assign(x, c, metric=metric, backend="triton", with_second=True)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    info_agree = float((fp64_top2(x, c, metric)[0] == out.ids).float().mean())
+    c = c.to(dtype).float()  # what the kernel multiplies
+    arg, best, sec = fp64_top2(x, c, metric)
+    scale = x.double().pow(2).sum(1) + c.double().pow(2).sum(1).max()
+    if metric == "cosine":
+        scale = torch.full_like(scale, 2.0)
+    written = bool((out.ids >= 0).all() and (out.ids < k).all())
+    mism = out.ids != arg
+    gap = (chosen_dist(x, c, out.ids.clamp(0, k - 1), metric) - best) / scale
+    bad = mism & (gap > TIE[dtype])
+    rel_d = float((out.distance.double() - best).norm() / best.norm())
+    rel_s = float((out.second.double() - sec).norm() / sec.norm()) if k > 1 else 0.0
+    ok = written and not bool(bad.any()) and rel_d < REL[dtype] and rel_s < REL[dtype]
+    return dict(kind="assign", n=n, k=k, d=d, metric=metric, dtype=str(dtype), ok=ok,
+                written=written, mismatches=int(mism.sum()), near_ties=int((mism & ~bad).sum()),
+                bad=int(bad.sum()), max_tie_gap=float(gap[mism].max()) if mism.any() else 0.0,
+                rel_dist=rel_d, rel_second=rel_s, agree_vs_fp32_centroids=info_agree)
+
+
+def check_grouped(n, d, metric, dtype, n_parents=37, seed=1):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    sizes = torch.randint(1, 300, (n_parents,), device=DEV, generator=g)
+    sizes[3] = 0
+    sizes[4] = 1
+    offs = torch.zeros(n_parents + 1, dtype=torch.int64, device=DEV)
+    offs[1:] = sizes.cumsum(0)
+    x, c = clustered(n, int(offs[-1]), d, metric, dtype, seed)
+    groups = torch.randint(0, n_parents, (n,), device=DEV, generator=g)
+    out = K.grouped_assign(x, groups, c, offs, metric=metric, backend="triton",
+                           with_second=True)
+    c = c.to(dtype).float()
+    ok, ties, badn = True, 0, 0
+    rel_num, rel_den = 0.0, 0.0
+    for p in range(n_parents):
+        rows = (groups == p).nonzero()[:, 0]
+        if rows.numel() == 0:
+            continue
+        a, b = int(offs[p]), int(offs[p + 1])
+        if a == b:
+            ok &= bool((out.ids[rows] == -1).all() and torch.isinf(out.distance[rows]).all())
+            continue
+        arg, best, _ = fp64_top2(x[rows], c[a:b], metric)
+        mism = out.ids[rows] - a != arg
+        scale = x[rows].double().pow(2).sum(1) + c[a:b].double().pow(2).sum(1).max()
+        gap = (chosen_dist(x[rows], c, out.ids[rows].clamp(a, b - 1), metric) - best) / scale
+        badn += int((mism & (gap > TIE[dtype])).sum())
+        ties += int((mism & (gap <= TIE[dtype])).sum())
+        rel_num += float((out.distance[rows].double() - best).pow(2).sum())
+        rel_den += float(best.pow(2).sum())
+        if b - a == 1:
+            ok &= bool(torch.isinf(out.second[rows]).all())
+    rel = (rel_num / rel_den) ** 0.5
+    ok = ok and badn == 0 and rel < REL[dtype]
+    return dict(kind="grouped", n=n, d=d, metric=metric, dtype=str(dtype), ok=ok,
+                near_ties=ties, bad=badn, rel_dist=rel)
+
+
+def check_partial_sums(n, k, d, dtype, seed=2):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(n, d, device=DEV, generator=g).to(dtype)
+    ids = torch.randint(-1, k, (n,), device=DEV, generator=g)
+    ids[: n // 3] = 1  # one big cluster
+    s, c = K.partial_sums(x, ids, k, backend="triton")
+    rs, rc = K.partial_sums(x, ids, k, backend="torch")
+    perm = torch.randperm(n, device=DEV, generator=g)
+    h = n // 3
+    s1, c1 = K.partial_sums(x[perm[:h]], ids[perm[:h]], k, backend="triton")
+    s2, c2 = K.partial_sums(x[perm[h:]], ids[perm[h:]], k, backend="triton")
+    ok = bool(torch.equal(s, rs) and torch.equal(c, rc) and torch.equal(s1 + s2, rs)
+              and torch.equal(c1 + c2, rc))
+    return dict(kind="partial_sums", n=n, k=k, d=d, dtype=str(dtype), ok=ok)
+
+
+def main() -> int:
+    t0 = time.time()
+    res = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for metric in ("l2", "cosine"):
+            for n, k, d in [(4096, 1024, 1024), (3001, 777, 384), (2049, 5000, 768),
+                            (999, 300, 1000), (33, 16384, 1024), (1, 3, 77), (257, 1, 64)]:
+                res.append(check_assign(n, k, d, metric, dtype))
+                print(res[-1], flush=True)
+        res.append(check_grouped(5000, 1024, "l2", dtype))
+        print(res[-1], flush=True)
+        res.append(check_grouped(3000, 384, "cosine", dtype))
+        print(res[-1], flush=True)
+        res.append(check_partial_sums(200_003, 1000, 1024, dtype))
+        print(res[-1], flush=True)
+    # determinism: same row, different batch, bit-identical
+    x, c = clustered(20000, 4096, 1024, "l2", torch.bfloat16, 9)
+    a = K.assign(x, c, with_second=True)
+    b = K.assign(x[5:900], c, with_second=True)
+    det = bool(torch.equal(a.ids[5:900], b.ids) and torch.equal(a.distance[5:900], b.distance)
+               and torch.equal(a.second[5:900], b.second))
+    res.append(dict(kind="batch_independence", ok=det))
+    n_ok = sum(r["ok"] for r in res)
+    summary = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"),
+                   passed=n_ok, total=len(res), seconds=round(time.time() - t0, 1))
+    print("CHECK SUMMARY", summary, flush=True)
+    for r in res:
+        if not r["ok"]:
+            print("FAILED", r)
+    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    with open(os.path.join(out, "check_kernels_gpu.json"), "w") as f:
+        json.dump(dict(summary=summary, cases=res), f, indent=1)
+    return 0 if n_ok == len(res) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
