@@ -313,22 +313,35 @@ def grouped_assign_triton(
 
 # --------------------------------------------------------------------------- partial sums
 @triton.jit
+def _seg_add(k1, v1, k2, v2):
+    """Segmented-sum combine for keys sorted ascending (associative on sorted runs)."""
+    return k2, tl.where(k1 == k2, v1 + v2, v2)
+
+
+@triton.jit
 def _partial_sums_kernel(
-    x_ptr, perm_ptr, item_key_ptr, item_pos_ptr, item_end_ptr, sums_ptr,
-    D, stride_x, SCALE,
-    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, perm_ptr, skeys_ptr, n_skip_ptr, sums_ptr,
+    N, D, stride_x, SCALE,
+    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Rows sorted by cluster; this program sums sorted positions [p*ROWS, (p+1)*ROWS).
+
+    A segmented scan per BLOCK_R sub-block plus a carried open segment gives one
+    int64 atomic add per (cluster segment in this program, column): exact, order-free.
+    """
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    key = tl.load(item_key_ptr + pid)
-    pos0 = tl.load(item_pos_ptr + pid)
-    pos_end = tl.minimum(tl.load(item_end_ptr + pid), pos0 + CHUNK)
-    acc = tl.zeros((BLOCK_D,), tl.int64)
-    for p in tl.range(pos0, pos_end, BLOCK_R):
-        pos = p + tl.arange(0, BLOCK_R)
-        pm = pos < pos_end
+    start = tl.load(n_skip_ptr) + pid * ROWS  # skipped rows (id < 0) sort first
+    end = tl.minimum(start + ROWS, N)
+    r_idx = tl.arange(0, BLOCK_R)
+    carry_key = tl.full((), -1, tl.int64)
+    carry = tl.zeros((BLOCK_D,), tl.int64)
+    for p in range(start, end, BLOCK_R):
+        pos = p + r_idx
+        pm = pos < end
         rows = tl.load(perm_ptr + pos, mask=pm, other=0).to(tl.int64)
+        keys = tl.load(skeys_ptr + pos, mask=pm, other=-2).to(tl.int64)  # -2: padding
         v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
                     mask=pm[:, None] & col_mask[None, :], other=0.0)
         # floor(y + 0.5) with y = v * 2**B, exactly, in fp32: y, floor(y) and y - floor(y)
@@ -336,14 +349,24 @@ def _partial_sums_kernel(
         y = v.to(tl.float32) * SCALE
         f = tl.floor(y)
         q = f.to(tl.int64) + ((y - f) >= 0.5).to(tl.int64)
-        acc += tl.sum(q, axis=0)
-    tl.atomic_add(sums_ptr + key.to(tl.int64) * D + cols, acc, mask=col_mask)
+        # the open segment from the previous sub-block continues into row 0
+        q += tl.where((r_idx[:, None] == 0) & (keys[:, None] == carry_key), carry[None, :], 0)
+        k2 = tl.broadcast_to(keys[:, None], (BLOCK_R, BLOCK_D))
+        _, s = tl.associative_scan((k2, q), 0, _seg_add)
+        next_keys = tl.load(skeys_ptr + pos + 1, mask=(pos + 1) < end, other=-3).to(tl.int64)
+        closes = pm & (next_keys != keys)  # segment ends here (always at the program's end)
+        tl.atomic_add(sums_ptr + keys[:, None] * D + cols[None, :], s,
+                      mask=closes[:, None] & col_mask[None, :])
+        # a segment still open at the sub-block's last row is carried into the next one
+        open_last = (r_idx == BLOCK_R - 1) & pm & ~closes
+        carry = tl.sum(tl.where(open_last[:, None], s, 0), axis=0)
+        carry_key = tl.max(tl.where(open_last, keys, -1), axis=0)
 
 
 def partial_sums_triton(
     x: torch.Tensor, ids: torch.Tensor, n_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted segmented int64 sums (chunks of <= CHUNK rows, merged by integer atomics)."""
+    """Sort rows by id, segmented int64 sums per block of sorted rows, int64 atomics."""
     n, d = x.shape
     dev = x.device
     if x.stride(1) != 1:
@@ -359,17 +382,13 @@ def partial_sums_triton(
         return sums, counts[1:]
     if int(ids.max()) >= n_clusters:
         raise ValueError("ids must be < n_clusters")
-    keys = ids.clamp_min(-1) + 1  # key 0 = skipped rows
-    counts.scatter_add_(0, keys, torch.ones_like(keys))
-    chunk = 1024 if dev.type == "cuda" else 32
-    perm, ik, ipos, iend = _work_items(keys, n_clusters + 1, chunk)
-    keep = ik > 0
-    ik, ipos, iend = ik[keep] - 1, ipos[keep], iend[keep]
-    if ik.numel():
-        block_d = 256 if dev.type == "cuda" else 32
-        block_r = 32 if dev.type == "cuda" else 8
-        _partial_sums_kernel[(ik.numel(), triton.cdiv(d, block_d))](
-            x, perm, ik, ipos, iend, sums, d, x.stride(0), float(2**FIXED_POINT_BITS),
-            CHUNK=chunk, BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=8 if dev.type == "cuda" else 1)
+    ids = ids.clamp_min(-1)
+    counts.scatter_add_(0, ids + 1, torch.ones_like(ids))  # counts[0]: skipped rows
+    skeys, perm = torch.sort(ids)
+    rows = 256 if dev.type == "cuda" else 16
+    block_d = 256 if dev.type == "cuda" else 32
+    block_r = 32 if dev.type == "cuda" else 8
+    _partial_sums_kernel[(triton.cdiv(n, rows), triton.cdiv(d, block_d))](
+        x, perm, skeys, counts, sums, n, d, x.stride(0), float(2**FIXED_POINT_BITS),
+        ROWS=rows, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=8 if dev.type == "cuda" else 1)
     return sums, counts[1:]
