@@ -110,12 +110,10 @@ def _cfg(bm, bn, bk, w, st, flatten=False, ws=False):
 SWEEP = [
     _cfg(128, 256, 64, 8, 3),
     _cfg(128, 256, 64, 8, 4),
+    _cfg(128, 256, 32, 8, 4),
+    _cfg(128, 256, 32, 8, 5),
     _cfg(128, 256, 64, 8, 3, flatten=True),
-    _cfg(128, 256, 64, 8, 4, flatten=True),
-    _cfg(128, 256, 64, 8, 3, ws=True),
-    _cfg(128, 256, 128, 8, 2, flatten=True),
-    _cfg(256, 128, 64, 8, 3, flatten=True),
-    _cfg(128, 128, 64, 4, 4, flatten=True),
+    _cfg(128, 128, 64, 8, 4),
 ]
 
 
@@ -238,9 +236,19 @@ def main() -> int:
               1e3 * timeit(lambda: KR.grouped_assign(x, a1, lv2, off2)),
               1e3 * timeit(lambda: KR.grouped_assign(x, a2 % 1024, lv3, off2))]
     prep_ms = 1e3 * timeit(lambda: T._work_items(a1, 1024, 128))
+    # diagnostics for level 2: one parent (all rows share one 1024-children block) and
+    # rows spread uniformly over the 1024 parents
+    one = torch.zeros_like(a1)
+    unif = torch.arange(n, device=DEV) % 1024
+    diag_ms = [1e3 * timeit(lambda: KR.grouped_assign(x, one, lv2, off2)),
+               1e3 * timeit(lambda: KR.grouped_assign(x, unif, lv2, off2))]
+    rows_per_parent = torch.bincount(a1, minlength=1024)
     T._OVERRIDE = None
     g_row = dict(N=n, levels=3, children=1024, rows_per_s=n / t3, level_ms=lvl_ms,
-                 work_items_ms=prep_ms,
+                 work_items_ms=prep_ms, lv2_one_parent_ms=diag_ms[0],
+                 lv2_uniform_parents_ms=diag_ms[1],
+                 lv2_rows_per_parent_max=int(rows_per_parent.max()),
+                 lv2_parents_with_rows=int((rows_per_parent > 0).sum()),
                  roofline=rate / (3 * 2 * 1024 * D), check_lv1_equals_plain=bool(
                      torch.equal(ids1, KR.assign(x, lv1).ids)))
     print(g_row, flush=True)

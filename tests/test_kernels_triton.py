@@ -55,7 +55,7 @@ def check(x, c, out, ref, tol):
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
                                        (torch.float16, 2e-3)])
-@pytest.mark.parametrize("shape", [(37, 21, 19), (40, 50, 32), (1, 3, 7)])
+@pytest.mark.parametrize("shape", [(37, 21, 19), (40, 50, 32), (1, 3, 7), (32, 48, 32)])
 def test_assign_interpreted(metric, dtype, tol, shape):
     n, k, d = shape
     x, c = make(n, k, d, metric, dtype)

@@ -144,10 +144,20 @@ class FitBackend:
 
     # -- driver ------------------------------------------------------------------
     def start_pass(self, pass_id: str, n_nodes: int, dim: int) -> None:
-        self._handles = None
-        buckets = self._buckets(create=True)
-        ray.get([b.start.remote(pass_id, n_nodes, dim, i, self.num_buckets)
-                 for i, b in enumerate(buckets)])
+        """Reset every bucket for a new pass, creating any that is missing.
+
+        The driver keeps the handles: a non-detached named actor is garbage
+        collected once no handle to it is left.
+        """
+        def start() -> None:
+            ray.get([b.start.remote(pass_id, n_nodes, dim, i, self.num_buckets)
+                     for i, b in enumerate(self._buckets(create=True))])
+
+        try:
+            start()
+        except ray.exceptions.RayActorError:  # a bucket died since the last pass
+            self._handles = None
+            start()
 
     def collect(self, n_nodes: int, dim: int) -> dict[str, Any]:
         """All buckets merged, in node order."""
@@ -173,6 +183,7 @@ class FitBackend:
                 "pass_ids": sorted({str(p["pass_id"]) for p in parts})}
 
     def shutdown(self) -> None:
+        """Kill the bucket actors (the next start_pass creates fresh ones)."""
         for i in range(self.num_buckets):
             try:
                 ray.kill(ray.get_actor(self.bucket_name(i)))

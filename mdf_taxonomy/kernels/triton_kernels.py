@@ -39,6 +39,7 @@ def _assign_kernel(
     N, K, D, stride_x, stride_c, tiles_per_split,
     L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FLATTEN: tl.constexpr, WS: tl.constexpr,
 ):
@@ -76,7 +77,10 @@ def _assign_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
-            if EVEN_D:
+            if EVEN_D and EVEN_M and EVEN_N:  # no masks: full tiles only
+                a = tl.load(x_rows + kk[None, :])
+                b = tl.load(c_rows + kk[None, :])
+            elif EVEN_D:
                 a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
                 b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None], other=0.0)
             else:
@@ -93,7 +97,8 @@ def _assign_kernel(
             s = cn[None, :] - 2.0 * acc
         else:
             s = -acc
-        s = tl.where(col_mask[None, :], s, float("inf"))
+        if not EVEN_N:
+            s = tl.where(col_mask[None, :], s, float("inf"))
         tmin, targ = tl.min(s, axis=1, return_indices=True)
         take = tmin < best
         if WITH_SECOND:
@@ -218,7 +223,8 @@ def assign_triton(
         dummy = ids
         common = dict(
             L2=metric == "l2", WITH_SECOND=with_second, GROUPED=False,
-            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0, **cfg)
+            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0,
+            EVEN_M=n % bm == 0, EVEN_N=k % bn == 0, **cfg)
         if splits == 1:
             _assign_kernel[(row_blocks,)](
                 xs, c, cn, ids, dist, sec if with_second else dist, dist,
@@ -301,7 +307,8 @@ def grouped_assign_triton(
             perm, ip, ipos, iend, offs,
             n, c.shape[0], d, xs.stride(0), c.stride(0), 1,
             L2=metric == "l2", WITH_SECOND=with_second, GROUPED=True, SPLIT=False,
-            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0, **cfg)
+            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0,
+            EVEN_M=False, EVEN_N=False, **cfg)
         return ids, dist, sec
 
     if groups.numel():
