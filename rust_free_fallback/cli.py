@@ -8,35 +8,16 @@ in the driver before the pipeline is built, so their registrations apply.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
 from collections.abc import Sequence
-from importlib.metadata import entry_points
 from typing import Any
 
+from rust_free_fallback.autoload import PLUGIN_GROUP, load_plugins
 from rust_free_fallback.framework import Executor, PipelineConfig
 
-PLUGIN_GROUP = "mega_data_factory.plugins"
 logger = logging.getLogger(__name__)
-
-
-def load_plugins(specs: Sequence[str] = (), entry_point_group: str | None = PLUGIN_GROUP) -> None:
-    """Import ``module[:function]`` specs (calling the function) and entry-point plugins."""
-    for spec in specs:
-        module_name, _, func = spec.partition(":")
-        module = importlib.import_module(module_name)
-        if func:
-            getattr(module, func)()
-    if entry_point_group:
-        for ep in entry_points(group=entry_point_group):
-            try:
-                obj = ep.load()
-                if callable(obj):
-                    obj()
-            except Exception as exc:  # noqa: BLE001 - one broken plugin must not block a run
-                logger.warning("plugin entry point %s failed: %s", ep.name, exc)
 
 
 def format_operator_stats(stats: dict[str, Any]) -> str:
