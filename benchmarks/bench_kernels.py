@@ -110,10 +110,9 @@ def _cfg(bm, bn, bk, w, st, flatten=False, ws=False):
 SWEEP = [
     _cfg(128, 256, 64, 8, 3),
     _cfg(128, 256, 64, 8, 4),
-    _cfg(128, 256, 32, 8, 4),
-    _cfg(128, 256, 32, 8, 5),
     _cfg(128, 256, 64, 8, 3, flatten=True),
     _cfg(128, 128, 64, 8, 4),
+    _cfg(64, 256, 64, 4, 4),
 ]
 
 

@@ -140,3 +140,15 @@ def test_partial_sums_rounding_edges():
         a, _ = K.partial_sums(x[i : i + 1], ids[i : i + 1], 4, backend="triton")
         b, _ = K.partial_sums(x[i : i + 1], ids[i : i + 1], 4, backend="torch")
         assert torch.equal(a, b), (i, vals[i])
+
+
+def test_centroid_cache_sees_inplace_updates(monkeypatch):
+    monkeypatch.setattr(T, "_CACHE_MIN_ELEMS", 0)
+    x, c = make(20, 6, 16, seed=4)
+    a = K.assign(x, c, backend="triton")
+    assert torch.equal(K.assign(x, c, backend="triton").ids, a.ids)  # cached path
+    c[a.ids[0]] += 100.0  # in place: the cache must notice
+    b = K.assign(x, c, backend="triton")
+    ref = K.assign(x, c, backend="torch")
+    assert torch.equal(b.ids, ref.ids) and b.ids[0] != a.ids[0]
+    T._CENTROID_CACHE.clear()

@@ -20,6 +20,7 @@ Import this module only when Triton is wanted; ``mdf_taxonomy.kernels`` does it 
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -36,7 +37,7 @@ def _assign_kernel(
     x_ptr, c_ptr, cn_ptr,
     ids_ptr, dist_ptr, sec_ptr, xn_ptr,
     perm_ptr, item_parent_ptr, item_pos_ptr, item_end_ptr, child_off_ptr,
-    N, K, D, stride_x, stride_c, tiles_per_split,
+    N, K, stride_x, stride_c, tiles_per_split, D: tl.constexpr,
     L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -165,9 +166,42 @@ def _prep(x: torch.Tensor, centroids: torch.Tensor, metric: str):
         x = x.float()
     if x.stride(1) != 1:
         x = x.contiguous()
-    c = centroids.to(device=x.device, dtype=x.dtype).contiguous()
-    cn = c.float().pow(2).sum(1) if metric == "l2" else c.new_empty(1, dtype=torch.float32)
+    c, cn = _prepared_centroids(centroids, x.dtype, x.device, metric == "l2")
     return x, c, cn
+
+
+# (id(centroids), dtype, device, l2) -> (weakref, version, cast copy or None, ||c||^2)
+_CENTROID_CACHE: dict = {}
+_CACHE_MIN_ELEMS = 1 << 24  # only large centroid sets (a tree level) are worth caching
+
+
+def _prepared_centroids(centroids: torch.Tensor, dtype, device, l2: bool):
+    """Centroids cast to the input dtype and their fp32 squared norms, cached per tensor.
+
+    A grouped level can hold ~1M centroids: casting and norming them on every call cost
+    more than the kernel (measured 7 ms of 13 ms per level). The cache is keyed on the
+    tensor's identity (weakref) and its in-place version counter, so any change to the
+    centroids (through any view) recomputes.
+    """
+    key = (id(centroids), dtype, str(device), l2)
+    hit = _CENTROID_CACHE.get(key)
+    if hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
+        return (centroids if hit[2] is None else hit[2]), hit[3]
+    c = centroids.to(device=device, dtype=dtype).contiguous()
+    if l2:
+        cn = torch.empty(c.shape[0], dtype=torch.float32, device=device)
+        for i in range(0, c.shape[0], 1 << 16):  # bounded fp32 temporaries
+            cn[i : i + (1 << 16)] = c[i : i + (1 << 16)].float().pow(2).sum(1)
+    else:
+        cn = c.new_empty(1, dtype=torch.float32)
+    if centroids.numel() >= _CACHE_MIN_ELEMS:
+        for k in [k for k, v in _CENTROID_CACHE.items() if v[0]() is None]:
+            del _CENTROID_CACHE[k]
+        while len(_CENTROID_CACHE) >= 4:
+            del _CENTROID_CACHE[next(iter(_CENTROID_CACHE))]
+        copy = None if c.data_ptr() == centroids.data_ptr() else c
+        _CENTROID_CACHE[key] = (weakref.ref(centroids), centroids._version, copy, cn)
+    return c, cn
 
 
 def _empty_out(n: int, device, with_second: bool):
@@ -229,7 +263,7 @@ def assign_triton(
             _assign_kernel[(row_blocks,)](
                 xs, c, cn, ids, dist, sec if with_second else dist, dist,
                 dummy, dummy, dummy, dummy, dummy,
-                n, k, d, xs.stride(0), c.stride(0), tps, SPLIT=False, **common)
+                n, k, xs.stride(0), c.stride(0), tps, d, SPLIT=False, **common)
             return ids, dist, sec
         pids = torch.empty((splits, n), dtype=torch.int64, device=xs.device)
         pbest = torch.empty((splits, n), dtype=torch.float32, device=xs.device)
@@ -238,7 +272,7 @@ def assign_triton(
         xn = torch.zeros(n, dtype=torch.float32, device=xs.device)
         _assign_kernel[(row_blocks, splits)](
             xs, c, cn, pids, pbest, psec, xn, dummy, dummy, dummy, dummy, dummy,
-            n, k, d, xs.stride(0), c.stride(0), tps, SPLIT=True, **common)
+            n, k, xs.stride(0), c.stride(0), tps, d, SPLIT=True, **common)
         # exact top-2 merge over splits (lowest split = lowest ids win ties)
         b, arg = pbest.min(dim=0)
         ids = pids.gather(0, arg[None])[0]
@@ -305,7 +339,7 @@ def grouped_assign_triton(
         _assign_kernel[(ip.numel(),)](
             xs, c, cn, ids, dist, sec if with_second else dist, dist,
             perm, ip, ipos, iend, offs,
-            n, c.shape[0], d, xs.stride(0), c.stride(0), 1,
+            n, c.shape[0], xs.stride(0), c.stride(0), 1, d,
             L2=metric == "l2", WITH_SECOND=with_second, GROUPED=True, SPLIT=False,
             IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0,
             EVEN_M=False, EVEN_N=False, **cfg)
@@ -320,60 +354,44 @@ def grouped_assign_triton(
 
 # --------------------------------------------------------------------------- partial sums
 @triton.jit
-def _seg_add(k1, v1, k2, v2):
-    """Segmented-sum combine for keys sorted ascending (associative on sorted runs)."""
-    return k2, tl.where(k1 == k2, v1 + v2, v2)
-
-
-@triton.jit
 def _partial_sums_kernel(
-    x_ptr, perm_ptr, skeys_ptr, n_skip_ptr, sums_ptr,
-    N, D, stride_x, SCALE,
-    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, perm_ptr, item_key_ptr, item_pos_ptr, item_end_ptr, sums_ptr,
+    D, stride_x, SCALE,
+    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    """Rows sorted by cluster; this program sums sorted positions [p*ROWS, (p+1)*ROWS).
+    """One (cluster, chunk of <= CHUNK sorted rows, column block): int64 sum + atomic add.
 
-    A segmented scan per BLOCK_R sub-block plus a carried open segment gives one
-    int64 atomic add per (cluster segment in this program, column): exact, order-free.
+    BLOCK_D spans up to 1024 columns so the warps split the columns and the row
+    reduction stays inside each thread (no shared-memory reduction per step).
     """
     pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    start = tl.load(n_skip_ptr) + pid * ROWS  # skipped rows (id < 0) sort first
-    end = tl.minimum(start + ROWS, N)
-    r_idx = tl.arange(0, BLOCK_R)
-    carry_key = tl.full((), -1, tl.int64)
-    carry = tl.zeros((BLOCK_D,), tl.int64)
-    for p in range(start, end, BLOCK_R):
-        pos = p + r_idx
-        pm = pos < end
-        rows = tl.load(perm_ptr + pos, mask=pm, other=0).to(tl.int64)
-        keys = tl.load(skeys_ptr + pos, mask=pm, other=-2).to(tl.int64)  # -2: padding
-        v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                    mask=pm[:, None] & col_mask[None, :], other=0.0)
-        # floor(y + 0.5) with y = v * 2**B, exactly, in fp32: y, floor(y) and y - floor(y)
-        # are all exact, so this equals the reference's fp64 floor(x * 2**B + 0.5).
-        y = v.to(tl.float32) * SCALE
-        f = tl.floor(y)
-        q = f.to(tl.int64) + ((y - f) >= 0.5).to(tl.int64)
-        # the open segment from the previous sub-block continues into row 0
-        q += tl.where((r_idx[:, None] == 0) & (keys[:, None] == carry_key), carry[None, :], 0)
-        k2 = tl.broadcast_to(keys[:, None], (BLOCK_R, BLOCK_D))
-        _, s = tl.associative_scan((k2, q), 0, _seg_add)
-        next_keys = tl.load(skeys_ptr + pos + 1, mask=(pos + 1) < end, other=-3).to(tl.int64)
-        closes = pm & (next_keys != keys)  # segment ends here (always at the program's end)
-        tl.atomic_add(sums_ptr + keys[:, None] * D + cols[None, :], s,
-                      mask=closes[:, None] & col_mask[None, :])
-        # a segment still open at the sub-block's last row is carried into the next one
-        open_last = (r_idx == BLOCK_R - 1) & pm & ~closes
-        carry = tl.sum(tl.where(open_last[:, None], s, 0), axis=0)
-        carry_key = tl.max(tl.where(open_last, keys, -1), axis=0)
+    key = tl.load(item_key_ptr + pid) - 1  # key 0 = skipped rows (id < 0)
+    if key >= 0:
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        pos0 = tl.load(item_pos_ptr + pid)
+        pos_end = tl.minimum(tl.load(item_end_ptr + pid), pos0 + CHUNK)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), tl.int64)
+        for p in tl.range(pos0, pos_end, BLOCK_R, num_stages=NUM_STAGES):
+            pos = p + tl.arange(0, BLOCK_R)
+            pm = pos < pos_end
+            rows = tl.load(perm_ptr + pos, mask=pm, other=0).to(tl.int64)
+            v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                        mask=pm[:, None] & col_mask[None, :], other=0.0)
+            # floor(y + 0.5) with y = v * 2**B, exactly, in fp32: y, floor(y) and
+            # y - floor(y) are all exact, so this equals the reference's fp64 rounding.
+            y = v.to(tl.float32) * SCALE
+            f = tl.floor(y)
+            acc += f.to(tl.int64) + ((y - f) >= 0.5).to(tl.int64)
+        tl.atomic_add(sums_ptr + key.to(tl.int64) * D + cols, tl.sum(acc, axis=0),
+                      mask=col_mask)
 
 
 def partial_sums_triton(
     x: torch.Tensor, ids: torch.Tensor, n_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort rows by id, segmented int64 sums per block of sorted rows, int64 atomics."""
+    """Sort rows by id; per (cluster, chunk of rows) int64 sums merged by int64 atomics."""
     n, d = x.shape
     dev = x.device
     if x.stride(1) != 1:
@@ -389,13 +407,15 @@ def partial_sums_triton(
         return sums, counts[1:]
     if int(ids.max()) >= n_clusters:
         raise ValueError("ids must be < n_clusters")
-    ids = ids.clamp_min(-1)
-    counts.scatter_add_(0, ids + 1, torch.ones_like(ids))  # counts[0]: skipped rows
-    skeys, perm = torch.sort(ids)
-    rows = 256 if dev.type == "cuda" else 16
-    block_d = 256 if dev.type == "cuda" else 32
-    block_r = 32 if dev.type == "cuda" else 8
-    _partial_sums_kernel[(triton.cdiv(n, rows), triton.cdiv(d, block_d))](
-        x, perm, skeys, counts, sums, n, d, x.stride(0), float(2**FIXED_POINT_BITS),
-        ROWS=rows, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=8 if dev.type == "cuda" else 1)
+    keys = ids.clamp_min(-1) + 1  # key 0 = skipped rows
+    counts.scatter_add_(0, keys, torch.ones_like(keys))
+    cuda = dev.type == "cuda"
+    chunk = 1024 if cuda else 32
+    perm, ik, ipos, iend = _work_items(keys, n_clusters + 1, chunk)
+    if ik.numel():
+        block_d = min(triton.next_power_of_2(d), 1024) if cuda else 32
+        _partial_sums_kernel[(ik.numel(), triton.cdiv(d, block_d))](
+            x, perm, ik, ipos, iend, sums, d, x.stride(0), float(2**FIXED_POINT_BITS),
+            CHUNK=chunk, BLOCK_R=4 if cuda else 8, BLOCK_D=block_d,
+            NUM_STAGES=3 if cuda else 1, num_warps=4 if cuda else 1)
     return sums, counts[1:]

@@ -7,8 +7,8 @@ Rules, stated plainly (after FAISS's Clustering):
   and level); a parent's sample is the rows with the smallest priorities
   (bottom-k). The sample therefore does not depend on batch size, worker count
   or file order.
-- Init: k-means++ on the parent's sample (generator seeded by seed, level,
-  parent), then `init_iters` Lloyd iterations on the sample in memory.
+- Init: greedy k-means++ on the parent's sample (generator seeded by seed,
+  level, parent), then `init_iters` Lloyd iterations on the sample in memory.
 - A parent with fewer rows than children gets as many children as it has rows
   (at least one; a parent with no rows gets one child equal to itself).
 - Empty cluster repair: an empty child takes the place of half of its largest
@@ -59,11 +59,14 @@ def node_seed(seed: int, level: int, node: int) -> int:
 
 
 def kmeans_plus_plus(sample: torch.Tensor, k: int, seed: int, metric: str = "l2") -> torch.Tensor:
-    """k-means++ seeding (D^2 sampling) on `sample` rows; deterministic for a seed."""
+    """Greedy k-means++ seeding (as scikit-learn does): each step draws 2 + log(k)
+    candidates by D^2 sampling and keeps the one that lowers the potential most.
+    Deterministic for a seed."""
     n = sample.shape[0]
     if k > n:
         raise ValueError(f"k-means++ needs at least k={k} rows, got {n}")
     gen = torch.Generator().manual_seed(seed)
+    trials = 2 + int(np.log(k))
     chosen = [int(torch.randint(n, (1,), generator=gen))]
     best = _distance_to(sample, sample[chosen[0]], metric)
     for _ in range(1, k):
@@ -72,10 +75,14 @@ def kmeans_plus_plus(sample: torch.Tensor, k: int, seed: int, metric: str = "l2"
             free = torch.ones(n, dtype=torch.bool)
             free[chosen] = False
             nxt = int(torch.nonzero(free)[0])
+            best = torch.minimum(best, _distance_to(sample, sample[nxt], metric))
         else:
-            nxt = int(torch.multinomial(best / total, 1, generator=gen))
+            cands = torch.multinomial(best / total, trials, replacement=True, generator=gen)
+            options = [torch.minimum(best, _distance_to(sample, sample[c], metric))
+                       for c in cands.tolist()]
+            pick = int(torch.argmin(torch.stack([o.sum() for o in options])))
+            nxt, best = int(cands[pick]), options[pick]
         chosen.append(nxt)
-        best = torch.minimum(best, _distance_to(sample, sample[nxt], metric))
     return sample[chosen].float().clone()
 
 
