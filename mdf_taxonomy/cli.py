@@ -66,8 +66,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report(result: dict[str, Any], config: Any) -> None:
+    rate = result["rows_in"] / max(result["seconds"], 1e-9)
     print(f"records in: {result['rows_in']}, out: {result['rows_out']}, "
-          f"{result['seconds']:.1f}s ({result['rows_in'] / max(result['seconds'], 1e-9):.0f} rows/s)")
+          f"{result['seconds']:.1f}s ({rate:.0f} rows/s)")
     out = config.data_writer.params.get("output_path")
     if out:
         print(f"labelled records: {out}")

@@ -28,8 +28,13 @@ import torch
 from mdf_taxonomy import _mdf, mdf_key
 from mdf_taxonomy.backend import FitBackend
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
-from mdf_taxonomy.model.fitting import LloydResult, SampleResult, finish_pass, resolve_config, \
-    start_level
+from mdf_taxonomy.model.fitting import (
+    LloydResult,
+    SampleResult,
+    finish_pass,
+    resolve_config,
+    start_level,
+)
 from mdf_taxonomy.operators import KMeansLevelRefiner, ParquetEmbeddingLoader, parse_embeddings
 
 log = logging.getLogger(__name__)
@@ -154,9 +159,28 @@ class PipelineFit:
                 inertia_fixed=int(result["totals"].get("inertia_fixed", 0)),
                 rows=int(result["totals"]["rows"])))
         self.store.save(nxt)
+        self._pass_summary(nxt)
         if self.on_pass is not None:
             self.on_pass(nxt)
         return nxt
+
+    def _pass_summary(self, tax: Taxonomy) -> None:
+        """One line per pass: level, iteration, rows, rows/s, inertia and its change."""
+        p, h = self.pass_log[-1], tax.state.history[-1]
+        line = (f"L{p['level']} {p['phase']}"
+                + (f" it{h['iteration']}" if p["phase"] == "lloyd" else "")
+                + f": {p['rows']} rows, {p['rows_per_s'] or 0:.0f} rows/s")
+        if p["phase"] == "lloyd":
+            prev = [x for x in tax.state.history[:-1]
+                    if x["phase"] == "lloyd" and x["level"] == h["level"]]
+            change = (f" ({(h['inertia'] - prev[-1]['inertia']) / prev[-1]['inertia']:+.2%})"
+                      if prev and prev[-1]["inertia"] else "")
+            line += f", inertia {h['inertia']:.6g}{change}, empty repaired {h['repaired']}"
+        else:
+            line += f", {h['nodes']} nodes initialised"
+        if p["rejected"]:
+            line += f", rejected {p['rejected']}"
+        _say(line, self.progress)
 
     def _stream(self, tax: Taxonomy, n_nodes: int) -> dict[str, Any]:
         st = tax.state
@@ -191,8 +215,6 @@ class PipelineFit:
                               "rows": loaded, "seconds": seconds,
                               "rows_per_s": loaded / seconds if seconds else None,
                               "rejected": result["rejected"]})
-        log.info("%s: %d rows in %.1fs (%.0f rows/s), rejected %s", desc, loaded, seconds,
-                 loaded / max(seconds, 1e-9), result["rejected"] or 0)
         return result
 
     def _level_summary(self, tax: Taxonomy, level: int, seconds: float) -> None:
@@ -202,9 +224,15 @@ class PipelineFit:
         line = (f"level {level}: {lv.n_nodes} nodes (children per parent min/median/max "
                 f"{sizes.min()}/{int(np.median(sizes))}/{sizes.max()}), {len(hist)} Lloyd passes, "
                 f"inertia {hist[-1]['inertia'] if hist else float('nan'):.6g}, {seconds:.1f}s")
+        _say(line, self.progress)
+
+
+def _say(line: str, progress: bool) -> None:
+    """Progress lines go to stderr when progress is on, else to the log."""
+    if progress:
+        print(line, file=sys.stderr)
+    else:
         log.info(line)
-        if self.progress:
-            print(line, file=sys.stderr)
 
 
 def pinned(config: Any, version: str | None, fit_pass: bool) -> Any:

@@ -22,7 +22,8 @@ def test_each_kind_of_bad_record_is_named():
     assert parsed.valid.tolist() == [0, 6]
     assert parsed.x.dtype == np.float32 and parsed.x.shape == (2, 4)
     assert set(parsed.errors) == {1, 2, 3, 4, 5}
-    assert parsed.errors[4].startswith("wrong_length") and "3 values, expected 4" in parsed.errors[4]
+    assert parsed.errors[4].startswith("wrong_length")
+    assert "3 values, expected 4" in parsed.errors[4]
     assert parsed.errors[3].startswith("non_finite")
     assert parsed.errors[1].startswith("missing_embedding")
     assert parsed.reasons() == {"missing_embedding": 2, "non_finite": 1, "wrong_length": 1,

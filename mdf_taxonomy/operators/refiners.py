@@ -1,14 +1,14 @@
 """The two MDF operators: fit a level while the pipeline streams, and label records.
 
 Both are thin: parse the batch's embeddings, call the model and kernels, talk to
-the backend, write fields. Fields are typed numpy scalars and never None (a
-rejected record has path "", node ids -1, distance NaN and its reason in
-taxonomy_error; a good one has taxonomy_error ""), so every Parquet file a writer
-produces has the same schema, whichever batch it holds. They are constructed in the driver and pickled into
-actors, so the taxonomy is loaded lazily on the first batch. A bad record gets a
-`taxonomy_error` reason and passes through; a failure of the whole batch (say,
-unreachable storage) labels every record with the reason instead of raising,
-because MDF would drop the batch silently.
+the backend, write fields. They are constructed in the driver and pickled into
+actors, so the taxonomy is loaded lazily on the first batch.
+
+Fields are typed numpy scalars and never None, so every Parquet file a writer
+produces has the same schema whichever batch it holds: a rejected record has path
+"", node ids -1, distance NaN and its reason in taxonomy_error (a good one has
+""). A failure of the whole batch (say, unreachable storage) labels every record
+with the reason instead of raising, because MDF would drop the batch silently.
 """
 
 from __future__ import annotations
