@@ -152,3 +152,15 @@ def test_centroid_cache_sees_inplace_updates(monkeypatch):
     ref = K.assign(x, c, backend="torch")
     assert torch.equal(b.ids, ref.ids) and b.ids[0] != a.ids[0]
     T._CENTROID_CACHE.clear()
+
+
+@pytest.mark.parametrize("mode", [2, 3])
+def test_norm_variants(monkeypatch, mode):
+    """The ||x||^2 placements (XN_MODE) give the same result as the default."""
+    x, c = make(40, 50, 24, seed=6)
+    ref = K.assign(x, c, backend="triton", with_second=True)
+    cfg = dict(T._config(x.dtype, 24, 50, x.device), XN_MODE=mode)
+    monkeypatch.setattr(T, "_OVERRIDE", cfg)
+    out = K.assign(x, c, backend="triton", with_second=True)
+    assert torch.equal(out.ids, ref.ids)
+    assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-5)

@@ -31,6 +31,68 @@ from .reference import FIXED_POINT_BITS
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@triton.jit
+def _tile_dot(x_rows, c_ptr, c0, c_hi, row_mask, offs_n, offs_k, xn, stride_c,
+              D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_ALL: tl.constexpr,
+              IS_FP32: tl.constexpr, WANT_XN: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x_block @ c_tile^T over D on tensor cores (+ ||x||^2 when WANT_XN)."""
+    cols = c0 + offs_n
+    col_mask = cols < c_hi
+    c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_c
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_D and EVEN_ALL:  # no masks: full tiles only
+            a = tl.load(x_rows + kk[None, :])
+            b = tl.load(c_rows + kk[None, :])
+        elif EVEN_D:
+            a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
+            b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None], other=0.0)
+        else:
+            a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
+                        other=0.0)
+            b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None] & (kk[None, :] < D),
+                        other=0.0)
+        if WANT_XN:  # a separate load: reusing `a` miscompiled (see _assign_kernel)
+            if EVEN_D:
+                xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
+            else:
+                xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
+                             other=0.0)
+            xv = xv.to(tl.float32)
+            xn += tl.sum(xv * xv, axis=1)
+        if IS_FP32:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    return acc, xn
+
+
+@triton.jit
+def _top2_update(acc, cn_ptr, c0, c_hi, offs_n, best, best_id, second,
+                 L2: tl.constexpr, EVEN_N: tl.constexpr, WITH_SECOND: tl.constexpr):
+    """Fold one tile's scores into the running top-2 (strict <: lowest id wins ties)."""
+    cols = c0 + offs_n
+    col_mask = cols < c_hi
+    if L2:
+        cn = tl.load(cn_ptr + cols, mask=col_mask, other=0.0)
+        s = cn[None, :] - 2.0 * acc
+    else:
+        s = -acc
+    if not EVEN_N:
+        s = tl.where(col_mask[None, :], s, float("inf"))
+    tmin, targ = tl.min(s, axis=1, return_indices=True)
+    take = tmin < best
+    if WITH_SECOND:
+        s2 = tl.where(offs_n[None, :] == targ[:, None], float("inf"), s)
+        tsec = tl.min(s2, axis=1)
+        second = tl.where(take, tl.minimum(best, tsec), tl.minimum(second, tmin))
+    best = tl.where(take, tmin, best)
+    best_id = tl.where(take, targ + c0, best_id)
+    return best, best_id, second
+
+
 # --------------------------------------------------------------------------- assignment
 @triton.jit
 def _assign_kernel(
@@ -42,7 +104,7 @@ def _assign_kernel(
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLATTEN: tl.constexpr, WS: tl.constexpr,
+    FLATTEN: tl.constexpr, WS: tl.constexpr, XN_MODE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -71,51 +133,38 @@ def _assign_kernel(
     best = tl.full((BLOCK_M,), float("inf"), tl.float32)
     best_id = tl.full((BLOCK_M,), -1, tl.int32)
     second = tl.full((BLOCK_M,), float("inf"), tl.float32)
-    for c0 in tl.range(c_lo, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
-        cols = c0 + offs_n
-        col_mask = cols < c_hi
-        c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_c
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            if EVEN_D and EVEN_M and EVEN_N:  # no masks: full tiles only
-                a = tl.load(x_rows + kk[None, :])
-                b = tl.load(c_rows + kk[None, :])
-            elif EVEN_D:
-                a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
-                b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None], other=0.0)
-            else:
-                a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
-                            other=0.0)
-                b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None] & (kk[None, :] < D),
-                            other=0.0)
-            if IS_FP32:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32x3")
-            else:
-                acc = tl.dot(a, tl.trans(b), acc)
-        if L2:
-            cn = tl.load(cn_ptr + cols, mask=col_mask, other=0.0)
-            s = cn[None, :] - 2.0 * acc
-        else:
-            s = -acc
-        if not EVEN_N:
-            s = tl.where(col_mask[None, :], s, float("inf"))
-        tmin, targ = tl.min(s, axis=1, return_indices=True)
-        take = tmin < best
-        if WITH_SECOND:
-            s2 = tl.where(offs_n[None, :] == targ[:, None], float("inf"), s)
-            tsec = tl.min(s2, axis=1)
-            second = tl.where(take, tl.minimum(best, tsec), tl.minimum(second, tmin))
-        best = tl.where(take, tmin, best)
-        best_id = tl.where(take, targ + c0, best_id)
-
-    if L2:  # ||x||^2, same code in both modes (the split merge adds it on the host)
-        xn = tl.zeros((BLOCK_M,), tl.float32)
+    # ||x||^2 (L2 only). XN_MODE 0: a separate pass after the main loop (default,
+    # validated); 2: first centroid tile peeled and x re-loaded there for the norm;
+    # 3: a pass before the main loop. Reusing the dot's own x tile for the norm (tried as
+    # mode 1) was fast but gave wrong results on H100 with triton 3.6: not used.
+    xn = tl.zeros((BLOCK_M,), tl.float32)
+    start = c_lo
+    if L2 and XN_MODE == 3:
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
                          other=0.0).to(tl.float32)
             xn += tl.sum(xv * xv, axis=1)
+    if XN_MODE == 2:
+        acc, xn = _tile_dot(x_rows, c_ptr, c_lo, c_hi, row_mask, offs_n, offs_k, xn,
+                            stride_c, D, EVEN_D, EVEN_M and EVEN_N, IS_FP32, L2,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+        best, best_id, second = _top2_update(acc, cn_ptr, c_lo, c_hi, offs_n, best, best_id,
+                                             second, L2, EVEN_N, WITH_SECOND)
+        start = c_lo + BLOCK_N
+    for c0 in tl.range(start, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
+        acc, xn = _tile_dot(x_rows, c_ptr, c0, c_hi, row_mask, offs_n, offs_k, xn, stride_c,
+                            D, EVEN_D, EVEN_M and EVEN_N, IS_FP32, False,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+        best, best_id, second = _top2_update(acc, cn_ptr, c0, c_hi, offs_n, best, best_id,
+                                             second, L2, EVEN_N, WITH_SECOND)
+    if L2 and XN_MODE == 0:
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
+                         other=0.0).to(tl.float32)
+            xn += tl.sum(xv * xv, axis=1)
+
     if SPLIT:  # raw scores; merged (and finished) on the host side
         out = tl.program_id(1).to(tl.int64) * N + rows
         tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
@@ -143,13 +192,13 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
     if device.type != "cuda":  # interpreter: tiny tiles keep it quick
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1,
-                    FLATTEN=False, WS=False)
+                    FLATTEN=False, WS=False, XN_MODE=0)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
-                    FLATTEN=False, WS=False)
+                    FLATTEN=False, WS=False, XN_MODE=0)
     # swept on H100 (benchmarks/NOTES_kernels.md)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
-                FLATTEN=False, WS=False)
+                FLATTEN=False, WS=False, XN_MODE=0)
 
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
@@ -297,7 +346,7 @@ def _work_items(keys: torch.Tensor, n_keys: int, block: int):
 
     Items of one key cover consecutive positions of the key-sorted permutation.
     """
-    perm = torch.argsort(keys)
+    perm = torch.argsort(keys.to(torch.int32) if n_keys < 2**31 else keys)  # 32-bit: faster
     counts = torch.bincount(keys, minlength=n_keys)
     seg_end = counts.cumsum(0)
     seg_start = seg_end - counts
