@@ -30,6 +30,8 @@ def register() -> None:
         _mdf.OperatorRegistry.register(name, cls)
         _mdf.OperatorRegistry.register(mdf_key(name), cls)
     _mdf.DataLoaderRegistry.register("ParquetEmbeddingLoader", operators.ParquetEmbeddingLoader)
+    _mdf.DataLoaderRegistry.register("SyntheticEmbeddingLoader",
+                                     operators.SyntheticEmbeddingLoader)
     _mdf.DataWriterRegistry.register("DiscardWriter", operators.DiscardWriter)
 
 

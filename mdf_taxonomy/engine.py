@@ -299,8 +299,9 @@ class TaxonomyEngine:
                  batch_size: int = 1024, num_replicas: int = 1, num_loaders: int = 1,
                  cpus_per_replica: float | None = None, gpus_per_replica: float = 0,
                  backend_buckets: int = 2, device: str = "auto", kernel_backend: str = "auto",
-                 storage_options: dict[str, Any] | None = None, progress: bool = True,
-                 max_pass_retries: int = 2, partition_by: list[str] | None = None):
+                 compute_dtype: str = "float32", storage_options: dict[str, Any] | None = None,
+                 progress: bool = True, max_pass_retries: int = 2,
+                 partition_by: list[str] | None = None):
         self.fit_params = TaxonomyConfig(
             n_levels=n_levels, branching_factor=branching_factor, dim=dim, metric=metric,
             seed=seed, max_iter=max_iter, tol=tol, sample_per_child=sample_per_child,
@@ -318,6 +319,7 @@ class TaxonomyEngine:
         self.backend_buckets = backend_buckets
         self.device = device
         self.kernel_backend = kernel_backend
+        self.compute_dtype = compute_dtype
         self.storage_options = storage_options
         self.progress = progress
         self.max_pass_retries = max_pass_retries
@@ -336,7 +338,8 @@ class TaxonomyEngine:
         per_replica = self.cpus_per_replica or max(
             0.1, min(1.0, (cpus - self.num_loaders) / self.num_replicas))
         common = {"storage_uri": self.storage_uri, "device": self.device,
-                  "kernel_backend": self.kernel_backend, "storage_options": self.storage_options,
+                  "kernel_backend": self.kernel_backend, "compute_dtype": self.compute_dtype,
+                  "storage_options": self.storage_options,
                   "embedding_field": self.fit_params["embedding_field"]}
         ops = []
         if fit:

@@ -32,34 +32,32 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _tile_dot(x_rows, c_ptr, c0, c_hi, row_mask, offs_n, offs_k, xn, stride_c,
-              D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_ALL: tl.constexpr,
+def _tile_dot(x_rows, c_ptr, c0, c_hi, offs_n, offs_k, xn, stride_c,
+              D: tl.constexpr, EVEN_D: tl.constexpr,
               IS_FP32: tl.constexpr, WANT_XN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x_block @ c_tile^T over D on tensor cores (+ ||x||^2 when WANT_XN)."""
-    cols = c0 + offs_n
-    col_mask = cols < c_hi
+    """x_block @ c_tile^T over D on tensor cores (+ ||x||^2 when WANT_XN).
+
+    Row and column indices are clamped into range by the caller / here, so loads need
+    no row/column masks (out-of-range lanes read a valid row; their results are masked
+    at the score or the store).
+    """
+    cols = tl.maximum(tl.minimum(c0 + offs_n, c_hi - 1), 0)
     c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_c
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
-        if EVEN_D and EVEN_ALL:  # no masks: full tiles only
+        if EVEN_D:
             a = tl.load(x_rows + kk[None, :])
             b = tl.load(c_rows + kk[None, :])
-        elif EVEN_D:
-            a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
-            b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None], other=0.0)
         else:
-            a = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
-                        other=0.0)
-            b = tl.load(c_rows + kk[None, :], mask=col_mask[:, None] & (kk[None, :] < D),
-                        other=0.0)
+            a = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
+            b = tl.load(c_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
         if WANT_XN:  # a separate load: reusing `a` miscompiled (see _assign_kernel)
             if EVEN_D:
-                xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
+                xv = tl.load(x_rows + kk[None, :])
             else:
-                xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
-                             other=0.0)
+                xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
             xv = xv.to(tl.float32)
             xn += tl.sum(xv * xv, axis=1)
         if IS_FP32:
@@ -102,7 +100,7 @@ def _assign_kernel(
     N, K, stride_x, stride_c, tiles_per_split, D: tl.constexpr,
     L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FLATTEN: tl.constexpr, WS: tl.constexpr, XN_MODE: tl.constexpr,
 ):
@@ -122,12 +120,13 @@ def _assign_kernel(
     else:
         rows = pid * BLOCK_M + offs_m
         row_mask = rows < N
+        rows = tl.minimum(rows, N - 1)  # loads stay in range; stores use row_mask
         c_lo = 0
         c_hi = K
         if SPLIT:
             c_lo = tl.program_id(1) * tiles_per_split * BLOCK_N
             c_hi = tl.minimum(c_lo + tiles_per_split * BLOCK_N, K)
-    rows = rows.to(tl.int64)
+    rows = rows.to(tl.int64)  # masked lanes hold a valid row index (clamped / perm 0)
     x_rows = x_ptr + rows[:, None] * stride_x
 
     best = tl.full((BLOCK_M,), float("inf"), tl.float32)
@@ -142,27 +141,25 @@ def _assign_kernel(
     if L2 and XN_MODE == 3:
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
-            xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
-                         other=0.0).to(tl.float32)
+            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
             xn += tl.sum(xv * xv, axis=1)
     if XN_MODE == 2:
-        acc, xn = _tile_dot(x_rows, c_ptr, c_lo, c_hi, row_mask, offs_n, offs_k, xn,
-                            stride_c, D, EVEN_D, EVEN_M and EVEN_N, IS_FP32, L2,
+        acc, xn = _tile_dot(x_rows, c_ptr, c_lo, c_hi, offs_n, offs_k, xn,
+                            stride_c, D, EVEN_D, IS_FP32, L2,
                             BLOCK_M, BLOCK_N, BLOCK_K)
         best, best_id, second = _top2_update(acc, cn_ptr, c_lo, c_hi, offs_n, best, best_id,
                                              second, L2, EVEN_N, WITH_SECOND)
         start = c_lo + BLOCK_N
     for c0 in tl.range(start, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
-        acc, xn = _tile_dot(x_rows, c_ptr, c0, c_hi, row_mask, offs_n, offs_k, xn, stride_c,
-                            D, EVEN_D, EVEN_M and EVEN_N, IS_FP32, False,
+        acc, xn = _tile_dot(x_rows, c_ptr, c0, c_hi, offs_n, offs_k, xn, stride_c,
+                            D, EVEN_D, IS_FP32, False,
                             BLOCK_M, BLOCK_N, BLOCK_K)
         best, best_id, second = _top2_update(acc, cn_ptr, c0, c_hi, offs_n, best, best_id,
                                              second, L2, EVEN_N, WITH_SECOND)
     if L2 and XN_MODE == 0:
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
-            xv = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < D),
-                         other=0.0).to(tl.float32)
+            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
             xn += tl.sum(xv * xv, axis=1)
 
     if SPLIT:  # raw scores; merged (and finished) on the host side
@@ -307,7 +304,7 @@ def assign_triton(
         common = dict(
             L2=metric == "l2", WITH_SECOND=with_second, GROUPED=False,
             IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0,
-            EVEN_M=n % bm == 0, EVEN_N=k % bn == 0, **cfg)
+            EVEN_N=k % bn == 0, **cfg)
         if splits == 1:
             _assign_kernel[(row_blocks,)](
                 xs, c, cn, ids, dist, sec if with_second else dist, dist,
@@ -379,7 +376,7 @@ def grouped_assign_triton(
     def run(xs: torch.Tensor, gs: torch.Tensor):
         n, d = xs.shape
         ids, dist, sec = _empty_out(n, xs.device, with_second)
-        if n == 0:
+        if n == 0 or c.shape[0] == 0:
             return ids, dist, sec
         cfg = dict(_OVERRIDE or _config(xs.dtype, d, c.shape[0], xs.device))
         perm, ip, ipos, iend = _work_items(gs, n_parents, cfg["BLOCK_M"])
@@ -391,7 +388,7 @@ def grouped_assign_triton(
             n, c.shape[0], xs.stride(0), c.stride(0), 1, d,
             L2=metric == "l2", WITH_SECOND=with_second, GROUPED=True, SPLIT=False,
             IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0,
-            EVEN_M=False, EVEN_N=False, **cfg)
+            EVEN_N=False, **cfg)
         return ids, dist, sec
 
     if groups.numel():

@@ -78,18 +78,17 @@ class Taxonomy:
     def n_levels(self) -> int:
         return len(self.levels)
 
-    def prepare(self, x: np.ndarray | torch.Tensor, device: str | torch.device = "cpu"
-                ) -> torch.Tensor:
-        """Rows as the metric sees them: float32 (bf16/fp16 kept on GPU), unit norm for cosine."""
+    def prepare(self, x: np.ndarray | torch.Tensor, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows as the metric sees them (unit norm for cosine), on `device`, in `dtype`
+        (bf16/fp16 halve the bytes the GPU kernels read; the CPU path wants float32)."""
         t = torch.as_tensor(x)
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or t.device.type == "cpu":
-            t = t.to(torch.float32)
-        t = t.to(device)
         if t.ndim != 2 or t.shape[1] != self.dim:
             raise ValueError(f"expected rows of {self.dim} values, got shape {tuple(t.shape)}")
+        t = t.to(device)
         if self.config.metric == "cosine":
-            t = torch.nn.functional.normalize(t.float(), dim=1).to(t.dtype)
-        return t
+            t = torch.nn.functional.normalize(t.float(), dim=1)
+        return t.to(dtype)
 
     def assign_level(self, x: torch.Tensor, parents: torch.Tensor, level: int,
                      backend: str = "auto", with_second: bool = False) -> kernels.Assignment:
@@ -121,15 +120,16 @@ class Taxonomy:
         return paths, ids, distance
 
     def assign_paths(self, x: np.ndarray | torch.Tensor, upto: int | None = None,
-                     backend: str = "auto", device: str | torch.device = "cpu"
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     backend: str = "auto", device: str | torch.device = "cpu",
+                     prepared: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Node id per level for every row, and the distance to the deepest centroid.
 
         Returns (paths (N, upto) int32, distance (N,) float32); the distance is
-        Euclidean for "l2" and 1 - cosine similarity for "cosine".
+        Euclidean for "l2" and 1 - cosine similarity for "cosine". `prepared` rows
+        have been through `prepare` already.
         """
         upto = self.n_levels if upto is None else upto
-        paths, _, distance = self.walk(self.prepare(x, device), upto, backend)
+        paths, _, distance = self.walk(x if prepared else self.prepare(x, device), upto, backend)
         distance = distance.float().cpu().numpy()
         if self.config.metric == "l2":
             distance = np.sqrt(np.maximum(distance, 0.0))

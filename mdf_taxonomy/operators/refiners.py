@@ -14,6 +14,7 @@ with the reason instead of raising, because MDF would drop the batch silently.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from mdf_taxonomy.operators.records import ERROR_FIELD, ParsedBatch, parse_embed
 
 log = logging.getLogger(__name__)
 PREFIX = "taxonomy"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def level_field(level: int) -> str:
@@ -40,8 +42,12 @@ class _TaxonomyRefiner(Refiner):
 
     def __init__(self, storage_uri: str, embedding_field: str = "embedding",
                  snapshot: str | None = None, device: str = "auto", kernel_backend: str = "auto",
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, compute_dtype: str = "float32"):
         super().__init__()
+        if compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype={compute_dtype!r}: must be one of {list(_DTYPES)}")
+        self.compute_dtype = compute_dtype
+        self.timings = {"parse_s": 0.0, "assign_s": 0.0, "flush_s": 0.0}
         if not storage_uri:
             raise ValueError(f"{type(self).__name__}: storage_uri is required")
         self.storage_uri = storage_uri
@@ -72,11 +78,13 @@ class _TaxonomyRefiner(Refiner):
 
     def refine_batch(self, records: list[dict]) -> None:
         try:
+            started = time.perf_counter()
             tax = self.taxonomy
             blank = self._blank_fields()
             for rec in records:
                 rec.update(blank)
             parsed = parse_embeddings(records, self.embedding_field, tax.dim)
+            self.timings["parse_s"] += time.perf_counter() - started
             for i, reason in parsed.errors.items():
                 records[i][ERROR_FIELD] = reason
             for kind, n in parsed.reasons().items():
@@ -98,9 +106,14 @@ class _TaxonomyRefiner(Refiner):
         blank = {"string": "", "int32": np.int32(-1), "float": np.float32("nan")}
         return {name: blank[str(t)] for name, t in self.get_output_schema().items()}
 
+    def _rows(self, tax: Taxonomy, parsed: ParsedBatch) -> torch.Tensor:
+        return tax.prepare(parsed.x, self._torch_device(), _DTYPES[self.compute_dtype])
+
     def get_stats(self) -> dict:
+        """MDF's stats plus rejections by reason and where the operator's time went."""
         stats = super().get_stats()
         stats["rejected"] = dict(self.rejected)
+        stats["timings"] = dict(self.timings)
         return stats
 
 
@@ -113,9 +126,10 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
 
     def __init__(self, storage_uri: str, embedding_field: str = "embedding",
                  snapshot: str | None = None, n_levels: int | None = None, device: str = "auto",
-                 kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None):
+                 kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None,
+                 compute_dtype: str = "float32"):
         super().__init__(storage_uri, embedding_field, snapshot, device, kernel_backend,
-                         storage_options)
+                         storage_options, compute_dtype)
         self.n_levels = n_levels
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
@@ -138,8 +152,10 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
             )
         if not len(parsed.valid):
             return
-        paths, dist = tax.assign_paths(parsed.x, backend=self.kernel_backend,
-                                       device=self._torch_device())
+        started = time.perf_counter()
+        paths, dist = tax.assign_paths(self._rows(tax, parsed), backend=self.kernel_backend,
+                                       prepared=True)
+        self.timings["assign_s"] += time.perf_counter() - started
         for row, i in enumerate(parsed.valid):
             rec = records[i]
             rec[f"{PREFIX}_path"] = format_path(paths[row])
@@ -165,9 +181,10 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
                  sample_per_child: int = 64, max_sample_per_node: int = 65536,
                  init_iters: int = 10, backend_buckets: int = 2,
                  backend_name: str = "mdf_taxonomy_fit", device: str = "auto",
-                 kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None):
+                 kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None,
+                 compute_dtype: str = "float32"):
         super().__init__(storage_uri, embedding_field, snapshot, device, kernel_backend,
-                         storage_options)
+                         storage_options, compute_dtype)
         self.config = TaxonomyConfig(
             n_levels=n_levels, branching_factor=branching_factor, dim=dim, metric=metric,
             seed=seed, max_iter=max_iter, tol=tol, sample_per_child=sample_per_child,
@@ -185,13 +202,14 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
     def _refine(self, records: list[dict], parsed: ParsedBatch, tax: Taxonomy) -> None:
         st = tax.state
         upto = tax.n_levels if st.phase != "sample" else st.level - 1
-        device = self._torch_device()
-        x = tax.prepare(parsed.x, device)
+        started = time.perf_counter()
+        x = self._rows(tax, parsed)
         paths, parents, distance = tax.walk(x, upto, self.kernel_backend)
         for row, i in enumerate(parsed.valid):
             for lv in range(upto):
                 records[i][level_field(lv + 1)] = paths[row, lv]
         if st.complete:
+            self.timings["assign_s"] += time.perf_counter() - started
             return
         pass_id = tax.version or "unversioned"
         flush_id = parsed.flush_id(pass_id)
@@ -204,9 +222,12 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
                 sums, counts = partial_sums(x, parents, n_nodes, backend=self.kernel_backend)
                 nodes = torch.nonzero(counts).flatten()
                 totals["inertia_fixed"] = inertia_to_fixed(distance)
+                self.timings["assign_s"] += time.perf_counter() - started
+                started = time.perf_counter()
                 self.backend.add_partials(
                     pass_id, flush_id, nodes.cpu().numpy(), sums[nodes].cpu().numpy(),
                     counts[nodes].cpu().numpy(), totals, parsed.reasons())
+            self.timings["flush_s"] += time.perf_counter() - started
         except Exception as e:  # noqa: BLE001 - counted; the driver's row check re-runs the pass
             self.flush_failures += 1
             log.error("backend flush failed (%s); the driver will see the missing rows", e)
