@@ -205,12 +205,13 @@ def main() -> int:
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, flash_kmeans=fk_version,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), D=D)
-    rate = matmul_rate()
-    info["bf16_matmul_tflops"] = rate / 1e12
-    print(info, flush=True)
+    rates = [matmul_rate()]
+    print(info, "bf16 matmul TFLOP/s (first):", rates[0] / 1e12, flush=True)
 
     n_big = (1 << 16) if args.small else (1 << 20)
     x_all = clustered(n_big)
+    rates.append(matmul_rate())
+    rate = max(rates)  # the ceiling: best of the measurements (one more at the end)
     log: list = []
     chosen = sweep(x_all, rate, log) if args.sweep else {}
     rows = []
@@ -261,6 +262,15 @@ def main() -> int:
                      torch.equal(ids1, KR.assign(x, lv1).ids)))
     print(g_row, flush=True)
 
+    rates.append(matmul_rate())
+    info["bf16_matmul_tflops_runs"] = [r / 1e12 for r in rates]
+    info["bf16_matmul_tflops"] = max(rates) / 1e12
+    if max(rates) > rate:  # rescale roofline fractions to the best ceiling seen
+        for r in rows:
+            r["roofline"] = max(rates) / (2 * r["K"] * D)
+            r["assign_frac_roofline"] = r["ours_assign"] / r["roofline"]
+        g_row["roofline"] = max(rates) / (3 * 2 * 1024 * D)
+        rate = max(rates)
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     res = dict(info=info, rows=rows, grouped=g_row, sweep=log,
                seconds=round(time.time() - t0, 1))

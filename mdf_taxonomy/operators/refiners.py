@@ -222,6 +222,7 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
                 sums, counts = partial_sums(x, parents, n_nodes, backend=self.kernel_backend)
                 nodes = torch.nonzero(counts).flatten()
                 totals["inertia_fixed"] = inertia_to_fixed(distance)
+                totals["flush_bytes"] = int(len(nodes) * (x.shape[1] + 2) * 8)
                 self.timings["assign_s"] += time.perf_counter() - started
                 started = time.perf_counter()
                 self.backend.add_partials(

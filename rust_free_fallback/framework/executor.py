@@ -146,7 +146,7 @@ class _StageWorker:
         labels = self._op.operator_labels()
         for lbl, op, dropped in zip(labels, self._op.operators, self._dropped, strict=True):
             raw = op._raw_stats() if isinstance(op, Operator) else {}
-            out[lbl] = {**raw, "dropped_batches": dropped}
+            out[lbl] = {**raw, "dropped_batches": dropped, "extra": _extra_stats(op)}
         return out
 
     def ping(self) -> bool:
@@ -158,6 +158,33 @@ _RemoteStage = ray.remote(_StageWorker)
 
 
 # -- helpers -------------------------------------------------------------------
+
+_MDF_STAT_KEYS = {"input_records", "output_records", "pass_rate", "total_time", "avg_latency",
+                  "min_latency", "max_latency", "p50_latency", "p95_latency", "p99_latency",
+                  "throughput"}
+
+
+def _extra_stats(op: Any) -> dict[str, Any]:
+    """What an operator's own get_stats() adds to MDF's keys (rejections, timings...)."""
+    try:
+        return {k: v for k, v in op.get_stats().items() if k not in _MDF_STAT_KEYS}
+    except Exception:  # noqa: BLE001 - stats must never break a run
+        return {}
+
+
+def _sum_numbers(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge replicas' extra stats: numbers add up, nested dicts merge, the rest: first seen."""
+    out: dict[str, Any] = {}
+    for d in dicts:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out[k] = _sum_numbers([out.get(k, {}), v])
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+            else:
+                out.setdefault(k, v)
+    return out
+
 
 def _chunks(items: list[str], n: int) -> list[list[str]]:
     """Split into ``n`` contiguous chunks whose sizes differ by at most one."""
@@ -512,6 +539,7 @@ class Executor:
             for label in (per_replica[0] if per_replica else {}):
                 raws = [rep[label] for rep in per_replica if label in rep]
                 summary = summarize_raw_stats(merge_raw_stats(raws))
+                summary.update(_sum_numbers([r.get("extra", {}) for r in raws]))
                 summary["dropped_batches"] = sum(r.get("dropped_batches", 0) for r in raws)
                 summary["replicas"] = len(raws)
                 merged[label] = summary
