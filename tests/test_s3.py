@@ -44,6 +44,8 @@ def aws_env():
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         mp.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: never real AWS
         mp.delenv("AWS_PROFILE", raising=False)
+        for var in ("NO_PROXY", "no_proxy"):  # loopback never through a proxy
+            mp.setenv(var, "127.0.0.1,localhost")
         yield
 
 
@@ -51,15 +53,18 @@ def aws_env():
 def moto_url(aws_env, tmp_path_factory):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the handle
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert proc.poll() is None, f"moto server exited with {proc.returncode}"
+            assert proc.poll() is None, \
+                f"moto server exited with {proc.returncode}: {log_path.read_text()[-2000:]}"
             try:
-                urllib.request.urlopen(url, timeout=1).close()
+                urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    url, timeout=1).close()
                 break
             except urllib.error.HTTPError:  # it answers HTTP: up
                 break
@@ -74,7 +79,6 @@ def moto_url(aws_env, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=15)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +155,7 @@ def test_predict_from_s3_matches_the_labelled_output(s3_fit, s3_data):
 def test_labelled_output_to_s3(s3_fit, s3_data, opts):
     import s3fs
 
-    engine, _, local_out = s3_fit
+    engine, _, _ = s3_fit
     uri, _, ids = s3_data
     target = f"s3://{BUCKET}/labelled"
     assert engine.predict(uri, output=target) == target

@@ -22,6 +22,7 @@ from mdf_taxonomy.model.config import TaxonomyConfig
 class Level:
     centroids: np.ndarray  # (n_nodes, dim) float32
     parents: np.ndarray  # (n_nodes,) int64, node id in the level above (0 = root for level 1)
+    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
@@ -43,6 +44,18 @@ class Level:
         return np.searchsorted(self.parents, np.arange(n_parents + 1), side="left").astype(
             np.int64
         )
+
+    def on_device(self, device: torch.device, n_parents: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centroids, child offsets) as tensors on `device`, made once per device so that
+        batches neither re-copy them nor miss the kernels' per-tensor caches."""
+        key = (str(device), n_parents)
+        if key not in self._on_device:
+            self._on_device[key] = (torch.from_numpy(self.centroids).to(device),
+                                    torch.from_numpy(self.child_offsets(n_parents)).to(device))
+        return self._on_device[key]
+
+    def __getstate__(self) -> dict:
+        return {"centroids": self.centroids, "parents": self.parents, "_on_device": {}}
 
 
 @dataclass
@@ -95,8 +108,7 @@ class Taxonomy:
         """Nearest child of each row's parent at `level` (1-based); rows already prepared."""
         lv = self.levels[level - 1]
         n_parents = 1 if level == 1 else self.levels[level - 2].n_nodes
-        centroids = torch.from_numpy(lv.centroids).to(x.device)
-        offsets = torch.from_numpy(lv.child_offsets(n_parents)).to(x.device)
+        centroids, offsets = lv.on_device(x.device, n_parents)
         return kernels.grouped_assign(
             x, parents, centroids, offsets, metric=self.config.metric, backend=backend,
             with_second=with_second,
