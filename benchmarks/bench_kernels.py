@@ -102,19 +102,62 @@ def our_lloyd(x, c):
     return (KR.from_fixed_point(sums) / cnt.clamp_min(1)[:, None]).to(x.dtype)
 
 
-def _cfg(bm, bn, bk, w, st, flatten=False, ws=False, xn=0):
+def _cfg(bm, bn, bk, w, st, flatten=False, ws=False, xn=0, flat=False):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
-                FLATTEN=flatten, WS=ws, XN_MODE=xn)
+                FLATTEN=flatten, WS=ws, XN_MODE=xn, FLAT=flat)
 
 
 SWEEP = [
-    _cfg(128, 256, 64, 8, 3),  # default
-    _cfg(128, 256, 64, 8, 4),
-    _cfg(128, 256, 64, 8, 3, xn=2),
-    _cfg(128, 256, 64, 8, 4, xn=2),
-    _cfg(128, 256, 64, 8, 3, xn=3),
-    _cfg(128, 256, 64, 8, 4, xn=3),
+    _cfg(128, 256, 64, 8, 3),  # v7 default
+    _cfg(128, 256, 64, 8, 3, flat=True),
+    _cfg(128, 256, 64, 8, 4, flat=True),
+    _cfg(128, 256, 64, 8, 3, flat=True, xn=3),
+    _cfg(128, 256, 64, 8, 3, flatten=True),
+    _cfg(128, 256, 128, 8, 2, flat=True),
+    _cfg(64, 256, 32, 4, 4),
+    _cfg(64, 256, 32, 4, 4, flat=True),
+    _cfg(64, 256, 64, 4, 2, flat=True),
+    _cfg(64, 256, 64, 4, 3, flat=True),
+    _cfg(128, 128, 64, 4, 3),
+    _cfg(128, 128, 64, 4, 3, flat=True),
+    _cfg(128, 128, 64, 4, 4, flat=True),
 ]
+
+PS_SWEEP = [
+    dict(CHUNK=1024, BLOCK_R=4, NUM_STAGES=3, num_warps=4),  # default
+    dict(CHUNK=1024, BLOCK_R=8, NUM_STAGES=3, num_warps=4),
+    dict(CHUNK=1024, BLOCK_R=4, NUM_STAGES=3, num_warps=8),
+    dict(CHUNK=1024, BLOCK_R=8, NUM_STAGES=2, num_warps=8),
+    dict(CHUNK=1024, BLOCK_R=2, NUM_STAGES=4, num_warps=4),
+    dict(CHUNK=1024, BLOCK_R=4, NUM_STAGES=4, num_warps=4),
+    dict(CHUNK=512, BLOCK_R=4, NUM_STAGES=3, num_warps=4),
+    dict(CHUNK=2048, BLOCK_R=4, NUM_STAGES=3, num_warps=4),
+]
+
+
+def sweep_psums(x, log):
+    """Partial-sum launch configs (bit-identical to the default or invalid)."""
+    for k, n in [(1024, x.shape[0]), (16384, x.shape[0]), (65536, x.shape[0] // 4)]:
+        xs = x[:n]
+        c = xs[torch.randperm(n, device=DEV)[:k]].clone()
+        ids = KR.assign(xs, c, backend="triton").ids
+        T._PS_OVERRIDE = None
+        ref = KR.partial_sums(xs, ids, k, backend="triton")
+        wi = 1e3 * timeit(lambda ids=ids, k=k: T._work_items(ids + 1, k + 1, 1024))
+        for ps in PS_SWEEP:
+            T._PS_OVERRIDE = ps
+            try:
+                out = KR.partial_sums(xs, ids, k, backend="triton")
+                ok = bool(torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]))
+                t = timeit(lambda xs=xs, ids=ids, k=k: KR.partial_sums(xs, ids, k,
+                                                                       backend="triton"))
+            except Exception as e:  # noqa: BLE001
+                print("psweep", k, ps, "ERROR", repr(e)[:200], flush=True)
+                continue
+            log.append(dict(psum_k=k, n=n, ps=ps, ms=1e3 * t, valid=ok, work_items_ms=wi))
+            print(f"psweep K={k} n={n} {ps} {1e3 * t:.3f} ms valid={ok} "
+                  f"(work items {wi:.3f} ms)", flush=True)
+    T._PS_OVERRIDE = None
 
 
 def sweep(x, rate, log):
@@ -214,6 +257,8 @@ def main() -> int:
     rate = max(rates)  # the ceiling: best of the measurements (one more at the end)
     log: list = []
     chosen = sweep(x_all, rate, log) if args.sweep else {}
+    if args.sweep:
+        sweep_psums(x_all, log)
     rows = []
     for k, n in [(1024, n_big), (16384, n_big), (65536, n_big // 4)]:
         cfg = (chosen[1024] if k <= 4096 else chosen[16384]) if chosen else None
@@ -249,13 +294,15 @@ def main() -> int:
     # rows spread uniformly over the 1024 parents
     one = torch.zeros_like(a1)
     unif = torch.arange(n, device=DEV) % 1024
+    srt = torch.sort(a1).values  # rows arriving already ascending by parent: no sort
     diag_ms = [1e3 * timeit(lambda: KR.grouped_assign(x, one, lv2, off2)),
-               1e3 * timeit(lambda: KR.grouped_assign(x, unif, lv2, off2))]
+               1e3 * timeit(lambda: KR.grouped_assign(x, unif, lv2, off2)),
+               1e3 * timeit(lambda: KR.grouped_assign(x, srt, lv2, off2))]
     rows_per_parent = torch.bincount(a1, minlength=1024)
     T._OVERRIDE = None
     g_row = dict(N=n, levels=3, children=1024, rows_per_s=n / t3, level_ms=lvl_ms,
                  work_items_ms=prep_ms, lv2_one_parent_ms=diag_ms[0],
-                 lv2_uniform_parents_ms=diag_ms[1],
+                 lv2_uniform_parents_ms=diag_ms[1], lv2_presorted_ms=diag_ms[2],
                  lv2_rows_per_parent_max=int(rows_per_parent.max()),
                  lv2_parents_with_rows=int((rows_per_parent > 0).sum()),
                  roofline=rate / (3 * 2 * 1024 * D), check_lv1_equals_plain=bool(
@@ -300,7 +347,9 @@ def main() -> int:
             f"{m(r['ours_assign'])} | {m(r['ours_lloyd'])} | {m(r['roofline'])} | "
             f"{r['assign_frac_roofline']:.0%} | {va} | {vl} |")
     lines += ["", f"Grouped 3-level labelling (1024 children per node, N={n}): "
-              f"{m(g_row['rows_per_s'])} rows/s (roofline {m(g_row['roofline'])})"]
+              f"{m(g_row['rows_per_s'])} rows/s (roofline {m(g_row['roofline'])}); "
+              "levels " + " / ".join(f"{v:.2f}" for v in g_row["level_ms"]) + " ms; "
+              f"bucketing {g_row['work_items_ms']:.3f} ms/level"]
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "bench_kernels.md"), "w") as f:
         f.write(table + "\n")

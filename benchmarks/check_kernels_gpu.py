@@ -95,7 +95,31 @@ def check_assign(n, k, d, metric, dtype, seed=0):
                 rel_dist=rel_d, rel_second=rel_s, agree_vs_fp32_centroids=info_agree)
 
 
-def check_grouped(n, d, metric, dtype, n_parents=37, seed=1):
+def check_grouped_paths(n, d, dtype, n_parents=37, seed=3):
+    """Single-parent (plain kernel), pre-sorted (no sort) and bucketed paths give
+    bit-identical results for the same rows."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    sizes = torch.randint(1, 600, (n_parents,), device=DEV, generator=g)
+    offs = torch.zeros(n_parents + 1, dtype=torch.int64, device=DEV)
+    offs[1:] = sizes.cumsum(0)
+    x, c = clustered(n, int(offs[-1]), d, "l2", dtype, seed)
+    groups = torch.randint(0, n_parents, (n,), device=DEV, generator=g)
+    out = K.grouped_assign(x, groups, c, offs, with_second=True)
+    ok = True
+    srt, perm = torch.sort(groups)
+    o2 = K.grouped_assign(x[perm], srt, c, offs, with_second=True)
+    ok &= bool(torch.equal(o2.ids, out.ids[perm]) and torch.equal(o2.distance, out.distance[perm])
+               and torch.equal(o2.second, out.second[perm]))
+    for p in (0, 7, n_parents - 1):
+        rows = (groups == p).nonzero()[:, 0]
+        o1 = K.grouped_assign(x[rows], groups[rows], c, offs, with_second=True)
+        ok &= bool(torch.equal(o1.ids, out.ids[rows])
+                   and torch.equal(o1.distance, out.distance[rows])
+                   and torch.equal(o1.second, out.second[rows]))
+    return dict(kind="grouped_paths", n=n, d=d, dtype=str(dtype), ok=ok)
+
+
+def check_grouped(n, d, metric, dtype, n_parents=37, seed=1, mode="random"):
     g = torch.Generator(device=DEV).manual_seed(seed)
     sizes = torch.randint(1, 300, (n_parents,), device=DEV, generator=g)
     sizes[3] = 0
@@ -104,6 +128,10 @@ def check_grouped(n, d, metric, dtype, n_parents=37, seed=1):
     offs[1:] = sizes.cumsum(0)
     x, c = clustered(n, int(offs[-1]), d, metric, dtype, seed)
     groups = torch.randint(0, n_parents, (n,), device=DEV, generator=g)
+    if mode == "sorted":
+        groups = torch.sort(groups).values
+    elif mode == "one":
+        groups.fill_(5)
     out = K.grouped_assign(x, groups, c, offs, metric=metric, backend="triton",
                            with_second=True)
     c = c.to(dtype).float()
@@ -129,7 +157,7 @@ def check_grouped(n, d, metric, dtype, n_parents=37, seed=1):
             ok &= bool(torch.isinf(out.second[rows]).all())
     rel = (rel_num / rel_den) ** 0.5
     ok = ok and badn == 0 and rel < REL[dtype]
-    return dict(kind="grouped", n=n, d=d, metric=metric, dtype=str(dtype), ok=ok,
+    return dict(kind="grouped", mode=mode, n=n, d=d, metric=metric, dtype=str(dtype), ok=ok,
                 near_ties=ties, bad=badn, rel_dist=rel)
 
 
@@ -151,6 +179,12 @@ def check_partial_sums(n, k, d, dtype, seed=2):
 
 def main() -> int:
     t0 = time.time()
+    variant = sys.argv[1] if len(sys.argv) > 1 else "default"
+    if variant == "flat":  # check the FLAT loop everywhere it applies (pre-default test)
+        from mdf_taxonomy.kernels import triton_kernels as T
+
+        base = T._config
+        T._config = lambda *a: dict(base(*a), FLAT=True)
     res = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for metric in ("l2", "cosine"):
@@ -161,6 +195,12 @@ def main() -> int:
         res.append(check_grouped(5000, 1024, "l2", dtype))
         print(res[-1], flush=True)
         res.append(check_grouped(3000, 384, "cosine", dtype))
+        print(res[-1], flush=True)
+        res.append(check_grouped(5000, 1024, "l2", dtype, mode="sorted"))
+        print(res[-1], flush=True)
+        res.append(check_grouped(3000, 768, "cosine", dtype, mode="one"))
+        print(res[-1], flush=True)
+        res.append(check_grouped_paths(20000, 1024, dtype))
         print(res[-1], flush=True)
         res.append(check_partial_sums(200_003, 1000, 1024, dtype))
         print(res[-1], flush=True)
@@ -174,7 +214,8 @@ def main() -> int:
     n_ok = sum(r["ok"] for r in res)
     summary = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"),
-                   passed=n_ok, total=len(res), seconds=round(time.time() - t0, 1))
+                   passed=n_ok, total=len(res), seconds=round(time.time() - t0, 1),
+                   variant=variant)
     print("CHECK SUMMARY", summary, flush=True)
     for r in res:
         if not r["ok"]:

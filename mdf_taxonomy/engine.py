@@ -347,9 +347,10 @@ class TaxonomyEngine:
                 **common, **{k: v for k, v in self.fit_params.items() if k != "embedding_field"},
                 "backend_buckets": self.backend_buckets}))
         ops.append(_mdf.OperatorConfig(name="taxonomy_path_refiner", params=dict(common)))
+        writer_params = {"output_path": output, "partition_by": self.partition_by,
+                         "storage_options": self.storage_options}
         writer = (_mdf.DataWriterConfig(type="ParquetDataWriter", params={
-            "output_path": output, **({"partition_by": self.partition_by}
-                                      if self.partition_by else {})})
+            k: v for k, v in writer_params.items() if v is not None})
                   if output else _mdf.DataWriterConfig(type="DiscardWriter", params={}))
         return _mdf.PipelineConfig(
             data_loader=_mdf.DataLoaderConfig(

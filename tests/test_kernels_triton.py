@@ -164,3 +164,62 @@ def test_norm_variants(monkeypatch, mode):
     out = K.assign(x, c, backend="triton", with_second=True)
     assert torch.equal(out.ids, ref.ids)
     assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("shape", [(40, 50, 32), (37, 33, 48), (5, 200, 16), (21, 7, 24)])
+def test_flat_loop_matches_nested(monkeypatch, metric, shape):
+    """FLAT (one loop over centroid tile x D chunk) computes what the nested loops do."""
+    n, k, d = shape
+    x, c = make(n, k, d, metric, seed=8)
+    ref = K.assign(x, c, metric=metric, backend="triton", with_second=True)
+    monkeypatch.setattr(T, "_OVERRIDE", dict(T._config(x.dtype, d, k, x.device), FLAT=True))
+    out = K.assign(x, c, metric=metric, backend="triton", with_second=True)
+    assert torch.equal(out.ids, ref.ids)
+    assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(out.second, ref.second, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_grouped_fast_paths(monkeypatch, flat):
+    """One parent (plain kernel on the children block), rows pre-sorted by parent (no
+    sort) and the general sorted-bucket path agree with the torch reference."""
+    monkeypatch.setattr(T, "_OVERRIDE", dict(T._config(torch.float32, 32, 1, torch.device("cpu")),
+                                                 FLAT=flat))
+    g = torch.Generator().manual_seed(11)
+    sizes = torch.tensor([5, 0, 1, 40, 17])
+    offs = torch.zeros(6, dtype=torch.int64)
+    offs[1:] = sizes.cumsum(0)
+    c = torch.randn(int(offs[-1]), 32, generator=g)
+    x = torch.randn(90, 32, generator=g)
+    cases = [torch.full((90,), 3), torch.full((90,), 1), torch.full((90,), 2),
+             torch.sort(torch.randint(0, 5, (90,), generator=g)).values,
+             torch.randint(0, 5, (90,), generator=g)]
+    for groups in cases:
+        out = K.grouped_assign(x, groups, c, offs, backend="triton", with_second=True)
+        ref = K.grouped_assign(x, groups, c, offs, backend="torch", with_second=True)
+        assert torch.equal(out.ids, ref.ids)
+        fin = ~torch.isinf(ref.distance)
+        assert torch.equal(fin, ~torch.isinf(out.distance))
+        assert torch.allclose(out.distance[fin], ref.distance[fin], rtol=1e-5, atol=1e-4)
+        assert torch.equal(torch.isinf(out.second), torch.isinf(ref.second))
+    # the same rows give bit-identical results whichever path labels them
+    mixed = cases[4]
+    out = K.grouped_assign(x, mixed, c, offs, backend="triton", with_second=True)
+    rows = (mixed == 3).nonzero()[:, 0]
+    one = K.grouped_assign(x[rows], mixed[rows], c, offs, backend="triton", with_second=True)
+    assert torch.equal(one.ids, out.ids[rows]) and torch.equal(one.distance, out.distance[rows])
+    assert torch.equal(one.second, out.second[rows])
+
+
+def test_work_items_padding():
+    keys = torch.tensor([2, 0, 2, 2, 4, 0, 2])
+    perm, ik, ipos, iend, counts = T._work_items(keys, 5, 2)
+    assert torch.equal(counts, torch.tensor([2, 0, 4, 0, 1]))
+    assert ik.numel() == 7 // 2 + 5
+    real = ik >= 0
+    assert int(real.sum()) == 1 + 2 + 1
+    assert bool((ipos[~real] == iend[~real]).all())
+    assert torch.equal(keys[perm], torch.sort(keys).values)
+    got = sorted(zip(ik[real].tolist(), ipos[real].tolist(), iend[real].tolist(), strict=True))
+    assert got == [(0, 0, 2), (2, 2, 6), (2, 4, 6), (4, 6, 7)]

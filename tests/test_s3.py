@@ -24,6 +24,8 @@ from taxonomy_toys import assert_same_tree, labels_by_id
 from mdf_taxonomy.engine import TaxonomyEngine
 from mdf_taxonomy.model import TaxonomyStore
 
+pytestmark = pytest.mark.filterwarnings("ignore:Your installed version of s3fs:UserWarning")
+
 BUCKET = "taxo-bucket"
 DIM = 10
 
@@ -149,9 +151,6 @@ def test_predict_from_s3_matches_the_labelled_output(s3_fit, s3_data):
     assert np.array_equal(engine.predict(x), want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TaxonomyEngine._pipeline builds the ParquetDataWriter params without "
-    "storage_options, so an s3:// output is written with default credentials/endpoint"))
 def test_labelled_output_to_s3(s3_fit, s3_data, opts):
     import s3fs
 

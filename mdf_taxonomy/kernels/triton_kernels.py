@@ -68,13 +68,23 @@ def _tile_dot(x_rows, c_ptr, c0, c_hi, offs_n, offs_k, xn, stride_c,
 
 
 @triton.jit
-def _top2_update(acc, cn_ptr, c0, c_hi, offs_n, best, best_id, second,
+def _load_cn(cn_ptr, c0, c_hi, offs_n, L2: tl.constexpr):
+    """||c||^2 of one centroid tile (l2 only; issued early so its latency is hidden)."""
+    if L2:
+        cols = c0 + offs_n
+        cn = tl.load(cn_ptr + cols, mask=cols < c_hi, other=0.0)
+    else:
+        cn = tl.zeros_like(offs_n).to(tl.float32)
+    return cn
+
+
+@triton.jit
+def _top2_update(acc, cn, c0, c_hi, offs_n, best, best_id, second,
                  L2: tl.constexpr, EVEN_N: tl.constexpr, WITH_SECOND: tl.constexpr):
     """Fold one tile's scores into the running top-2 (strict <: lowest id wins ties)."""
     cols = c0 + offs_n
     col_mask = cols < c_hi
     if L2:
-        cn = tl.load(cn_ptr + cols, mask=col_mask, other=0.0)
         s = cn[None, :] - 2.0 * acc
     else:
         s = -acc
@@ -100,23 +110,27 @@ def _assign_kernel(
     N, K, stride_x, stride_c, tiles_per_split, D: tl.constexpr,
     L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    EVEN_N: tl.constexpr, PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLATTEN: tl.constexpr, WS: tl.constexpr, XN_MODE: tl.constexpr,
+    FLATTEN: tl.constexpr, WS: tl.constexpr, XN_MODE: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     if GROUPED:
-        parent = tl.load(item_parent_ptr + pid)
+        parent = tl.maximum(tl.load(item_parent_ptr + pid), 0)  # -1: padding item
         pos0 = tl.load(item_pos_ptr + pid)
         pos_end = tl.load(item_end_ptr + pid)
         pos = pos0 + offs_m
         row_mask = pos < pos_end
-        rows = tl.load(perm_ptr + pos, mask=row_mask, other=0)
+        if PERM:
+            rows = tl.load(perm_ptr + pos, mask=row_mask, other=0)
+        else:  # rows already sorted by parent: positions are rows
+            rows = tl.minimum(pos, N - 1)
         c_lo = tl.load(child_off_ptr + parent).to(tl.int32)
         c_hi = tl.load(child_off_ptr + parent + 1).to(tl.int32)
+        c_hi = tl.where(pos0 < pos_end, c_hi, c_lo)  # empty (padding) item: no work
     else:
         rows = pid * BLOCK_M + offs_m
         row_mask = rows < N
@@ -143,19 +157,45 @@ def _assign_kernel(
             kk = k0 + offs_k
             xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
             xn += tl.sum(xv * xv, axis=1)
-    if XN_MODE == 2:
-        acc, xn = _tile_dot(x_rows, c_ptr, c_lo, c_hi, offs_n, offs_k, xn,
-                            stride_c, D, EVEN_D, IS_FP32, L2,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
-        best, best_id, second = _top2_update(acc, cn_ptr, c_lo, c_hi, offs_n, best, best_id,
-                                             second, L2, EVEN_N, WITH_SECOND)
-        start = c_lo + BLOCK_N
-    for c0 in tl.range(start, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
-        acc, xn = _tile_dot(x_rows, c_ptr, c0, c_hi, offs_n, offs_k, xn, stride_c,
-                            D, EVEN_D, IS_FP32, False,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
-        best, best_id, second = _top2_update(acc, cn_ptr, c0, c_hi, offs_n, best, best_id,
-                                             second, L2, EVEN_N, WITH_SECOND)
+    if FLAT:
+        # One loop over (centroid tile x D chunk): the software pipeline keeps loading the
+        # next tile's operands while a tile's top-2 epilogue runs, instead of draining and
+        # refilling at every tile (needs D % BLOCK_K == 0; the host ensures it).
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        n_it = tl.cdiv(c_hi - c_lo, BLOCK_N) * (D // BLOCK_K)
+        for t in tl.range(0, n_it):
+            kq = t % (D // BLOCK_K)
+            c0 = c_lo + (t // (D // BLOCK_K)) * BLOCK_N
+            cols = tl.maximum(tl.minimum(c0 + offs_n, c_hi - 1), 0)
+            kk = kq * BLOCK_K + offs_k
+            a = tl.load(x_rows + kk[None, :])
+            b = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_c + kk[None, :])
+            cn = _load_cn(cn_ptr, c0, c_hi, offs_n, L2)
+            if IS_FP32:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32x3")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+            if kq == D // BLOCK_K - 1:
+                best, best_id, second = _top2_update(acc, cn, c0, c_hi, offs_n, best,
+                                                     best_id, second, L2, EVEN_N,
+                                                     WITH_SECOND)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    else:
+        if XN_MODE == 2:
+            cn = _load_cn(cn_ptr, c_lo, c_hi, offs_n, L2)
+            acc, xn = _tile_dot(x_rows, c_ptr, c_lo, c_hi, offs_n, offs_k, xn,
+                                stride_c, D, EVEN_D, IS_FP32, L2,
+                                BLOCK_M, BLOCK_N, BLOCK_K)
+            best, best_id, second = _top2_update(acc, cn, c_lo, c_hi, offs_n, best,
+                                                 best_id, second, L2, EVEN_N, WITH_SECOND)
+            start = c_lo + BLOCK_N
+        for c0 in tl.range(start, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
+            cn = _load_cn(cn_ptr, c0, c_hi, offs_n, L2)  # before the D loop: latency hidden
+            acc, xn = _tile_dot(x_rows, c_ptr, c0, c_hi, offs_n, offs_k, xn, stride_c,
+                                D, EVEN_D, IS_FP32, False,
+                                BLOCK_M, BLOCK_N, BLOCK_K)
+            best, best_id, second = _top2_update(acc, cn, c0, c_hi, offs_n, best, best_id,
+                                                 second, L2, EVEN_N, WITH_SECOND)
     if L2 and XN_MODE == 0:
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
@@ -189,13 +229,25 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
     if device.type != "cuda":  # interpreter: tiny tiles keep it quick
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1,
-                    FLATTEN=False, WS=False, XN_MODE=0)
+                    FLATTEN=False, WS=False, XN_MODE=0, FLAT=False)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
-                    FLATTEN=False, WS=False, XN_MODE=0)
+                    FLATTEN=False, WS=False, XN_MODE=0, FLAT=False)
     # swept on H100 (benchmarks/NOTES_kernels.md)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
-                FLATTEN=False, WS=False, XN_MODE=0)
+                FLATTEN=False, WS=False, XN_MODE=0, FLAT=False)
+
+
+def _launch_cfg(cfg: dict, d: int) -> dict:
+    """Kernel meta-parameters: FLAT needs D % BLOCK_K == 0 and computes ||x||^2 in mode 0
+    or 3 only."""
+    cfg = dict(cfg)
+    cfg.setdefault("FLAT", False)
+    if d % cfg["BLOCK_K"]:
+        cfg["FLAT"] = False
+    if cfg["FLAT"] and cfg.get("XN_MODE", 0) == 2:
+        cfg["XN_MODE"] = 0
+    return cfg
 
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
@@ -280,11 +332,13 @@ def _with_oom_retry(fn, x: torch.Tensor, *rest_rowwise, with_second: bool):
                 torch.cat([a[2], b[2]]) if with_second else None)
 
 
-def assign_triton(
-    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", with_second: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Fused nearest-centroid search; see module docstring."""
-    x, c, cn = _prep(x, centroids, metric)
+def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric: str,
+                     with_second: bool, cfg: dict | None = None):
+    """Assignment on prepared inputs (x as the kernel reads it, c cast, cn its norms).
+
+    ``cfg`` fixes the launch config (grouped single-parent calls pass the level's config
+    so a row's arithmetic is the one of the grouped kernel); else it comes from _config.
+    """
 
     def run(xs: torch.Tensor):
         n, d = xs.shape
@@ -292,8 +346,8 @@ def assign_triton(
         ids, dist, sec = _empty_out(n, xs.device, with_second)
         if n == 0 or k == 0:
             return ids, dist, sec
-        cfg = dict(_OVERRIDE or _config(xs.dtype, d, k, xs.device))
-        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        conf = _launch_cfg(cfg or _OVERRIDE or _config(xs.dtype, d, k, xs.device), d)
+        bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
         row_blocks = triton.cdiv(n, bm)
         c_tiles = triton.cdiv(k, bn)
         # too few row blocks to fill the GPU: split the centroid axis too
@@ -302,9 +356,9 @@ def assign_triton(
         splits = triton.cdiv(c_tiles, tps)
         dummy = ids
         common = dict(
-            L2=metric == "l2", WITH_SECOND=with_second, GROUPED=False,
-            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0,
-            EVEN_N=k % bn == 0, **cfg)
+            L2=metric == "l2", WITH_SECOND=with_second, GROUPED=False, PERM=False,
+            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % conf["BLOCK_K"] == 0,
+            EVEN_N=k % bn == 0, **conf)
         if splits == 1:
             _assign_kernel[(row_blocks,)](
                 xs, c, cn, ids, dist, sec if with_second else dist, dist,
@@ -338,24 +392,44 @@ def assign_triton(
     return _with_oom_retry(run, x, with_second=with_second)
 
 
-def _work_items(keys: torch.Tensor, n_keys: int, block: int):
-    """Bucket rows by key: (perm, item_key, item_pos, item_end) with <= ``block`` rows each.
+def assign_triton(
+    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", with_second: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fused nearest-centroid search; see module docstring."""
+    x, c, cn = _prep(x, centroids, metric)
+    return _assign_prepared(x, c, cn, metric, with_second)
 
-    Items of one key cover consecutive positions of the key-sorted permutation.
+
+def _work_items(keys: torch.Tensor, n_keys: int, block: int, presorted: bool = False):
+    """Bucket rows by key: (perm, item_key, item_pos, item_end, counts), no host sync.
+
+    Items of <= ``block`` rows; those of one key cover consecutive positions of the
+    key-sorted order (``perm``; None when ``presorted``: keys already ascending, positions
+    are rows). The item count is the bound n // block + min(n_keys, n) so that nothing is
+    read back to the host; items past the real count have key -1 and pos == end (empty).
+    One sort of 32-bit keys; segment bounds by binary search in the sorted keys (no
+    bincount, which syncs on CUDA, and no atomics).
     """
-    perm = torch.argsort(keys.to(torch.int32) if n_keys < 2**31 else keys)  # 32-bit: faster
-    counts = torch.bincount(keys, minlength=n_keys)
-    seg_end = counts.cumsum(0)
-    seg_start = seg_end - counts
+    n = keys.numel()
+    dev = keys.device
+    if presorted:
+        perm, sk = None, keys
+    else:
+        sk, perm = torch.sort(keys.to(torch.int32) if n_keys < 2**31 else keys)
+    bounds = torch.searchsorted(sk, torch.arange(n_keys + 1, device=dev, dtype=sk.dtype))
+    seg_start, seg_end = bounds[:-1], bounds[1:]
+    counts = seg_end - seg_start
     nb = (counts + block - 1) // block
     item_cum = nb.cumsum(0)
-    total = int(item_cum[-1]) if n_keys else 0
-    j = torch.arange(total, device=keys.device)
-    item_key = torch.searchsorted(item_cum, j, right=True)
+    total = n // block + min(n_keys, n)  # >= sum(ceil(count / block))
+    j = torch.arange(total, device=dev)
+    item_key = torch.searchsorted(item_cum, j, right=True).clamp_max_(max(n_keys - 1, 0))
     first = item_cum[item_key] - nb[item_key]
-    item_pos = seg_start[item_key] + (j - first) * block
     item_end = seg_end[item_key]
-    return perm, item_key, item_pos, item_end
+    valid = j < item_cum[-1]
+    item_pos = torch.where(valid, seg_start[item_key] + (j - first) * block, item_end)
+    item_key = torch.where(valid, item_key, -1)
+    return perm, item_key, item_pos, item_end, counts
 
 
 def grouped_assign_triton(
@@ -367,34 +441,48 @@ def grouped_assign_triton(
     metric: str = "l2",
     with_second: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One launch labels a whole tree level: each row vs its parent's children block."""
+    """One launch labels a whole tree level: each row vs its parent's children block.
+
+    All rows under one parent (a tree's first level): the plain kernel on that children
+    block, no bucketing. Rows already ascending by parent: no sort (positions are rows).
+    Otherwise one 32-bit key sort; x rows are gathered through the permutation inside the
+    kernel (no copy of x). Every path runs the same per-row arithmetic (same config).
+    """
     x, c, cn = _prep(x, centroids, metric)
     offs = child_offsets.to(device=x.device, dtype=torch.int64).contiguous()
     n_parents = offs.numel() - 1
     groups = groups.to(device=x.device, dtype=torch.int64)
-
-    def run(xs: torch.Tensor, gs: torch.Tensor):
-        n, d = xs.shape
-        ids, dist, sec = _empty_out(n, xs.device, with_second)
-        if n == 0 or c.shape[0] == 0:
-            return ids, dist, sec
-        cfg = dict(_OVERRIDE or _config(xs.dtype, d, c.shape[0], xs.device))
-        perm, ip, ipos, iend = _work_items(gs, n_parents, cfg["BLOCK_M"])
-        if ip.numel() == 0:
-            return ids, dist, sec
-        _assign_kernel[(ip.numel(),)](
-            xs, c, cn, ids, dist, sec if with_second else dist, dist,
-            perm, ip, ipos, iend, offs,
-            n, c.shape[0], xs.stride(0), c.stride(0), 1, d,
-            L2=metric == "l2", WITH_SECOND=with_second, GROUPED=True, SPLIT=False,
-            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % cfg["BLOCK_K"] == 0,
-            EVEN_N=False, **cfg)
+    n, d = x.shape
+    if n == 0 or c.shape[0] == 0:
+        return _empty_out(n, x.device, with_second)
+    cfg = _launch_cfg(_OVERRIDE or _config(x.dtype, d, c.shape[0], x.device), d)
+    # one host sync: validation, single-parent and sortedness tests together
+    srt = (groups[1:] >= groups[:-1]).all() if n > 1 else torch.ones((), dtype=torch.bool,
+                                                                       device=x.device)
+    gmin, gmax, presorted = torch.stack([groups.min(), groups.max(), srt.long()]).tolist()
+    if gmin < 0 or gmax >= n_parents:
+        raise ValueError(f"group ids must lie in [0, {n_parents})")
+    if gmin == gmax:
+        lo, hi = offs[gmin : gmin + 2].tolist()
+        ids, dist, sec = _assign_prepared(x, c[lo:hi], cn[lo:hi] if metric == "l2" else cn,
+                                          metric, with_second, cfg)
+        if hi > lo:
+            ids += lo
         return ids, dist, sec
 
-    if groups.numel():
-        gmin, gmax = torch.aminmax(groups)
-        if int(gmin) < 0 or int(gmax) >= n_parents:
-            raise ValueError(f"group ids must lie in [0, {n_parents})")
+    def run(xs: torch.Tensor, gs: torch.Tensor):
+        ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
+        perm, ip, ipos, iend, _ = _work_items(gs, n_parents, cfg["BLOCK_M"],
+                                              presorted=bool(presorted))
+        _assign_kernel[(ip.numel(),)](
+            xs, c, cn, ids, dist, sec if with_second else dist, dist,
+            ids if perm is None else perm, ip, ipos, iend, offs,
+            xs.shape[0], c.shape[0], xs.stride(0), c.stride(0), 1, d,
+            L2=metric == "l2", WITH_SECOND=with_second, GROUPED=True, SPLIT=False,
+            PERM=perm is not None, IS_FP32=xs.dtype == torch.float32,
+            EVEN_D=d % cfg["BLOCK_K"] == 0, EVEN_N=False, **cfg)
+        return ids, dist, sec
+
     return _with_oom_retry(run, x, groups, with_second=with_second)
 
 
@@ -448,20 +536,21 @@ def partial_sums_triton(
         x = x.float()
     ids = ids.to(device=dev, dtype=torch.int64)
     sums = torch.zeros((n_clusters, d), dtype=torch.int64, device=dev)
-    counts = torch.zeros((n_clusters + 1,), dtype=torch.int64, device=dev)
     if n == 0 or n_clusters == 0:
-        return sums, counts[1:]
+        return sums, torch.zeros((n_clusters,), dtype=torch.int64, device=dev)
     if int(ids.max()) >= n_clusters:
         raise ValueError("ids must be < n_clusters")
     keys = ids.clamp_min(-1) + 1  # key 0 = skipped rows
-    counts.scatter_add_(0, keys, torch.ones_like(keys))
     cuda = dev.type == "cuda"
-    chunk = 1024 if cuda else 32
-    perm, ik, ipos, iend = _work_items(keys, n_clusters + 1, chunk)
-    if ik.numel():
-        block_d = min(triton.next_power_of_2(d), 1024) if cuda else 32
-        _partial_sums_kernel[(ik.numel(), triton.cdiv(d, block_d))](
-            x, perm, ik, ipos, iend, sums, d, x.stride(0), float(2**FIXED_POINT_BITS),
-            CHUNK=chunk, BLOCK_R=4 if cuda else 8, BLOCK_D=block_d,
-            NUM_STAGES=3 if cuda else 1, num_warps=4 if cuda else 1)
+    ps = dict(CHUNK=1024, BLOCK_R=4, NUM_STAGES=3, num_warps=4) if cuda else \
+        dict(CHUNK=32, BLOCK_R=8, NUM_STAGES=1, num_warps=1)
+    ps.update(_PS_OVERRIDE or {})
+    perm, ik, ipos, iend, counts = _work_items(keys, n_clusters + 1, ps["CHUNK"])
+    block_d = min(triton.next_power_of_2(d), 1024) if cuda else 32
+    _partial_sums_kernel[(ik.numel(), triton.cdiv(d, block_d))](
+        x, perm, ik, ipos, iend, sums, d, x.stride(0), float(2**FIXED_POINT_BITS),
+        BLOCK_D=block_d, **ps)
     return sums, counts[1:]
+
+
+_PS_OVERRIDE: dict | None = None  # benchmarks set this to sweep partial-sum configs
