@@ -214,7 +214,9 @@ class PipelineFit:
         self.pass_log.append({"snapshot": tax.version, "level": st.level, "phase": st.phase,
                               "rows": loaded, "seconds": seconds,
                               "rows_per_s": loaded / seconds if seconds else None,
-                              "rejected": result["rejected"]})
+                              "rejected": result["rejected"],
+                              "flushes": totals.get("flushes", 0),
+                              "flush_bytes": totals.get("flush_bytes", 0)})
         return result
 
     def _level_summary(self, tax: Taxonomy, level: int, seconds: float) -> None:
@@ -298,7 +300,8 @@ class TaxonomyEngine:
                  init_iters: int = 10, embedding_field: str = "embedding",
                  batch_size: int = 1024, num_replicas: int = 1, num_loaders: int = 1,
                  cpus_per_replica: float | None = None, gpus_per_replica: float = 0,
-                 backend_buckets: int = 2, device: str = "auto", kernel_backend: str = "auto",
+                 backend_buckets: int = 2, flush_rows: int = 65536, device: str = "auto",
+                 kernel_backend: str = "auto",
                  compute_dtype: str = "float32", storage_options: dict[str, Any] | None = None,
                  progress: bool = True, max_pass_retries: int = 2,
                  partition_by: list[str] | None = None):
@@ -317,6 +320,7 @@ class TaxonomyEngine:
         self.cpus_per_replica = cpus_per_replica
         self.gpus_per_replica = gpus_per_replica
         self.backend_buckets = backend_buckets
+        self.flush_rows = flush_rows
         self.device = device
         self.kernel_backend = kernel_backend
         self.compute_dtype = compute_dtype
@@ -345,7 +349,7 @@ class TaxonomyEngine:
         if fit:
             ops.append(_mdf.OperatorConfig(name="kmeans_level_refiner", params={
                 **common, **{k: v for k, v in self.fit_params.items() if k != "embedding_field"},
-                "backend_buckets": self.backend_buckets}))
+                "backend_buckets": self.backend_buckets, "flush_rows": self.flush_rows}))
         ops.append(_mdf.OperatorConfig(name="taxonomy_path_refiner", params=dict(common)))
         writer_params = {"output_path": output, "partition_by": self.partition_by,
                          "storage_options": self.storage_options}

@@ -223,3 +223,16 @@ def test_work_items_padding():
     assert torch.equal(keys[perm], torch.sort(keys).values)
     got = sorted(zip(ik[real].tolist(), ipos[real].tolist(), iend[real].tolist(), strict=True))
     assert got == [(0, 0, 2), (2, 2, 6), (2, 4, 6), (4, 6, 7)]
+
+
+def test_invalid_ids_raise():
+    """Validation happens after the work is enqueued; it must still raise."""
+    x = torch.randn(10, 8)
+    with pytest.raises(ValueError):
+        K.partial_sums(x, torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 99]), 5, backend="triton")
+    with pytest.raises(ValueError):
+        K.grouped_assign(x, torch.tensor([0, 1, 2] * 3 + [3]), torch.randn(6, 8),
+                         torch.tensor([0, 2, 4, 6]), backend="triton")
+    with pytest.raises(ValueError):
+        K.grouped_assign(x, torch.tensor([-1] + [0] * 9), torch.randn(6, 8),
+                         torch.tensor([0, 6]), backend="triton")

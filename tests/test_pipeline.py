@@ -169,3 +169,19 @@ def test_demo_config_is_valid():
     cfg = _mdf.PipelineConfig.from_yaml(str(ROOT / "configs" / "demo.yaml"))
     assert cfg.stages[0].operators[0].get_class_name() == "KmeansLevelRefiner"
     assert "KmeansLevelRefiner" in _mdf.OperatorRegistry.list_operators()
+
+
+def test_worker_combiner_sends_fewer_flushes_and_changes_nothing(ray_session, dataset, tmp_path):
+    root, _, _ = dataset
+    trees, logs = [], []
+    for flush_rows in (0, 10_000):
+        engine = TaxonomyEngine(n_levels=1, branching_factor=5, max_iter=2, batch_size=50,
+                                flush_rows=flush_rows, storage_uri=str(tmp_path / f"t{flush_rows}"),
+                                progress=False)
+        trees.append(engine.fit(str(root)).levels[0].centroids)
+        logs.append([p for p in engine.last_fit.pass_log if p["phase"] == "lloyd"])
+    assert trees[0].tobytes() == trees[1].tobytes()
+    per_batch, combined = logs[0][0], logs[1][0]
+    assert per_batch["flushes"] >= 13  # 604 rows in batches of 50, one flush each
+    assert combined["flushes"] <= 2  # one per replica at the end of the stream
+    assert combined["flush_bytes"] < per_batch["flush_bytes"]

@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mdf_taxonomy import _mdf
 from mdf_taxonomy._mdf import Refiner
-from mdf_taxonomy.backend import FitBackend, bottom_k
+from mdf_taxonomy.backend import FitBackend, PartialsCombiner, bottom_k
 from mdf_taxonomy.kernels import partial_sums
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore, format_path
 from mdf_taxonomy.model.fitting import inertia_to_fixed, sample_priorities
@@ -62,6 +63,8 @@ class _TaxonomyRefiner(Refiner):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_taxonomy"] = None  # reload inside the actor, never ship arrays by pickle
+        if "_combiner" in state:
+            state["_combiner"] = None
         return state
 
     @property
@@ -172,6 +175,10 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
     bottom-k rows per parent). The driver (TaxonomyEngine / `mdf-taxonomy run`)
     turns the pass's totals into the next snapshot. Records get the ids of the
     levels fitted so far.
+
+    flush_rows: fold this many rows of partials before flushing to the backend (0:
+    flush every batch). Needs the end-of-stream call that rust_free_fallback's
+    Executor makes; under a real MDF install every batch is flushed.
     """
 
     def __init__(self, storage_uri: str, embedding_field: str = "embedding",
@@ -179,7 +186,7 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
                  branching_factor: int | list[int] = 16, dim: int | None = None,
                  metric: str = "l2", seed: int = 0, max_iter: int = 20, tol: float = 1e-4,
                  sample_per_child: int = 64, max_sample_per_node: int = 65536,
-                 init_iters: int = 10, backend_buckets: int = 2,
+                 init_iters: int = 10, backend_buckets: int = 2, flush_rows: int = 0,
                  backend_name: str = "mdf_taxonomy_fit", device: str = "auto",
                  kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None,
                  compute_dtype: str = "float32"):
@@ -192,7 +199,28 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
             embedding_field=embedding_field,
         )
         self.backend = FitBackend(backend_buckets, backend_name)
+        self.flush_rows = flush_rows
         self.flush_failures = 0
+        self._combiner: PartialsCombiner | None = None
+        if flush_rows > 0 and not self._combining():
+            log.warning("flush_rows=%d needs an end-of-stream hook that %s lacks: "
+                        "flushing every batch instead", flush_rows, _mdf.MDF_FLAVOUR)
+
+    def _combining(self) -> bool:
+        """Fold batches across flushes only where the runtime tells us the stream ended."""
+        return self.flush_rows > 0 and _mdf.MDF_FLAVOUR == "rust_free_fallback"
+
+    def end_of_stream(self) -> None:
+        """Called by rust_free_fallback's Executor after the last batch: flush the rest."""
+        if self._combiner is not None:
+            started = time.perf_counter()
+            try:
+                self._combiner.flush(self.backend)
+            except Exception:
+                self.flush_failures += 1
+                raise
+            finally:
+                self.timings["flush_s"] += time.perf_counter() - started
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
         schema = {level_field(i): pa.int32() for i in range(1, self.config.n_levels + 1)}
@@ -220,14 +248,16 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
             else:
                 n_nodes = tax.levels[st.level - 1].n_nodes
                 sums, counts = partial_sums(x, parents, n_nodes, backend=self.kernel_backend)
-                nodes = torch.nonzero(counts).flatten()
                 totals["inertia_fixed"] = inertia_to_fixed(distance)
-                totals["flush_bytes"] = int(len(nodes) * (x.shape[1] + 2) * 8)
                 self.timings["assign_s"] += time.perf_counter() - started
                 started = time.perf_counter()
-                self.backend.add_partials(
-                    pass_id, flush_id, nodes.cpu().numpy(), sums[nodes].cpu().numpy(),
-                    counts[nodes].cpu().numpy(), totals, parsed.reasons())
+                combiner = self._combiner
+                if combiner is None or combiner.pass_id != pass_id:
+                    self._combiner = combiner = PartialsCombiner(pass_id, n_nodes, tax.dim,
+                                                                 x.device)
+                combiner.add(flush_id, sums, counts, totals, parsed.reasons())
+                if not self._combining() or combiner.rows >= self.flush_rows:
+                    combiner.flush(self.backend)
             self.timings["flush_s"] += time.perf_counter() - started
         except Exception as e:  # noqa: BLE001 - counted; the driver's row check re-runs the pass
             self.flush_failures += 1

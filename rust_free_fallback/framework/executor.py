@@ -134,6 +134,22 @@ class _StageWorker:
         return {"records": passed, "rejected": rejected, "stage": self._stage,
                 "operator": None, "error": None}
 
+    def end_of_stream(self) -> int:
+        """Fallback extension: tell operators the stream has ended, so that those that
+        combine work across batches (an `end_of_stream()` method) can flush it. MDF has
+        no such hook; operators must work without it. Returns the number of failures."""
+        failures = 0
+        for op in self._op.operators:
+            hook = getattr(op, "end_of_stream", None)
+            if callable(hook):
+                try:
+                    hook()
+                except Exception:  # noqa: BLE001 - reported, never fatal to the run
+                    failures += 1
+                    logger.warning("end_of_stream of %s failed:\n%s", type(op).__name__,
+                                   traceback.format_exc())
+        return failures
+
     def _write_stage_output(self, records: list[dict[str, Any]]) -> None:
         if self._stage_writer is None:
             from rust_free_fallback.writers import ParquetDataWriter
@@ -441,9 +457,17 @@ class Executor:
         self._start_actors(files)
         yield from self._pump(ex.batch_size, ex.max_samples,
                               ex.max_in_flight or len(self._loaders))
+        self._end_streams()
         self.pipeline_stats["wall_time"] = time.perf_counter() - t0
         self._cached_stats = self._collect_stats()
         self._write_metrics()
+
+    def _end_streams(self) -> None:
+        """Stage by stage, in pipeline order, after the last batch has left every stage."""
+        for stage, pool in self._replicas.items():
+            failures = sum(ray.get([a.end_of_stream.remote() for a in pool]))
+            if failures:
+                logger.warning("stage %s: %d end_of_stream hook(s) failed", stage, failures)
 
     def _pump(self, batch_size: int, max_samples: int | None,
               max_in_flight: int) -> Iterator[tuple[int, int]]:
