@@ -191,19 +191,19 @@ def main() -> int:
             for n, k, d in [(4096, 1024, 1024), (3001, 777, 384), (2049, 5000, 768),
                             (999, 300, 1000), (33, 16384, 1024), (1, 3, 77), (257, 1, 64)]:
                 res.append(check_assign(n, k, d, metric, dtype))
-                print(res[-1], flush=True)
+                print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_grouped(5000, 1024, "l2", dtype))
-        print(res[-1], flush=True)
+        print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_grouped(3000, 384, "cosine", dtype))
-        print(res[-1], flush=True)
+        print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_grouped(5000, 1024, "l2", dtype, mode="sorted"))
-        print(res[-1], flush=True)
+        print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_grouped(3000, 768, "cosine", dtype, mode="one"))
-        print(res[-1], flush=True)
+        print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_grouped_paths(20000, 1024, dtype))
-        print(res[-1], flush=True)
+        print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_partial_sums(200_003, 1000, 1024, dtype))
-        print(res[-1], flush=True)
+        print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     # determinism: same row, different batch, bit-identical
     x, c = clustered(20000, 4096, 1024, "l2", torch.bfloat16, 9)
     a = K.assign(x, c, with_second=True)
@@ -211,6 +211,7 @@ def main() -> int:
     det = bool(torch.equal(a.ids[5:900], b.ids) and torch.equal(a.distance[5:900], b.distance)
                and torch.equal(a.second[5:900], b.second))
     res.append(dict(kind="batch_independence", ok=det))
+    print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     n_ok = sum(r["ok"] for r in res)
     summary = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"),

@@ -233,7 +233,9 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
                     FLATTEN=False, WS=False, XN_MODE=0, FLAT=False)
-    # swept on H100 (benchmarks/NOTES_kernels.md)
+    # swept on H100 (benchmarks/NOTES_kernels.md). FLAT (one loop over tile x D chunk) is
+    # validated but measured 5-8 points slower (v8); BLOCK_K 32/128 at these tile shapes
+    # gave wrong ||x||^2 on the GPU (sweep gate): keep BLOCK_K=64 here.
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
                 FLATTEN=False, WS=False, XN_MODE=0, FLAT=False)
 
