@@ -16,16 +16,9 @@ import json
 import os
 import sys
 import time
-import types
 
+import _kernels_only  # noqa: E402,F401 - must precede the mdf_taxonomy imports
 import torch
-
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, _ROOT)
-# Load only mdf_taxonomy.kernels: the package __init__ pulls in Ray & co., absent on the GPU box.
-_pkg = types.ModuleType("mdf_taxonomy")
-_pkg.__path__ = [os.path.join(_ROOT, "mdf_taxonomy")]
-sys.modules.setdefault("mdf_taxonomy", _pkg)
 
 from mdf_taxonomy import kernels as K  # noqa: E402
 
