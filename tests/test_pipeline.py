@@ -185,3 +185,16 @@ def test_worker_combiner_sends_fewer_flushes_and_changes_nothing(ray_session, da
     assert per_batch["flushes"] >= 13  # 604 rows in batches of 50, one flush each
     assert combined["flushes"] <= 2  # one per replica at the end of the stream
     assert combined["flush_bytes"] < per_batch["flush_bytes"]
+
+
+def test_unreachable_taxonomy_labels_records_instead_of_dropping(tmp_path):
+    from mdf_taxonomy.operators import TaxonomyPathRefiner
+
+    op = TaxonomyPathRefiner(str(tmp_path / "no-such-taxonomy"), n_levels=2)
+    records = [{"id": i, "embedding": np.ones(4, np.float32)} for i in range(3)]
+    out = op.process_batch(records)
+    assert [r["id"] for r in out] == [0, 1, 2]
+    assert all(r["taxonomy_error"].startswith("operator_failed") for r in out)
+    assert all("no taxonomy at" in r["taxonomy_error"] for r in out)
+    assert all(r["taxonomy_l2"] == -1 and r["taxonomy_path"] == "" for r in out)
+    assert op.get_stats()["rejected"] == {"operator_failed": 3}

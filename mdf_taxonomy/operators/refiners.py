@@ -96,7 +96,12 @@ class _TaxonomyRefiner(Refiner):
         except Exception as e:  # noqa: BLE001 - MDF would drop the batch: label it instead
             log.exception("%s failed on a batch of %d records", type(self).__name__, len(records))
             reason = f"operator_failed: {type(e).__name__}: {e}"
+            try:  # keep the declared fields present even when the taxonomy is unreachable
+                blank = self._blank_fields()
+            except Exception:  # noqa: BLE001
+                blank = {}
             for rec in records:
+                rec.update(blank)
                 rec[ERROR_FIELD] = reason
             self.rejected["operator_failed"] = self.rejected.get("operator_failed", 0) + len(
                 records)
