@@ -198,3 +198,34 @@ def test_unreachable_taxonomy_labels_records_instead_of_dropping(tmp_path):
     assert all("no taxonomy at" in r["taxonomy_error"] for r in out)
     assert all(r["taxonomy_l2"] == -1 and r["taxonomy_path"] == "" for r in out)
     assert op.get_stats()["rejected"] == {"operator_failed": 3}
+
+
+def test_sample_pass_prunes_rows_yet_keeps_the_global_bottom_k(ray_session, tmp_path):
+    from mdf_taxonomy.backend import bottom_k
+    from mdf_taxonomy.model import Taxonomy, TaxonomyConfig
+    from mdf_taxonomy.model.fitting import sample_priorities
+    from mdf_taxonomy.operators import KMeansLevelRefiner
+
+    x, _ = blobs(2000, 8, 3, seed=4)
+    cfg = TaxonomyConfig(n_levels=1, branching_factor=2, dim=8, sample_per_child=5)
+    store = TaxonomyStore(str(tmp_path / "t"))
+    version = store.save(Taxonomy(config=cfg, dim=8))
+    op = KMeansLevelRefiner(str(tmp_path / "t"), snapshot=version, branching_factor=2, dim=8,
+                            sample_per_child=5, backend_name="prune_test", device="cpu")
+    op.backend.start_pass(version, 0, 8)
+    sent = []
+    real_offer = op.backend.offer_samples
+
+    def counting_offer(*args):
+        sent.append(len(args[2]))
+        return real_offer(*args)
+
+    op.backend.offer_samples = counting_offer
+    for start in range(0, 2000, 100):
+        op.process_batch([{"embedding": row} for row in x[start:start + 100]])
+    got = op.backend.collect(0, 8)
+    want = x[bottom_k(sample_priorities(x, cfg.seed, 1), 10)]
+    assert np.array_equal(got["samples"][0], want)
+    assert got["parent_rows"] == {0: 2000}
+    assert sum(sent) < 20 * 10 / 2  # later batches send (almost) nothing
+    op.backend.shutdown()

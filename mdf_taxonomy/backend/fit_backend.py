@@ -68,9 +68,12 @@ class FitBucket:
     def offer_samples(self, pass_id: str, flush_id: str, parents: np.ndarray,
                       priorities: np.ndarray, vectors: np.ndarray, parent_rows: dict[int, int],
                       k: int, totals: dict[str, int] | None = None,
-                      rejected: dict[str, int] | None = None) -> bool:
+                      rejected: dict[str, int] | None = None) -> dict[int, int]:
+        """Merge candidates into each parent's bottom-k; returns, for the touched parents
+        whose sample is full, the k-th priority: rows above it can never enter."""
         if not self._accept(pass_id, flush_id):
-            return False
+            return {}
+        cut: dict[int, int] = {}
         for p, n in parent_rows.items():
             self.parent_rows[int(p)] = self.parent_rows.get(int(p), 0) + int(n)
         for p in np.unique(parents):
@@ -81,8 +84,10 @@ class FitBucket:
                 prio, vec = np.concatenate([old_prio, prio]), np.concatenate([old_vec, vec])
             keep = bottom_k(prio, k)
             self.samples[int(p)] = (prio[keep], vec[keep])
+            if len(keep) == k:
+                cut[int(p)] = int(prio[keep[-1]])
         self._count(totals, rejected)
-        return True
+        return cut
 
     def collect(self) -> dict[str, Any]:
         return {
@@ -207,8 +212,9 @@ class FitBackend:
     def offer_samples(self, pass_id: str, flush_id: str, parents: np.ndarray,
                       priorities: np.ndarray, vectors: np.ndarray, k: int,
                       parent_rows: dict[int, int], totals: dict[str, int],
-                      rejected: dict[str, int]) -> None:
-        """Candidates (already a local bottom-k) plus every parent's row count."""
+                      rejected: dict[str, int]) -> dict[int, int]:
+        """Candidates (already a local bottom-k) plus every parent's row count; returns the
+        cut-off priority of every touched parent whose sample is full."""
         calls = []
         for i, b in enumerate(self._buckets()):
             mine = parents % self.num_buckets == i
@@ -218,4 +224,7 @@ class FitBackend:
                 calls.append(b.offer_samples.remote(
                     pass_id, flush_id, parents[mine], priorities[mine], vectors[mine], rows, k,
                     *extra))
-        ray.get(calls)
+        cut: dict[int, int] = {}
+        for part in ray.get(calls):
+            cut.update(part)
+        return cut

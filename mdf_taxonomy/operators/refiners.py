@@ -207,6 +207,8 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         self.flush_rows = flush_rows
         self.flush_failures = 0
         self._combiner: PartialsCombiner | None = None
+        # (pass, {parent: k-th priority}): the bucket's sample is full below it
+        self._sample_cut: tuple[str | None, dict[int, int]] = (None, {})
         if flush_rows > 0 and not self._combining():
             log.warning("flush_rows=%d needs an end-of-stream hook that %s lacks: "
                         "flushing every batch instead", flush_rows, _mdf.MDF_FLAVOUR)
@@ -278,14 +280,19 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         prio = sample_priorities(rows, cfg.seed, level)
         par = parents.cpu().numpy()
         k = cfg.sample_size(level)
-        keep = []  # local bottom-k per parent first: only candidates travel
+        if self._sample_cut[0] != pass_id:
+            self._sample_cut = (pass_id, {})
+        cut = self._sample_cut[1]
+        keep = []  # only rows that can still enter a parent's bottom-k travel
         for p in np.unique(par):
             idx = np.flatnonzero(par == p)
+            if int(p) in cut:
+                idx = idx[prio[idx] < np.uint64(cut[int(p)])]
             keep.append(idx[bottom_k(prio[idx], k)])
         keep_idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
-        self.backend.offer_samples(
+        cut.update(self.backend.offer_samples(
             pass_id, flush_id, par[keep_idx], prio[keep_idx], rows[keep_idx], k,
-            _count_parents(par), totals, parsed.reasons())
+            _count_parents(par), totals, parsed.reasons()))
 
     def get_stats(self) -> dict:
         stats = super().get_stats()
