@@ -154,6 +154,40 @@ def check_grouped(n, d, metric, dtype, n_parents=37, seed=1, mode="random"):
                 near_ties=ties, bad=badn, rel_dist=rel)
 
 
+def check_shortlist(n, k, d, metric, seed=4):
+    """fp8 shortlist: the returned id's distance is exact (bf16 inputs, fp64 reference);
+    an id differs from the exact nearest only when that one was not in the fp8 top-2
+    (emulated with torch on the same quantised values); counts both."""
+    from mdf_taxonomy.kernels import triton_kernels as T
+
+    x, c = clustered(n, k, d, metric, torch.bfloat16, seed)
+    out = K.assign(x, c, metric=metric, backend="triton", with_second=True, fp8_shortlist=True)
+    c = c.to(torch.bfloat16).float()
+    arg, best, sec = fp64_top2(x, c, metric)
+    written = bool((out.ids >= 0).all() and (out.ids < k).all())
+    d_chosen = chosen_dist(x, c, out.ids.clamp(0, k - 1), metric)
+    rel_d = float((out.distance.double() - d_chosen).norm() / d_chosen.norm())
+    qx, sx = T._to_fp8_rows(x)
+    qc, sc = T._to_fp8_rows(c.to(torch.bfloat16))
+    in_top2 = torch.empty(n, dtype=torch.bool, device=DEV)
+    for i in range(0, n, 4096):
+        ap = (qx[i : i + 4096].float() * sx[i : i + 4096, None]) @ (qc.float() * sc[:, None]).T
+        sc_ = c.pow(2).sum(1)[None] - 2 * ap if metric == "l2" else -ap
+        t2 = sc_.topk(min(2, k), dim=1, largest=False).indices
+        in_top2[i : i + 4096] = (t2 == arg[i : i + 4096, None]).any(1)
+    mism = out.ids != arg
+    unexplained = int((mism & in_top2).sum())
+    scale = x.double().pow(2).sum(1) + c.double().pow(2).sum(1).max()
+    if metric == "cosine":
+        scale = torch.full_like(scale, 2.0)
+    gap = (d_chosen - best) / scale
+    ok = written and unexplained == 0 and rel_d < REL[torch.bfloat16]
+    return dict(kind="fp8_shortlist", n=n, k=k, d=d, metric=metric, ok=ok, written=written,
+                agree=float((~mism).float().mean()), mismatches=int(mism.sum()),
+                unexplained=unexplained, max_gap=float(gap[mism].max()) if mism.any() else 0.0,
+                rel_dist_chosen=rel_d)
+
+
 def check_partial_sums(n, k, d, dtype, seed=2):
     g = torch.Generator(device=DEV).manual_seed(seed)
     x = torch.randn(n, d, device=DEV, generator=g).to(dtype)
@@ -173,11 +207,11 @@ def check_partial_sums(n, k, d, dtype, seed=2):
 def main() -> int:
     t0 = time.time()
     variant = sys.argv[1] if len(sys.argv) > 1 else "default"
-    if variant == "flat":  # check the FLAT loop everywhere it applies (pre-default test)
+    if variant == "tma":  # check TMA (tensor-descriptor) loads everywhere they apply
         from mdf_taxonomy.kernels import triton_kernels as T
 
         base = T._config
-        T._config = lambda *a: dict(base(*a), FLAT=True)
+        T._config = lambda *a: dict(base(*a), TMA=True)
     res = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for metric in ("l2", "cosine"):
@@ -197,12 +231,20 @@ def main() -> int:
         print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_partial_sums(200_003, 1000, 1024, dtype))
         print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
+    for metric in ("l2", "cosine"):
+        for n, k, d in [(8192, 1024, 1024), (4099, 5000, 768), (999, 300, 1000), (64, 1, 64)]:
+            res.append(check_shortlist(n, k, d, metric))
+            print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     # determinism: same row, different batch, bit-identical
     x, c = clustered(20000, 4096, 1024, "l2", torch.bfloat16, 9)
     a = K.assign(x, c, with_second=True)
     b = K.assign(x[5:900], c, with_second=True)
     det = bool(torch.equal(a.ids[5:900], b.ids) and torch.equal(a.distance[5:900], b.distance)
                and torch.equal(a.second[5:900], b.second))
+    a = K.assign(x, c, with_second=True, fp8_shortlist=True)
+    b = K.assign(x[5:900], c, with_second=True, fp8_shortlist=True)
+    det &= bool(torch.equal(a.ids[5:900], b.ids) and torch.equal(a.distance[5:900], b.distance)
+                and torch.equal(a.second[5:900], b.second))
     res.append(dict(kind="batch_independence", ok=det))
     print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     n_ok = sum(r["ok"] for r in res)

@@ -154,38 +154,64 @@ def test_centroid_cache_sees_inplace_updates(monkeypatch):
     T._CENTROID_CACHE.clear()
 
 
-@pytest.mark.parametrize("mode", [2, 3])
-def test_norm_variants(monkeypatch, mode):
-    """The ||x||^2 placements (XN_MODE) give the same result as the default."""
-    x, c = make(40, 50, 24, seed=6)
-    ref = K.assign(x, c, backend="triton", with_second=True)
-    cfg = dict(T._config(x.dtype, 24, 50, x.device), XN_MODE=mode)
-    monkeypatch.setattr(T, "_OVERRIDE", cfg)
-    out = K.assign(x, c, backend="triton", with_second=True)
-    assert torch.equal(out.ids, ref.ids)
-    assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-5)
-
-
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(40, 50, 32), (37, 33, 48), (5, 200, 16), (21, 7, 24)])
-def test_flat_loop_matches_nested(monkeypatch, metric, shape):
-    """FLAT (one loop over centroid tile x D chunk) computes what the nested loops do."""
+def test_tma_loads_match_pointer_loads(monkeypatch, metric, dtype, shape):
+    """Tensor-descriptor (TMA) loads compute what the clamped pointer loads do, including
+    ragged N, K and D (hardware zero fill past the edges)."""
     n, k, d = shape
-    x, c = make(n, k, d, metric, seed=8)
+    x, c = make(n, k, d, metric, dtype=dtype, seed=8)
     ref = K.assign(x, c, metric=metric, backend="triton", with_second=True)
-    monkeypatch.setattr(T, "_OVERRIDE", dict(T._config(x.dtype, d, k, x.device), FLAT=True))
+    monkeypatch.setattr(T, "_OVERRIDE", dict(T._config(x.dtype, d, k, x.device), TMA=True))
     out = K.assign(x, c, metric=metric, backend="triton", with_second=True)
     assert torch.equal(out.ids, ref.ids)
     assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-5)
     assert torch.allclose(out.second, ref.second, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("flat", [False, True])
-def test_grouped_fast_paths(monkeypatch, flat):
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("shape", [(64, 40, 32), (37, 33, 48), (9, 1, 16), (50, 2, 16)])
+def test_fp8_shortlist_reranks_exactly(metric, shape):
+    """fp8 top-2 then exact re-ranking: ids equal the exact ones unless the true nearest
+    was not among the two fp8 candidates (checked against the fp8 emulation itself);
+    distances are exact for the returned id."""
+    n, k, d = shape
+    x, c = make(n, k, d, metric, seed=12)
+    exact = K.assign(x, c, metric=metric, backend="torch", with_second=True)
+    out = K.assign(x, c, metric=metric, backend="triton", with_second=True, fp8_shortlist=True)
+    # what the fp8 pass ranks: per-row e4m3 quantisation of both sides
+    qx, sx = T._to_fp8_rows(x)
+    qc, sc = T._to_fp8_rows(c)
+    approx = (qx.float() * sx[:, None]) @ (qc.float() * sc[:, None]).T
+    score = c.pow(2).sum(1)[None] - 2 * approx if metric == "l2" else -approx
+    top2 = score.topk(min(2, k), dim=1, largest=False).indices
+    in_top2 = (top2 == exact.ids[:, None]).any(1)
+    assert bool((out.ids[in_top2] == exact.ids[in_top2]).all())
+    assert in_top2.float().mean() > 0.9
+    assert bool((out.ids >= 0).all() and (out.ids < k).all())
+    d_chosen = ((x - c[out.ids]).pow(2).sum(1) if metric == "l2"
+                else 1 - (x * c[out.ids]).sum(1))
+    assert torch.allclose(out.distance, d_chosen, rtol=1e-5, atol=1e-4)
+    assert bool((out.second >= out.distance).all())
+    if k == 1:
+        assert bool(torch.isinf(out.second).all())
+
+
+def test_fp8_shortlist_batch_independent():
+    x, c = make(70, 40, 32, seed=13)
+    full = K.assign(x, c, backend="triton", with_second=True, fp8_shortlist=True)
+    part = K.assign(x[30:47], c, backend="triton", with_second=True, fp8_shortlist=True)
+    assert torch.equal(full.ids[30:47], part.ids)
+    assert torch.equal(full.distance[30:47], part.distance)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_grouped_fast_paths(monkeypatch, tma):
     """One parent (plain kernel on the children block), rows pre-sorted by parent (no
     sort) and the general sorted-bucket path agree with the torch reference."""
     monkeypatch.setattr(T, "_OVERRIDE", dict(T._config(torch.float32, 32, 1, torch.device("cpu")),
-                                                 FLAT=flat))
+                                                 TMA=tma))
     g = torch.Generator().manual_seed(11)
     sizes = torch.tensor([5, 0, 1, 40, 17])
     offs = torch.zeros(6, dtype=torch.int64)

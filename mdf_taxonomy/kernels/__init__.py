@@ -79,15 +79,19 @@ def assign(
     metric: str = "l2",
     backend: str = "auto",
     with_second: bool = False,
+    fp8_shortlist: bool = False,
 ) -> Assignment:
     """Nearest centroid (and distance) per row of ``x``; never builds the N x K matrix.
 
     Distances: squared L2 for ``metric="l2"``, ``1 - <x, c>`` for ``"cosine"`` (callers
-    pass L2-normalised inputs for cosine).
+    pass L2-normalised inputs for cosine). ``fp8_shortlist``: on the Triton backend, rank
+    all centroids in fp8 (e4m3, twice the bf16 tensor-core rate), then re-rank the top
+    two exactly; ids can differ from the exact ones only at fp8-resolution near-ties and
+    ``second`` is then an upper bound. The torch backend always computes the exact result.
     """
     if resolve_backend(backend, x.device) == "triton":
-        return Assignment(*_tk().assign_triton(x, centroids, metric=metric,
-                                               with_second=with_second))
+        fn = _tk().assign_shortlist_triton if fp8_shortlist else _tk().assign_triton
+        return Assignment(*fn(x, centroids, metric=metric, with_second=with_second))
     return Assignment(*assign_torch(x, centroids, metric=metric, with_second=with_second))
 
 

@@ -25,6 +25,7 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .reference import FIXED_POINT_BITS
 
@@ -32,88 +33,98 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _tile_dot(x_rows, c_ptr, c0, c_hi, offs_n, offs_k, xn, stride_c,
-              D: tl.constexpr, EVEN_D: tl.constexpr,
-              IS_FP32: tl.constexpr, WANT_XN: tl.constexpr,
+def _tile_dot(x_rows, x_desc, c_desc, c_ptr, r0, c0, c_hi, offs_n, offs_k, stride_c,
+              D: tl.constexpr, EVEN_D: tl.constexpr, IS_FP32: tl.constexpr,
+              TMA_X: tl.constexpr, TMA_C: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x_block @ c_tile^T over D on tensor cores (+ ||x||^2 when WANT_XN).
+    """x_block @ c_tile^T over D on tensor cores.
 
-    Row and column indices are clamped into range by the caller / here, so loads need
-    no row/column masks (out-of-range lanes read a valid row; their results are masked
-    at the score or the store).
+    Pointer loads clamp row/column indices into range (no row/column masks: out-of-range
+    lanes read a valid row, masked later at the score or the store). TMA loads (tensor
+    descriptors) fill out-of-range elements with zeros in hardware.
     """
     cols = tl.maximum(tl.minimum(c0 + offs_n, c_hi - 1), 0)
     c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_c
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
-        if EVEN_D:
+        if TMA_X:
+            a = x_desc.load([r0, k0])
+        elif EVEN_D:
             a = tl.load(x_rows + kk[None, :])
-            b = tl.load(c_rows + kk[None, :])
         else:
             a = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
+        if TMA_C:
+            b = c_desc.load([c0, k0])
+        elif EVEN_D:
+            b = tl.load(c_rows + kk[None, :])
+        else:
             b = tl.load(c_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
-        if WANT_XN:  # a separate load: reusing `a` miscompiled (see _assign_kernel)
-            if EVEN_D:
-                xv = tl.load(x_rows + kk[None, :])
-            else:
-                xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
-            xv = xv.to(tl.float32)
-            xn += tl.sum(xv * xv, axis=1)
         if IS_FP32:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(a, tl.trans(b), acc)
-    return acc, xn
+    return acc
 
 
 @triton.jit
-def _load_cn(cn_ptr, c0, c_hi, offs_n, L2: tl.constexpr):
-    """||c||^2 of one centroid tile (l2 only; issued early so its latency is hidden)."""
-    if L2:
-        cols = c0 + offs_n
-        cn = tl.load(cn_ptr + cols, mask=cols < c_hi, other=0.0)
-    else:
-        cn = tl.zeros_like(offs_n).to(tl.float32)
-    return cn
-
-
-@triton.jit
-def _top2_update(acc, cn, c0, c_hi, offs_n, best, best_id, second,
-                 L2: tl.constexpr, EVEN_N: tl.constexpr, WITH_SECOND: tl.constexpr):
-    """Fold one tile's scores into the running top-2 (strict <: lowest id wins ties)."""
+def _load_col(ptr, c0, c_hi, offs_n, WANT: tl.constexpr, other: tl.constexpr):
+    """A per-centroid vector over one tile (||c||^2 or an fp8 scale), issued before the
+    tile's D loop so its latency is hidden; a constant when not wanted."""
     cols = c0 + offs_n
-    col_mask = cols < c_hi
-    if L2:
-        s = cn[None, :] - 2.0 * acc
+    if WANT:
+        v = tl.load(ptr + cols, mask=cols < c_hi, other=other)
     else:
-        s = -acc
+        v = tl.full((offs_n.shape[0],), other, tl.float32)
+    return v
+
+
+@triton.jit
+def _top2_update(s, c0, c_hi, offs_n, best, best_id, second, second_id,
+                 EVEN_N: tl.constexpr, WITH_SECOND: tl.constexpr,
+                 WITH_SECOND_ID: tl.constexpr):
+    """Fold one tile's scores into the running top-2 (strict <: lowest id wins ties)."""
     if not EVEN_N:
-        s = tl.where(col_mask[None, :], s, float("inf"))
+        s = tl.where((c0 + offs_n < c_hi)[None, :], s, float("inf"))
     tmin, targ = tl.min(s, axis=1, return_indices=True)
     take = tmin < best
     if WITH_SECOND:
         s2 = tl.where(offs_n[None, :] == targ[:, None], float("inf"), s)
-        tsec = tl.min(s2, axis=1)
+        if WITH_SECOND_ID:
+            tsec, targ2 = tl.min(s2, axis=1, return_indices=True)
+            # new second: old best (if it beats the tile's runner-up) or the runner-up
+            # when the tile takes the lead; else the tile's best if it beats the second
+            second_id = tl.where(
+                take, tl.where(best <= tsec, best_id, targ2 + c0),
+                tl.where(tmin < second, targ + c0, second_id))
+        else:
+            tsec = tl.min(s2, axis=1)
         second = tl.where(take, tl.minimum(best, tsec), tl.minimum(second, tmin))
     best = tl.where(take, tmin, best)
     best_id = tl.where(take, targ + c0, best_id)
-    return best, best_id, second
+    return best, best_id, second, second_id
 
 
 # --------------------------------------------------------------------------- assignment
 @triton.jit
 def _assign_kernel(
-    x_ptr, c_ptr, cn_ptr,
-    ids_ptr, dist_ptr, sec_ptr, xn_ptr,
+    x_ptr, c_ptr, cn_ptr, x_desc, c_desc, x_scale_ptr, c_scale_ptr,
+    ids_ptr, dist_ptr, sec_ptr, sec_id_ptr, xn_ptr,
     perm_ptr, item_parent_ptr, item_pos_ptr, item_end_ptr, child_off_ptr,
     N, K, stride_x, stride_c, tiles_per_split, D: tl.constexpr,
     L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_N: tl.constexpr, PERM: tl.constexpr,
+    EVEN_N: tl.constexpr, PERM: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLATTEN: tl.constexpr, WS: tl.constexpr, XN_MODE: tl.constexpr, FLAT: tl.constexpr,
+    FLATTEN: tl.constexpr, WS: tl.constexpr,
 ):
+    """Running top-2 of ``||c||^2 - 2 x.c`` (l2) / ``-x.c`` (cosine) per row.
+
+    SCALED: the fp8 shortlist pass. x and c are e4m3 with per-row scales (x_scale,
+    c_scale); it writes raw scores and both candidate ids (sec_id) for exact re-ranking,
+    no ||x||^2.
+    """
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -128,11 +139,13 @@ def _assign_kernel(
             rows = tl.load(perm_ptr + pos, mask=row_mask, other=0)
         else:  # rows already sorted by parent: positions are rows
             rows = tl.minimum(pos, N - 1)
+        r0 = pos0.to(tl.int32)  # descriptor offsets are 32-bit
         c_lo = tl.load(child_off_ptr + parent).to(tl.int32)
         c_hi = tl.load(child_off_ptr + parent + 1).to(tl.int32)
         c_hi = tl.where(pos0 < pos_end, c_hi, c_lo)  # empty (padding) item: no work
     else:
-        rows = pid * BLOCK_M + offs_m
+        r0 = pid * BLOCK_M
+        rows = r0 + offs_m
         row_mask = rows < N
         rows = tl.minimum(rows, N - 1)  # loads stay in range; stores use row_mask
         c_lo = 0
@@ -142,66 +155,40 @@ def _assign_kernel(
             c_hi = tl.minimum(c_lo + tiles_per_split * BLOCK_N, K)
     rows = rows.to(tl.int64)  # masked lanes hold a valid row index (clamped / perm 0)
     x_rows = x_ptr + rows[:, None] * stride_x
+    if SCALED:
+        x_scale = tl.load(x_scale_ptr + rows)
 
     best = tl.full((BLOCK_M,), float("inf"), tl.float32)
     best_id = tl.full((BLOCK_M,), -1, tl.int32)
     second = tl.full((BLOCK_M,), float("inf"), tl.float32)
-    # ||x||^2 (L2 only). XN_MODE 0: a separate pass after the main loop (default,
-    # validated); 2: first centroid tile peeled and x re-loaded there for the norm;
-    # 3: a pass before the main loop. Reusing the dot's own x tile for the norm (tried as
-    # mode 1) was fast but gave wrong results on H100 with triton 3.6: not used.
-    xn = tl.zeros((BLOCK_M,), tl.float32)
-    start = c_lo
-    if L2 and XN_MODE == 3:
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
-            xn += tl.sum(xv * xv, axis=1)
-    if FLAT:
-        # One loop over (centroid tile x D chunk): the software pipeline keeps loading the
-        # next tile's operands while a tile's top-2 epilogue runs, instead of draining and
-        # refilling at every tile (needs D % BLOCK_K == 0; the host ensures it).
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        n_it = tl.cdiv(c_hi - c_lo, BLOCK_N) * (D // BLOCK_K)
-        for t in tl.range(0, n_it):
-            kq = t % (D // BLOCK_K)
-            c0 = c_lo + (t // (D // BLOCK_K)) * BLOCK_N
-            cols = tl.maximum(tl.minimum(c0 + offs_n, c_hi - 1), 0)
-            kk = kq * BLOCK_K + offs_k
-            a = tl.load(x_rows + kk[None, :])
-            b = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_c + kk[None, :])
-            cn = _load_cn(cn_ptr, c0, c_hi, offs_n, L2)
-            if IS_FP32:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32x3")
-            else:
-                acc = tl.dot(a, tl.trans(b), acc)
-            if kq == D // BLOCK_K - 1:
-                best, best_id, second = _top2_update(acc, cn, c0, c_hi, offs_n, best,
-                                                     best_id, second, L2, EVEN_N,
-                                                     WITH_SECOND)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    else:
-        if XN_MODE == 2:
-            cn = _load_cn(cn_ptr, c_lo, c_hi, offs_n, L2)
-            acc, xn = _tile_dot(x_rows, c_ptr, c_lo, c_hi, offs_n, offs_k, xn,
-                                stride_c, D, EVEN_D, IS_FP32, L2,
-                                BLOCK_M, BLOCK_N, BLOCK_K)
-            best, best_id, second = _top2_update(acc, cn, c_lo, c_hi, offs_n, best,
-                                                 best_id, second, L2, EVEN_N, WITH_SECOND)
-            start = c_lo + BLOCK_N
-        for c0 in tl.range(start, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
-            cn = _load_cn(cn_ptr, c0, c_hi, offs_n, L2)  # before the D loop: latency hidden
-            acc, xn = _tile_dot(x_rows, c_ptr, c0, c_hi, offs_n, offs_k, xn, stride_c,
-                                D, EVEN_D, IS_FP32, False,
-                                BLOCK_M, BLOCK_N, BLOCK_K)
-            best, best_id, second = _top2_update(acc, cn, c0, c_hi, offs_n, best, best_id,
-                                                 second, L2, EVEN_N, WITH_SECOND)
-    if L2 and XN_MODE == 0:
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
-            xn += tl.sum(xv * xv, axis=1)
+    second_id = tl.full((BLOCK_M,), -1, tl.int32)
+    for c0 in tl.range(c_lo, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
+        cn = _load_col(cn_ptr, c0, c_hi, offs_n, L2, 0.0)
+        c_scale = _load_col(c_scale_ptr, c0, c_hi, offs_n, SCALED, 1.0)
+        acc = _tile_dot(x_rows, x_desc, c_desc, c_ptr, r0, c0, c_hi, offs_n, offs_k,
+                        stride_c, D, EVEN_D, IS_FP32, TMA_X, TMA_C,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+        if SCALED:
+            acc = acc * x_scale[:, None] * c_scale[None, :]
+        s = cn[None, :] - 2.0 * acc if L2 else -acc
+        best, best_id, second, second_id = _top2_update(
+            s, c0, c_hi, offs_n, best, best_id, second, second_id, EVEN_N,
+            WITH_SECOND, SCALED)
 
+    if SCALED:  # candidates only: re-ranked exactly by _rerank_kernel
+        second_id = tl.where(second < float("inf"), second_id, -1)  # K == 1: no runner-up
+        tl.store(ids_ptr + rows, best_id.to(tl.int64), mask=row_mask)
+        tl.store(sec_id_ptr + rows, second_id.to(tl.int64), mask=row_mask)
+        return
+    # ||x||^2 (l2) in a separate pass after the main loop, through its own loads:
+    # reusing the dot's x tile for it was fast but gave wrong results on H100 with
+    # triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
+    xn = tl.zeros((BLOCK_M,), tl.float32)
+    if L2:
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
+            xn += tl.sum(xv * xv, axis=1)
     if SPLIT:  # raw scores; merged (and finished) on the host side
         out = tl.program_id(1).to(tl.int64) * N + rows
         tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
@@ -225,34 +212,107 @@ def _assign_kernel(
             tl.store(sec_ptr + rows, second, mask=row_mask)
 
 
+@triton.jit
+def _rerank_kernel(x_ptr, c_ptr, cn_ptr, cand_ptr, cand2_ptr, ids_ptr, dist_ptr, sec_ptr,
+                   N, stride_x, stride_c, D: tl.constexpr, L2: tl.constexpr,
+                   WITH_SECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Exact distances to a row's two shortlisted candidates; the nearer one wins (the
+    lower id on a tie). Memory-bound: x and two centroid rows per row, fp32 sums."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1).to(tl.int64)
+    i0 = tl.load(cand_ptr + rows)
+    i1 = tl.load(cand2_ptr + rows)
+    c0_rows = c_ptr + tl.maximum(i0, 0)[:, None] * stride_c
+    c1_rows = c_ptr + tl.maximum(i1, 0)[:, None] * stride_c
+    x_rows = x_ptr + rows[:, None] * stride_x
+    dot0 = tl.zeros((BLOCK_M,), tl.float32)
+    dot1 = tl.zeros((BLOCK_M,), tl.float32)
+    xn = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        kk = k0 + tl.arange(0, BLOCK_D)
+        km = kk[None, :] < D
+        xv = tl.load(x_rows + kk[None, :], mask=km, other=0.0).to(tl.float32)
+        a = tl.load(c0_rows + kk[None, :], mask=km, other=0.0).to(tl.float32)
+        b = tl.load(c1_rows + kk[None, :], mask=km, other=0.0).to(tl.float32)
+        dot0 += tl.sum(xv * a, axis=1)
+        dot1 += tl.sum(xv * b, axis=1)
+        xn += tl.sum(xv * xv, axis=1)
+    if L2:
+        d0 = tl.maximum(tl.load(cn_ptr + tl.maximum(i0, 0)) - 2.0 * dot0 + xn, 0.0)
+        d1 = tl.maximum(tl.load(cn_ptr + tl.maximum(i1, 0)) - 2.0 * dot1 + xn, 0.0)
+    else:
+        d0 = 1.0 - dot0
+        d1 = 1.0 - dot1
+    d0 = tl.where(i0 >= 0, d0, float("inf"))
+    d1 = tl.where(i1 >= 0, d1, float("inf"))
+    first = (d0 < d1) | ((d0 == d1) & (i0 <= i1))
+    tl.store(ids_ptr + rows, tl.where(first, i0, i1), mask=row_mask)
+    tl.store(dist_ptr + rows, tl.where(first, d0, d1), mask=row_mask)
+    if WITH_SECOND:
+        tl.store(sec_ptr + rows, tl.where(first, d1, d0), mask=row_mask)
+
+
 def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
     if device.type != "cuda":  # interpreter: tiny tiles keep it quick
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1,
-                    FLATTEN=False, WS=False, XN_MODE=0, FLAT=False)
+                    FLATTEN=False, WS=False, TMA=False)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
-                    FLATTEN=False, WS=False, XN_MODE=0, FLAT=False)
-    # swept on H100 (benchmarks/NOTES_kernels.md). FLAT (one loop over tile x D chunk) is
-    # validated but measured 5-8 points slower (v8); BLOCK_K 32/128 at these tile shapes
-    # gave wrong ||x||^2 on the GPU (sweep gate): keep BLOCK_K=64 here.
+                    FLATTEN=False, WS=False, TMA=False)
+    if dtype == torch.float8_e4m3fn:  # the shortlist pass: same bytes per k-step as bf16
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3,
+                    FLATTEN=False, WS=False, TMA=True)
+    # swept on H100 (benchmarks/NOTES_kernels.md); BLOCK_K 32/128 at these tile shapes gave
+    # wrong ||x||^2 on the GPU (v8 sweep gate): keep BLOCK_K=64 here.
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
-                FLATTEN=False, WS=False, XN_MODE=0, FLAT=False)
-
-
-def _launch_cfg(cfg: dict, d: int) -> dict:
-    """Kernel meta-parameters: FLAT needs D % BLOCK_K == 0 and computes ||x||^2 in mode 0
-    or 3 only."""
-    cfg = dict(cfg)
-    cfg.setdefault("FLAT", False)
-    if d % cfg["BLOCK_K"]:
-        cfg["FLAT"] = False
-    if cfg["FLAT"] and cfg.get("XN_MODE", 0) == 2:
-        cfg["XN_MODE"] = 0
-    return cfg
+                FLATTEN=False, WS=False, TMA=False)
 
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Tensor descriptors (TMA) need Hopper (or the interpreter), unit inner stride and
+    16-byte aligned rows."""
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    es = t.element_size()
+    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0
+            and t.shape[1] * es >= 16)
+
+
+def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
+                   with_second: bool, k: int, split: bool = False, tiles_per_split: int = 1,
+                   xn=None, grouped=None, scaled=None):
+    """One _assign_kernel launch; the single place that maps options to its arguments.
+
+    grouped = (perm or None when rows are presorted, item_parent, item_pos, item_end,
+    child_offsets); scaled = (x_scale, c_scale, second_ids) for the fp8 shortlist pass.
+    """
+    n, d = xs.shape
+    bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
+    meta = {key: v for key, v in conf.items() if key != "TMA"}
+    perm = grouped[0] if grouped else None
+    use_tma = conf.get("TMA", False)
+    x_desc = TensorDescriptor.from_tensor(xs, [bm, bk]) \
+        if use_tma and perm is None and _tma_ok(xs) else None
+    c_desc = TensorDescriptor.from_tensor(c, [bn, bk]) if use_tma and _tma_ok(c) else None
+    dummy = ids
+    x_scale, c_scale, sec_id = scaled if scaled else (dummy, dummy, dummy)
+    perm_, ip, ipos, iend, offs = grouped if grouped else (dummy,) * 5
+    _assign_kernel[grid](
+        xs, c, cn, x_desc, c_desc, x_scale, c_scale,
+        ids, dist, sec if with_second else dist, sec_id, dummy if xn is None else xn,
+        dummy if perm_ is None else perm_, ip, ipos, iend, offs,
+        n, k, xs.stride(0), c.stride(0), tiles_per_split, d,
+        L2=metric == "l2", WITH_SECOND=with_second or scaled is not None,
+        GROUPED=grouped is not None, SPLIT=split, IS_FP32=xs.dtype == torch.float32,
+        EVEN_D=d % bk == 0, EVEN_N=grouped is None and k % bn == 0,
+        PERM=grouped is not None and perm is not None,
+        TMA_X=x_desc is not None, TMA_C=c_desc is not None, SCALED=scaled is not None,
+        **meta)
 
 
 def _prep(x: torch.Tensor, centroids: torch.Tensor, metric: str):
@@ -348,7 +408,7 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
         ids, dist, sec = _empty_out(n, xs.device, with_second)
         if n == 0 or k == 0:
             return ids, dist, sec
-        conf = _launch_cfg(cfg or _OVERRIDE or _config(xs.dtype, d, k, xs.device), d)
+        conf = cfg or _OVERRIDE or _config(xs.dtype, d, k, xs.device)
         bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
         row_blocks = triton.cdiv(n, bm)
         c_tiles = triton.cdiv(k, bn)
@@ -356,25 +416,17 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
         splits = max(1, min(c_tiles, (2 * _n_sms(xs.device)) // row_blocks))
         tps = triton.cdiv(c_tiles, splits)
         splits = triton.cdiv(c_tiles, tps)
-        dummy = ids
-        common = dict(
-            L2=metric == "l2", WITH_SECOND=with_second, GROUPED=False, PERM=False,
-            IS_FP32=xs.dtype == torch.float32, EVEN_D=d % conf["BLOCK_K"] == 0,
-            EVEN_N=k % bn == 0, **conf)
+        opts = dict(metric=metric, with_second=with_second, k=k)
         if splits == 1:
-            _assign_kernel[(row_blocks,)](
-                xs, c, cn, ids, dist, sec if with_second else dist, dist,
-                dummy, dummy, dummy, dummy, dummy,
-                n, k, xs.stride(0), c.stride(0), tps, d, SPLIT=False, **common)
+            _launch_assign((row_blocks,), xs, c, cn, ids, dist, sec, conf, **opts)
             return ids, dist, sec
         pids = torch.empty((splits, n), dtype=torch.int64, device=xs.device)
         pbest = torch.empty((splits, n), dtype=torch.float32, device=xs.device)
         psec = torch.empty((splits, n), dtype=torch.float32, device=xs.device) \
-            if with_second else pbest
+            if with_second else None
         xn = torch.zeros(n, dtype=torch.float32, device=xs.device)
-        _assign_kernel[(row_blocks, splits)](
-            xs, c, cn, pids, pbest, psec, xn, dummy, dummy, dummy, dummy, dummy,
-            n, k, xs.stride(0), c.stride(0), tps, d, SPLIT=True, **common)
+        _launch_assign((row_blocks, splits), xs, c, cn, pids, pbest, psec, conf, split=True,
+                       tiles_per_split=tps, xn=xn, **opts)
         # exact top-2 merge over splits (lowest split = lowest ids win ties)
         b, arg = pbest.min(dim=0)
         ids = pids.gather(0, arg[None])[0]
@@ -400,6 +452,110 @@ def assign_triton(
     """Fused nearest-centroid search; see module docstring."""
     x, c, cn = _prep(x, centroids, metric)
     return _assign_prepared(x, c, cn, metric, with_second)
+
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value (literal in the kernel below)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, N, stride_x, D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One read of x, e4m3 out: scale = max|row| / 448 and q = x / scale, both IEEE
+    round-to-nearest divisions so the result equals the torch reference bit for bit."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    m = (rows[:, None] < N) & (cols[None, :] < D)
+    rows64 = rows.to(tl.int64)
+    v = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+    v = v.to(tl.float32)
+    sc = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=1), 1e-30), 448.0)
+    q = tl.math.div_rn(v, sc[:, None]).to(tl.float8e4nv)
+    tl.store(q_ptr + rows64[:, None] * D + cols[None, :], q, mask=m)
+    tl.store(scale_ptr + rows, sc, mask=rows < N)
+
+
+def _to_fp8_rows(t: torch.Tensor, chunk: int = 1 << 16):
+    """Rows quantised to e4m3 with a per-row scale (row max |value| -> 448): (q, scale),
+    t ~= q * scale[:, None]. The Triton kernel on CUDA (one pass); torch elsewhere, which
+    is the reference (the interpreter's fp8 cast rounds wrongly across binades)."""
+    n, d = t.shape
+    q = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
+    scale = torch.empty(n, dtype=torch.float32, device=t.device)
+    if t.device.type == "cuda" and n and d <= 8192:
+        bd = triton.next_power_of_2(d)
+        bm = max(1, 4096 // bd)
+        _quantize_rows_kernel[(triton.cdiv(n, bm),)](
+            t, q, scale, n, t.stride(0), d, BLOCK_M=bm, BLOCK_D=bd, num_warps=4)
+        return q, scale
+    for i in range(0, n, chunk):  # bounded fp32 temporaries
+        v = t[i : i + chunk].float()
+        sc = v.abs().amax(1).clamp_min(1e-30) / FP8_MAX
+        q[i : i + chunk] = (v / sc[:, None]).to(torch.float8_e4m3fn)
+        scale[i : i + chunk] = sc
+    return q, scale
+
+
+def _fp8_centroids(centroids: torch.Tensor, c: torch.Tensor):
+    """Quantised centroids, cached per tensor like the cast ones (same key rules)."""
+    key = (id(centroids), "fp8", str(c.device))
+    hit = _CENTROID_CACHE.get(key)
+    if hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
+        return hit[2], hit[3]
+    q, scale = _to_fp8_rows(c)
+    if centroids.numel() >= _CACHE_MIN_ELEMS:
+        _CENTROID_CACHE[key] = (weakref.ref(centroids), centroids._version, q, scale)
+    return q, scale
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """fp8 tensor cores: compute capability >= 8.9 (the interpreter emulates them)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _INTERPRET
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def assign_shortlist_triton(
+    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", with_second: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """fp8 (e4m3) top-2 shortlist over all centroids, then exact re-ranking of the two
+    candidates in the input precision.
+
+    Labels equal the exact kernel's except where fp8 rounding pushes the true nearest
+    centroid out of the top two (near-ties at fp8 resolution); distances are exact for
+    the returned ids; ``second`` is the exact distance of the runner-up candidate (an
+    upper bound of the true second-best). Never splits the centroid axis, so a row's
+    result does not depend on the batch.
+    """
+    if not fp8_supported(x.device):
+        raise RuntimeError("the fp8 shortlist needs fp8 tensor cores (compute capability "
+                           ">= 8.9)")
+    x, c, cn = _prep(x, centroids, metric)
+    c8, c_scale = _fp8_centroids(centroids, c)
+    k, d = c.shape
+
+    def run(xs: torch.Tensor):
+        n = xs.shape[0]
+        ids, dist, sec = _empty_out(n, xs.device, with_second)
+        if n == 0 or k == 0:
+            return ids, dist, sec
+        x8, x_scale = _to_fp8_rows(xs)
+        cand2 = torch.empty_like(ids)
+        conf = _OVERRIDE_FP8 or _config(torch.float8_e4m3fn, d, k, xs.device)
+        _launch_assign((triton.cdiv(n, conf["BLOCK_M"]),), x8, c8, cn, ids, dist, None, conf,
+                       metric=metric, with_second=False, k=k,
+                       scaled=(x_scale, c_scale, cand2))
+        bm = 16 if xs.device.type == "cuda" else 4
+        _rerank_kernel[(triton.cdiv(n, bm),)](
+            xs, c, cn, ids, cand2, ids, dist, sec if with_second else dist,
+            n, xs.stride(0), c.stride(0), d, L2=metric == "l2", WITH_SECOND=with_second,
+            BLOCK_M=bm, BLOCK_D=min(triton.next_power_of_2(d), 256), num_warps=4)
+        return ids, dist, sec
+
+    return _with_oom_retry(run, x, with_second=with_second)
+
+
+_OVERRIDE_FP8: dict | None = None  # benchmarks set this to sweep the shortlist pass
 
 
 def _work_items(keys: torch.Tensor, n_keys: int, block: int, presorted: bool = False):
@@ -457,7 +613,7 @@ def grouped_assign_triton(
     n, d = x.shape
     if n == 0 or c.shape[0] == 0:
         return _empty_out(n, x.device, with_second)
-    cfg = _launch_cfg(_OVERRIDE or _config(x.dtype, d, c.shape[0], x.device), d)
+    cfg = _OVERRIDE or _config(x.dtype, d, c.shape[0], x.device)
     # The bucketing is enqueued before the one host sync (validation, single-parent and
     # sortedness tests together): its ~20 small launches then overlap the GPU work queued
     # before this call (the previous tree level) instead of running on an idle GPU.
@@ -482,13 +638,9 @@ def grouped_assign_triton(
             _work_items(gs, n_parents, cfg["BLOCK_M"])  # an OOM retry's half
         # rows already ascending by parent: sorted positions are the rows themselves, so
         # the kernel reads x contiguously without the permutation
-        _assign_kernel[(ip.numel(),)](
-            xs, c, cn, ids, dist, sec if with_second else dist, dist,
-            ids if presorted else perm, ip, ipos, iend, offs,
-            xs.shape[0], c.shape[0], xs.stride(0), c.stride(0), 1, d,
-            L2=metric == "l2", WITH_SECOND=with_second, GROUPED=True, SPLIT=False,
-            PERM=not presorted, IS_FP32=xs.dtype == torch.float32,
-            EVEN_D=d % cfg["BLOCK_K"] == 0, EVEN_N=False, **cfg)
+        _launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, cfg, metric=metric,
+                       with_second=with_second, k=c.shape[0],
+                       grouped=(None if presorted else perm, ip, ipos, iend, offs))
         return ids, dist, sec
 
     return _with_oom_retry(run, x, groups, with_second=with_second)
