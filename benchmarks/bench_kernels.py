@@ -95,20 +95,19 @@ def our_lloyd(x, c):
     return (KR.from_fixed_point(sums) / cnt.clamp_min(1)[:, None]).to(x.dtype)
 
 
-def _cfg(bm, bn, bk, w, st, flatten=False, ws=False, tma=False):
+def _cfg(bm, bn, bk, w, st, flatten=False, ws=False, tma=False, xnb=None, xns=0):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
-                FLATTEN=flatten, WS=ws, TMA=tma)
+                FLATTEN=flatten, WS=ws, TMA=tma, XN_BLOCK=xnb or bk, XN_STAGES=xns)
 
 
 SWEEP = [
-    _cfg(128, 256, 64, 8, 3),  # v8 default (pointer loads)
-    _cfg(128, 256, 64, 8, 3, tma=True),
-    _cfg(128, 256, 64, 8, 4, tma=True),
-    _cfg(128, 256, 64, 8, 3, ws=True, tma=True),
-    _cfg(128, 256, 64, 8, 3, flatten=True, ws=True, tma=True),
-    _cfg(128, 256, 128, 8, 2, tma=True),
-    _cfg(128, 256, 64, 4, 3, tma=True),
-    _cfg(256, 128, 64, 8, 3, tma=True),
+    _cfg(128, 256, 64, 8, 3),  # v9 default
+    _cfg(128, 256, 64, 8, 3, xnb=128),
+    _cfg(128, 256, 64, 8, 3, xnb=256),
+    _cfg(128, 256, 64, 8, 3, xnb=256, xns=2),
+    _cfg(128, 256, 64, 8, 3, xnb=128, xns=3),
+    _cfg(128, 256, 64, 8, 3, xns=4),
+    _cfg(128, 256, 64, 8, 3, tma=True, xnb=256),
 ]
 
 FP8_SWEEP = [
@@ -160,6 +159,8 @@ def sweep_psums(x, log):
 def sweep(x, rate, log):
     best = {}
     for k, n in [(1024, x.shape[0]), (16384, min(x.shape[0], 1 << 18))]:
+        if k > 1024 and os.environ.get("SWEEP_K1024_ONLY"):
+            continue
         c = x[torch.randperm(x.shape[0], device=DEV)[:k]].clone()
         xs = x[:n]
         T._OVERRIDE = None
@@ -186,6 +187,8 @@ def sweep(x, rate, log):
                 best[k] = (t, cfg)
     T._OVERRIDE = None
     for k, n in [(1024, x.shape[0]), (16384, min(x.shape[0], 1 << 18))]:
+        if os.environ.get("SWEEP_NO_FP8"):
+            break
         c = x[torch.randperm(x.shape[0], device=DEV)[:k]].clone()
         xs = x[:n]
         T._OVERRIDE_FP8 = None
@@ -240,6 +243,8 @@ def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
     r["ours_assign"] = n / timeit(lambda: our_assign(x, c))
     r["ours_lloyd"] = n / timeit(lambda: our_lloyd(x, c))
     r["ours_psums_ms"] = 1e3 * timeit(lambda: KR.partial_sums(x, ids_ours, k))
+    # diagnostic: cosine skips the ||x||^2 pass (same GEMM and top-2 epilogue otherwise)
+    r["ours_assign_cosine"] = n / timeit(lambda: KR.assign(x, c, metric="cosine").ids)
     T._OVERRIDE = None
     T._OVERRIDE_FP8 = None
     r["agree_vs_torch"] = float((torch_assign(x, c) == ids_ours).float().mean())
@@ -298,7 +303,7 @@ def main() -> int:
     rate = max(rates)  # the ceiling: best of the measurements (one more at the end)
     log: list = []
     chosen = sweep(x_all, rate, log) if args.sweep else {}
-    if args.sweep:
+    if args.sweep and not os.environ.get("SWEEP_NO_PSUMS"):
         sweep_psums(x_all, log)
     rows = []
     for k, n in [(1024, n_big), (16384, n_big), (65536, n_big // 4)]:

@@ -188,6 +188,26 @@ def check_shortlist(n, k, d, metric, seed=4):
                 rel_dist_chosen=rel_d)
 
 
+def check_quantize(n, d, dtype, seed=5):
+    """The one-pass Triton e4m3 quantiser equals the torch reference bit for bit (values
+    spanning many binades, a zero row, a ragged D)."""
+    from mdf_taxonomy.kernels import triton_kernels as T
+
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(n, d, device=DEV, generator=g)
+    spread = 2.0 if dtype == torch.float16 else 4.0  # stay finite (fp16 max 65504)
+    x = (x * torch.exp(spread * torch.randn(n, 1, device=DEV, generator=g))).to(dtype)
+    assert bool(torch.isfinite(x).all())
+    x[3] = 0
+    q, sc = T._to_fp8_rows(x)
+    qr, scr = T._to_fp8_rows(x.cpu())
+    same_q = bool(torch.equal(q.view(torch.uint8).cpu(), qr.view(torch.uint8)))
+    same_s = bool(torch.equal(sc.cpu(), scr))
+    return dict(kind="fp8_quantize", n=n, d=d, dtype=str(dtype), ok=same_q and same_s,
+                bytes_equal=same_q, scales_equal=same_s,
+                differing=int((q.view(torch.uint8).cpu() != qr.view(torch.uint8)).sum()))
+
+
 def check_partial_sums(n, k, d, dtype, seed=2):
     g = torch.Generator(device=DEV).manual_seed(seed)
     x = torch.randn(n, d, device=DEV, generator=g).to(dtype)
@@ -207,11 +227,12 @@ def check_partial_sums(n, k, d, dtype, seed=2):
 def main() -> int:
     t0 = time.time()
     variant = sys.argv[1] if len(sys.argv) > 1 else "default"
-    if variant == "tma":  # check TMA (tensor-descriptor) loads everywhere they apply
+    if variant != "default":  # e.g. "TMA=1" or "XN_BLOCK=256,XN_STAGES=2": forced everywhere
         from mdf_taxonomy.kernels import triton_kernels as T
 
+        forced = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in variant.split(",")}
         base = T._config
-        T._config = lambda *a: dict(base(*a), TMA=True)
+        T._config = lambda *a: dict(base(*a), **forced)
     res = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for metric in ("l2", "cosine"):
@@ -230,6 +251,9 @@ def main() -> int:
         res.append(check_grouped_paths(20000, 1024, dtype))
         print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_partial_sums(200_003, 1000, 1024, dtype))
+        print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
+    for dtype, d in ((torch.bfloat16, 1024), (torch.float32, 1000), (torch.float16, 77)):
+        res.append(check_quantize(3001, d, dtype))
         print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     for metric in ("l2", "cosine"):
         for n, k, d in [(8192, 1024, 1024), (4099, 5000, 768), (999, 300, 1000), (64, 1, 64)]:

@@ -262,3 +262,15 @@ def test_invalid_ids_raise():
     with pytest.raises(ValueError):
         K.grouped_assign(x, torch.tensor([-1] + [0] * 9), torch.randn(6, 8),
                          torch.tensor([0, 6]), backend="triton")
+
+
+@pytest.mark.parametrize("xn_block,xn_stages", [(64, 0), (32, 2)])
+def test_norm_pass_chunking(monkeypatch, xn_block, xn_stages):
+    """The ||x||^2 pass's chunk width and pipelining change only the summation order."""
+    x, c = make(37, 33, 48, seed=14)
+    ref = K.assign(x, c, backend="triton", with_second=True)
+    cfg = dict(T._config(x.dtype, 48, 33, x.device), XN_BLOCK=xn_block, XN_STAGES=xn_stages)
+    monkeypatch.setattr(T, "_OVERRIDE", cfg)
+    out = K.assign(x, c, backend="triton", with_second=True)
+    assert torch.equal(out.ids, ref.ids)
+    assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-4)

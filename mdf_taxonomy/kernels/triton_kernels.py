@@ -105,6 +105,29 @@ def _top2_update(s, c0, c_hi, offs_n, best, best_id, second, second_id,
     return best, best_id, second, second_id
 
 
+@triton.jit
+def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr,
+                XN_STAGES: tl.constexpr):
+    """||x||^2 of the row block after the main loop (its registers are free by then).
+
+    Wide chunks: this loop has no dot, so its loads are latency-bound round trips (K=1024:
+    measured 13% of the kernel with 64-column chunks, v9); XN_STAGES > 0 asks the
+    pipeliner to overlap them.
+    """
+    offs = tl.arange(0, XN_BLOCK)
+    if XN_STAGES == 0:
+        for k0 in range(0, D, XN_BLOCK):
+            kk = k0 + offs
+            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
+            xn += tl.sum(xv * xv, axis=1)
+    else:
+        for k0 in tl.range(0, D, XN_BLOCK, num_stages=XN_STAGES):
+            kk = k0 + offs
+            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
+            xn += tl.sum(xv * xv, axis=1)
+    return xn
+
+
 # --------------------------------------------------------------------------- assignment
 @triton.jit
 def _assign_kernel(
@@ -117,7 +140,7 @@ def _assign_kernel(
     EVEN_N: tl.constexpr, PERM: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLATTEN: tl.constexpr, WS: tl.constexpr,
+    FLATTEN: tl.constexpr, WS: tl.constexpr, XN_BLOCK: tl.constexpr, XN_STAGES: tl.constexpr,
 ):
     """Running top-2 of ``||c||^2 - 2 x.c`` (l2) / ``-x.c`` (cosine) per row.
 
@@ -185,10 +208,7 @@ def _assign_kernel(
     # triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
     xn = tl.zeros((BLOCK_M,), tl.float32)
     if L2:
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
-            xn += tl.sum(xv * xv, axis=1)
+        xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_STAGES)
     if SPLIT:  # raw scores; merged (and finished) on the host side
         out = tl.program_id(1).to(tl.int64) * N + rows
         tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
@@ -257,17 +277,20 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
     if device.type != "cuda":  # interpreter: tiny tiles keep it quick
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1,
-                    FLATTEN=False, WS=False, TMA=False)
+                    FLATTEN=False, WS=False, TMA=False, XN_BLOCK=16, XN_STAGES=0)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
-                    FLATTEN=False, WS=False, TMA=False)
+                    FLATTEN=False, WS=False, TMA=False, XN_BLOCK=32, XN_STAGES=0)
     if dtype == torch.float8_e4m3fn:  # the shortlist pass: same bytes per k-step as bf16
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3,
-                    FLATTEN=False, WS=False, TMA=True)
-    # swept on H100 (benchmarks/NOTES_kernels.md); BLOCK_K 32/128 at these tile shapes gave
-    # wrong ||x||^2 on the GPU (v8 sweep gate): keep BLOCK_K=64 here.
+                    FLATTEN=False, WS=False, TMA=True, XN_BLOCK=128, XN_STAGES=0)
+    # swept on H100 (benchmarks/NOTES_kernels.md). The ||x||^2 pass is only right on the GPU
+    # with 64-column chunks (BLOCK_K or XN_BLOCK 32/128/256 gave wrong norms: v8, v9 sweep
+    # gates). Pipelining it (XN_STAGES=4) pays where a row block has few centroid tiles
+    # (K=1024: +10%) and costs where it has many (K=16384: -14%); measured at those two K.
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
-                FLATTEN=False, WS=False, TMA=False)
+                FLATTEN=False, WS=False, TMA=False, XN_BLOCK=64,
+                XN_STAGES=4 if k <= 2048 else 0)
 
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
@@ -613,21 +636,24 @@ def grouped_assign_triton(
     n, d = x.shape
     if n == 0 or c.shape[0] == 0:
         return _empty_out(n, x.device, with_second)
-    cfg = _OVERRIDE or _config(x.dtype, d, c.shape[0], x.device)
+    # The bucketing is enqueued before the one host sync (validation, single-parent and
+    # sortedness tests, the widest children block, together): its ~20 small launches then
+    # overlap the GPU work queued before this call (the previous tree level) instead of
+    # running on an idle GPU. BLOCK_M does not depend on K, so it is known before the sync.
+    block_m = (_OVERRIDE or _config(x.dtype, d, 1, x.device))["BLOCK_M"]
+    srt = (groups[1:] >= groups[:-1]).all() if n > 1 else torch.ones((), dtype=torch.bool,
+                                                                       device=x.device)
+    stats = torch.stack([groups.min(), groups.max(), srt.long(), (offs[1:] - offs[:-1]).max()])
+    items = _work_items(groups, n_parents, block_m) if n_parents > 1 else None
+    gmin, gmax, presorted, widest = stats.tolist()
+    if gmin < 0 or gmax >= n_parents:
+        raise ValueError(f"group ids must lie in [0, {n_parents})")
+    # a row meets at most `widest` centroids: that is the K that the config is tuned for
+    cfg = _OVERRIDE or _config(x.dtype, d, widest, x.device)
     # many parents: children blocks come from HBM rather than L2, and a deeper pipeline
     # measured 4-5% faster (NOTES_kernels.md v8/v9); the arithmetic is unchanged, so the
     # paths stay bit-identical
     bucket_cfg = dict(cfg, num_stages=4) if x.is_cuda and not _OVERRIDE else cfg
-    # The bucketing is enqueued before the one host sync (validation, single-parent and
-    # sortedness tests together): its ~20 small launches then overlap the GPU work queued
-    # before this call (the previous tree level) instead of running on an idle GPU.
-    srt = (groups[1:] >= groups[:-1]).all() if n > 1 else torch.ones((), dtype=torch.bool,
-                                                                       device=x.device)
-    stats = torch.stack([groups.min(), groups.max(), srt.long()])
-    items = _work_items(groups, n_parents, cfg["BLOCK_M"]) if n_parents > 1 else None
-    gmin, gmax, presorted = stats.tolist()
-    if gmin < 0 or gmax >= n_parents:
-        raise ValueError(f"group ids must lie in [0, {n_parents})")
     if gmin == gmax:
         lo, hi = offs[gmin : gmin + 2].tolist()
         ids, dist, sec = _assign_prepared(x, c[lo:hi], cn[lo:hi] if metric == "l2" else cn,
@@ -639,7 +665,7 @@ def grouped_assign_triton(
     def run(xs: torch.Tensor, gs: torch.Tensor):
         ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
         perm, ip, ipos, iend, _ = items if gs is groups else \
-            _work_items(gs, n_parents, cfg["BLOCK_M"])  # an OOM retry's half
+            _work_items(gs, n_parents, block_m)  # an OOM retry's half
         # rows already ascending by parent: sorted positions are the rows themselves, so
         # the kernel reads x contiguously without the permutation
         _launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, bucket_cfg, metric=metric,
