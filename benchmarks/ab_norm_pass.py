@@ -1,0 +1,68 @@
+"""A/B of the ||x||^2 pass placement at K=1024 and K=16384 (interleaved, same process).
+
+Variants: the default config, the same with XN_STAGES flipped, and cosine (no norm pass:
+the upper bound for any norm-pass change). Rounds alternate the variants so clock or
+thermal drift hits all of them alike. Prints a table; writes ab_norm_pass.json to $OUT
+(or benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
+import torch
+from bench_kernels import DEV, D, clustered, timeit
+
+from mdf_taxonomy import kernels as KR
+from mdf_taxonomy.kernels import triton_kernels as T
+
+
+def main() -> int:
+    x_all = clustered(1 << 20)
+    rows = []
+    for k, n in [(1024, 1 << 20), (16384, 1 << 18)]:
+        x = x_all[:n]
+        c = x[torch.randperm(n, device=DEV)[:k]].clone()
+        base = T._config(x.dtype, D, k, x.device)
+        flipped = dict(base, XN_STAGES=0 if base["XN_STAGES"] else 4)
+        ref = KR.assign(x, c).distance
+        T._OVERRIDE = flipped
+        same = bool(torch.equal(KR.assign(x, c).distance, ref))
+        T._OVERRIDE = None
+        variants = {f"default XN_STAGES={base['XN_STAGES']}": (base, "l2"),
+                    f"XN_STAGES={flipped['XN_STAGES']}": (flipped, "l2"),
+                    "cosine (no norm pass)": (base, "cosine")}
+        times: dict = {v: [] for v in variants}
+        for _ in range(5):
+            for name, (cfg, metric) in variants.items():
+                T._OVERRIDE = cfg
+                t = timeit(lambda metric=metric, x=x, c=c: KR.assign(x, c, metric=metric),
+                           max_reps=8, budget_s=0.5)
+                times[name].append(t)
+        T._OVERRIDE = None
+        for name, ts in times.items():
+            rows.append(dict(K=k, N=n, variant=name, rows_per_s=n / statistics.median(ts),
+                             spread=(max(ts) - min(ts)) / statistics.median(ts),
+                             bit_identical_distances=same))
+    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__("triton").__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    with open(os.path.join(out, "ab_norm_pass.json"), "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1)
+    print(info)
+    print("| K | variant | rows/s (median of 5 rounds) | spread |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['K']} | {r['variant']} | {r['rows_per_s'] / 1e6:.1f} M | "
+              f"{r['spread']:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
