@@ -95,19 +95,17 @@ def our_lloyd(x, c):
     return (KR.from_fixed_point(sums) / cnt.clamp_min(1)[:, None]).to(x.dtype)
 
 
-def _cfg(bm, bn, bk, w, st, flatten=False, ws=False, tma=False, xnb=None, xns=0):
+def _cfg(bm, bn, bk, w, st, flatten=False, ws=False, tma=False, xnb=None, xnu=1):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
-                FLATTEN=flatten, WS=ws, TMA=tma, XN_BLOCK=xnb or bk, XN_STAGES=xns)
+                FLATTEN=flatten, WS=ws, TMA=tma, XN_BLOCK=xnb or bk, XN_UNROLL=xnu)
 
 
 SWEEP = [
     _cfg(128, 256, 64, 8, 3),  # v9 default
-    _cfg(128, 256, 64, 8, 3, xnb=128),
-    _cfg(128, 256, 64, 8, 3, xnb=256),
-    _cfg(128, 256, 64, 8, 3, xnb=256, xns=2),
-    _cfg(128, 256, 64, 8, 3, xnb=128, xns=3),
-    _cfg(128, 256, 64, 8, 3, xns=4),
-    _cfg(128, 256, 64, 8, 3, tma=True, xnb=256),
+    _cfg(128, 256, 64, 8, 3, xnu=4),
+    _cfg(128, 256, 64, 8, 3, tma=True),
+    _cfg(128, 256, 64, 8, 3, ws=True, tma=True),
+    _cfg(128, 256, 64, 8, 4),
 ]
 
 FP8_SWEEP = [

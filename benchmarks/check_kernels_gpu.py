@@ -227,7 +227,7 @@ def check_partial_sums(n, k, d, dtype, seed=2):
 def main() -> int:
     t0 = time.time()
     variant = sys.argv[1] if len(sys.argv) > 1 else "default"
-    if variant != "default":  # e.g. "TMA=1" or "XN_BLOCK=256,XN_STAGES=2": forced everywhere
+    if variant != "default":  # e.g. "TMA=1" or "XN_UNROLL=4": forced everywhere
         from mdf_taxonomy.kernels import triton_kernels as T
 
         forced = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in variant.split(",")}

@@ -264,13 +264,16 @@ def test_invalid_ids_raise():
                          torch.tensor([0, 6]), backend="triton")
 
 
-@pytest.mark.parametrize("xn_block,xn_stages", [(64, 0), (32, 2)])
-def test_norm_pass_chunking(monkeypatch, xn_block, xn_stages):
-    """The ||x||^2 pass's chunk width and pipelining change only the summation order."""
+@pytest.mark.parametrize("xn_block,xn_unroll", [(64, 1), (16, 4), (16, 2)])
+def test_norm_pass_chunking(monkeypatch, xn_block, xn_unroll):
+    """The ||x||^2 pass's chunk width changes only the summation order; unrolling (ragged
+    D included) nothing."""
     x, c = make(37, 33, 48, seed=14)
     ref = K.assign(x, c, backend="triton", with_second=True)
-    cfg = dict(T._config(x.dtype, 48, 33, x.device), XN_BLOCK=xn_block, XN_STAGES=xn_stages)
+    cfg = dict(T._config(x.dtype, 48, 33, x.device), XN_BLOCK=xn_block, XN_UNROLL=xn_unroll)
     monkeypatch.setattr(T, "_OVERRIDE", cfg)
     out = K.assign(x, c, backend="triton", with_second=True)
     assert torch.equal(out.ids, ref.ids)
+    if xn_block == 16:  # the default chunk width: the same additions in the same order
+        assert torch.equal(out.distance, ref.distance)
     assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-4)

@@ -107,22 +107,19 @@ def _top2_update(s, c0, c_hi, offs_n, best, best_id, second, second_id,
 
 @triton.jit
 def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr,
-                XN_STAGES: tl.constexpr):
+                XN_UNROLL: tl.constexpr):
     """||x||^2 of the row block after the main loop (its registers are free by then).
 
-    Wide chunks: this loop has no dot, so its loads are latency-bound round trips (K=1024:
-    measured 13% of the kernel with 64-column chunks, v9); XN_STAGES > 0 asks the
-    pipeliner to overlap them.
+    This loop has no dot, so each load is a bare round trip: with one 64-column chunk per
+    step it cost ~12% of the kernel at K=1024 (v9, against cosine, which has no norm pass).
+    XN_UNROLL chunks are loaded per step so that their latencies overlap; they are summed
+    in the same order as one at a time, so the result is bit-identical. Chunks stay
+    XN_BLOCK wide: wider loads here gave wrong norms on the GPU (v8, v9 sweep gates).
     """
     offs = tl.arange(0, XN_BLOCK)
-    if XN_STAGES == 0:
-        for k0 in range(0, D, XN_BLOCK):
-            kk = k0 + offs
-            xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
-            xn += tl.sum(xv * xv, axis=1)
-    else:
-        for k0 in tl.range(0, D, XN_BLOCK, num_stages=XN_STAGES):
-            kk = k0 + offs
+    for k0 in range(0, D, XN_BLOCK * XN_UNROLL):
+        for j in tl.static_range(XN_UNROLL):
+            kk = k0 + j * XN_BLOCK + offs
             xv = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0).to(tl.float32)
             xn += tl.sum(xv * xv, axis=1)
     return xn
@@ -140,7 +137,7 @@ def _assign_kernel(
     EVEN_N: tl.constexpr, PERM: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLATTEN: tl.constexpr, WS: tl.constexpr, XN_BLOCK: tl.constexpr, XN_STAGES: tl.constexpr,
+    FLATTEN: tl.constexpr, WS: tl.constexpr, XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr,
 ):
     """Running top-2 of ``||c||^2 - 2 x.c`` (l2) / ``-x.c`` (cosine) per row.
 
@@ -208,7 +205,7 @@ def _assign_kernel(
     # triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
     xn = tl.zeros((BLOCK_M,), tl.float32)
     if L2:
-        xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_STAGES)
+        xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     if SPLIT:  # raw scores; merged (and finished) on the host side
         out = tl.program_id(1).to(tl.int64) * N + rows
         tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
@@ -277,20 +274,18 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
     if device.type != "cuda":  # interpreter: tiny tiles keep it quick
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1,
-                    FLATTEN=False, WS=False, TMA=False, XN_BLOCK=16, XN_STAGES=0)
+                    FLATTEN=False, WS=False, TMA=False, XN_BLOCK=16, XN_UNROLL=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
-                    FLATTEN=False, WS=False, TMA=False, XN_BLOCK=32, XN_STAGES=0)
+                    FLATTEN=False, WS=False, TMA=False, XN_BLOCK=32, XN_UNROLL=1)
     if dtype == torch.float8_e4m3fn:  # the shortlist pass: same bytes per k-step as bf16
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3,
-                    FLATTEN=False, WS=False, TMA=True, XN_BLOCK=128, XN_STAGES=0)
+                    FLATTEN=False, WS=False, TMA=True, XN_BLOCK=128, XN_UNROLL=1)
     # swept on H100 (benchmarks/NOTES_kernels.md). The ||x||^2 pass is only right on the GPU
     # with 64-column chunks (BLOCK_K or XN_BLOCK 32/128/256 gave wrong norms: v8, v9 sweep
-    # gates). Pipelining it (XN_STAGES=4) pays where a row block has few centroid tiles
-    # (K=1024: +10%) and costs where it has many (K=16384: -14%); measured at those two K.
+    # gates).
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
-                FLATTEN=False, WS=False, TMA=False, XN_BLOCK=64,
-                XN_STAGES=4 if k <= 2048 else 0)
+                FLATTEN=False, WS=False, TMA=False, XN_BLOCK=64, XN_UNROLL=1)
 
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
