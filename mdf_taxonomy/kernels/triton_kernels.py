@@ -285,9 +285,9 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
                     FLATTEN=False, WS=False, TMA=True, XN_BLOCK=128, XN_UNROLL=1)
     # swept on H100 (benchmarks/NOTES_kernels.md). The ||x||^2 pass is only right on the GPU
     # with 64-column chunks (BLOCK_K or XN_BLOCK 32/128/256 gave wrong norms: v8, v9 sweep
-    # gates).
+    # gates); two chunks per step measured +3-8% at K=1024 (ab_norm_pass.py, bit-identical).
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
-                FLATTEN=False, WS=False, TMA=False, XN_BLOCK=64, XN_UNROLL=1)
+                FLATTEN=False, WS=False, TMA=False, XN_BLOCK=64, XN_UNROLL=2)
 
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
