@@ -139,7 +139,7 @@ def _assign_kernel(
     EVEN_N: tl.constexpr, PERM: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLATTEN: tl.constexpr, WS: tl.constexpr, XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr,
+    XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr,
 ):
     """Running top-2 of ``||c||^2 - 2 x.c`` (l2) / ``-x.c`` (cosine) per row.
 
@@ -184,7 +184,7 @@ def _assign_kernel(
     best_id = tl.full((BLOCK_M,), -1, tl.int32)
     second = tl.full((BLOCK_M,), float("inf"), tl.float32)
     second_id = tl.full((BLOCK_M,), -1, tl.int32)
-    for c0 in tl.range(c_lo, c_hi, BLOCK_N, flatten=FLATTEN, warp_specialize=WS):
+    for c0 in range(c_lo, c_hi, BLOCK_N):
         cn = _load_col(cn_ptr, c0, c_hi, offs_n, L2, 0.0)
         c_scale = _load_col(c_scale_ptr, c0, c_hi, offs_n, SCALED, 1.0)
         acc = _tile_dot(x_rows, x_desc, c_desc, c_ptr, r0, c0, c_hi, offs_n, offs_k,
@@ -276,18 +276,18 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
     if device.type != "cuda":  # interpreter: tiny tiles keep it quick
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1,
-                    FLATTEN=False, WS=False, TMA=False, XN_BLOCK=16, XN_UNROLL=1)
+                    TMA=False, XN_BLOCK=16, XN_UNROLL=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3,
-                    FLATTEN=False, WS=False, TMA=False, XN_BLOCK=32, XN_UNROLL=1)
+                    TMA=False, XN_BLOCK=32, XN_UNROLL=1)
     if dtype == torch.float8_e4m3fn:  # the shortlist pass: same bytes per k-step as bf16
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3,
-                    FLATTEN=False, WS=False, TMA=True, XN_BLOCK=128, XN_UNROLL=1)
+                    TMA=True, XN_BLOCK=128, XN_UNROLL=1)
     # swept on H100 (benchmarks/NOTES_kernels.md). The ||x||^2 pass is only right on the GPU
     # with 64-column chunks (BLOCK_K or XN_BLOCK 32/128/256 gave wrong norms: v8, v9 sweep
     # gates); two chunks per step measured +3-8% at K=1024 (ab_norm_pass.py, bit-identical).
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
-                FLATTEN=False, WS=False, TMA=False, XN_BLOCK=64, XN_UNROLL=2)
+                TMA=False, XN_BLOCK=64, XN_UNROLL=2)
 
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
