@@ -5,7 +5,12 @@ epilogue keeps a running top-2 per row in registers, so the N x K distance matri
 never written. The ranking score is ``||c||^2 - 2 x.c`` (l2) or ``-x.c`` (cosine); the
 row constant ``||x||^2`` is added once at the end. bf16/fp16 inputs run on bf16/fp16
 tensor cores (centroids are cast to the input dtype); fp32 inputs use 3xTF32, which is
-close to fp32 accuracy.
+close to fp32 accuracy. Operands are loaded with clamped pointers by default, or through
+tensor descriptors (TMA, ``TMA=True``; validated, no faster for bf16 on H100).
+
+The fp8 shortlist runs the same kernel on e4m3 copies (per-row scales) keeping the two
+best ids, then ``_rerank_kernel`` decides between them with exact distances from the
+original inputs.
 
 Determinism: the launch configuration depends on (dtype, D, K) only, never on N, and a
 row's arithmetic does not depend on the other rows of its tile, so a row's result does
