@@ -198,6 +198,15 @@ def test_fp8_shortlist_reranks_exactly(metric, shape):
         assert bool(torch.isinf(out.second).all())
 
 
+def test_fp8_shortlist_without_fp8_hardware_runs_exact(monkeypatch):
+    x, c = make(30, 20, 16, seed=15)
+    monkeypatch.setattr(T, "fp8_supported", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="exact kernel"):
+        out = K.assign(x, c, backend="triton", fp8_shortlist=True)
+    ref = K.assign(x, c, backend="triton")
+    assert torch.equal(out.ids, ref.ids) and torch.equal(out.distance, ref.distance)
+
+
 def test_fp8_shortlist_batch_independent():
     x, c = make(70, 40, 32, seed=13)
     full = K.assign(x, c, backend="triton", with_second=True, fp8_shortlist=True)

@@ -25,6 +25,7 @@ Import this module only when Triton is wanted; ``mdf_taxonomy.kernels`` does it 
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 
 import torch
@@ -553,8 +554,9 @@ def assign_shortlist_triton(
     result does not depend on the batch.
     """
     if not fp8_supported(x.device):
-        raise RuntimeError("the fp8 shortlist needs fp8 tensor cores (compute capability "
-                           ">= 8.9)")
+        warnings.warn("fp8_shortlist needs fp8 tensor cores (compute capability >= 8.9); "
+                      "running the exact kernel instead", RuntimeWarning, stacklevel=3)
+        return assign_triton(x, centroids, metric=metric, with_second=with_second)
     x, c, cn = _prep(x, centroids, metric)
     c8, c_scale = _fp8_centroids(centroids, c)
     k, d = c.shape
