@@ -87,7 +87,8 @@ def assign(
     pass L2-normalised inputs for cosine). ``fp8_shortlist``: on the Triton backend, rank
     all centroids in fp8 (e4m3, twice the bf16 tensor-core rate), then re-rank the top
     two exactly; ids can differ from the exact ones only at fp8-resolution near-ties and
-    ``second`` is then an upper bound. The torch backend always computes the exact result.
+    ``second`` is then an upper bound. The torch backend, and GPUs without fp8 tensor cores
+    (with a warning), compute the exact result.
     """
     if resolve_backend(backend, x.device) == "triton":
         fn = _tk().assign_shortlist_triton if fp8_shortlist else _tk().assign_triton
