@@ -5,8 +5,10 @@ The variable must be set before Triton JIT-decorates the kernels, hence at impor
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import weakref
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -151,6 +153,24 @@ def test_centroid_cache_sees_inplace_updates(monkeypatch):
     b = K.assign(x, c, backend="triton")
     ref = K.assign(x, c, backend="torch")
     assert torch.equal(b.ids, ref.ids) and b.ids[0] != a.ids[0]
+    T._CENTROID_CACHE.clear()
+
+
+def test_centroid_cache_is_bounded_and_keeps_nothing_alive(monkeypatch):
+    """Cast and fp8 entries share one bounded cache that holds no strong reference to the
+    centroids it was built from."""
+    monkeypatch.setattr(T, "_CACHE_MIN_ELEMS", 0)
+    T._CENTROID_CACHE.clear()
+    x = torch.randn(8, 16)
+    refs = []
+    for _ in range(6):
+        c = torch.randn(5, 16)
+        K.assign(x, c, backend="triton", fp8_shortlist=True)
+        refs.append(weakref.ref(c))
+        del c
+    assert 0 < len(T._CENTROID_CACHE) <= 4
+    gc.collect()
+    assert all(r() is None for r in refs)
     T._CENTROID_CACHE.clear()
 
 

@@ -39,6 +39,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _load_k_chunk(desc, rows_ptr, r0, k0, kk, D: tl.constexpr, TMA: tl.constexpr,
+                  EVEN_D: tl.constexpr):
+    """One BLOCK_K-wide chunk of an operand: through its tensor descriptor (TMA: hardware
+    zero fill past the edges) or through clamped row pointers (masked in D only)."""
+    if TMA:
+        v = desc.load([r0, k0])
+    elif EVEN_D:
+        v = tl.load(rows_ptr + kk[None, :])
+    else:
+        v = tl.load(rows_ptr + kk[None, :], mask=kk[None, :] < D, other=0.0)
+    return v
+
+
+@triton.jit
 def _tile_dot(x_rows, x_desc, c_desc, c_ptr, r0, c0, c_hi, offs_n, offs_k, stride_c,
               D: tl.constexpr, EVEN_D: tl.constexpr, IS_FP32: tl.constexpr,
               TMA_X: tl.constexpr, TMA_C: tl.constexpr,
@@ -46,26 +60,15 @@ def _tile_dot(x_rows, x_desc, c_desc, c_ptr, r0, c0, c_hi, offs_n, offs_k, strid
     """x_block @ c_tile^T over D on tensor cores.
 
     Pointer loads clamp row/column indices into range (no row/column masks: out-of-range
-    lanes read a valid row, masked later at the score or the store). TMA loads (tensor
-    descriptors) fill out-of-range elements with zeros in hardware.
+    lanes read a valid row, masked later at the score or the store).
     """
     cols = tl.maximum(tl.minimum(c0 + offs_n, c_hi - 1), 0)
     c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_c
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
-        if TMA_X:
-            a = x_desc.load([r0, k0])
-        elif EVEN_D:
-            a = tl.load(x_rows + kk[None, :])
-        else:
-            a = tl.load(x_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
-        if TMA_C:
-            b = c_desc.load([c0, k0])
-        elif EVEN_D:
-            b = tl.load(c_rows + kk[None, :])
-        else:
-            b = tl.load(c_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
+        a = _load_k_chunk(x_desc, x_rows, r0, k0, kk, D, TMA_X, EVEN_D)
+        b = _load_k_chunk(c_desc, c_rows, c0, k0, kk, D, TMA_C, EVEN_D)
         if IS_FP32:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32x3")
         else:
@@ -356,38 +359,49 @@ def _prep(x: torch.Tensor, centroids: torch.Tensor, metric: str):
     return x, c, cn
 
 
-# (id(centroids), dtype, device, l2) -> (weakref, version, cast copy or None, ||c||^2)
+# (id(centroids), what, device) -> (weakref to centroids, their version, prepared value)
 _CENTROID_CACHE: dict = {}
 _CACHE_MIN_ELEMS = 1 << 24  # only large centroid sets (a tree level) are worth caching
 
 
-def _prepared_centroids(centroids: torch.Tensor, dtype, device, l2: bool):
-    """Centroids cast to the input dtype and their fp32 squared norms, cached per tensor.
+def _cached_for(centroids: torch.Tensor, what: tuple, build):
+    """``build()`` for these centroids, cached per tensor.
 
     A grouped level can hold ~1M centroids: casting and norming them on every call cost
     more than the kernel (measured 7 ms of 13 ms per level). The cache is keyed on the
     tensor's identity (weakref) and its in-place version counter, so any change to the
-    centroids (through any view) recomputes.
+    centroids (through any view) rebuilds; it holds at most 4 entries.
     """
-    key = (id(centroids), dtype, str(device), l2)
+    key = (id(centroids), *what)
     hit = _CENTROID_CACHE.get(key)
     if hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
-        return (centroids if hit[2] is None else hit[2]), hit[3]
-    c = centroids.to(device=device, dtype=dtype).contiguous()
-    if l2:
-        cn = torch.empty(c.shape[0], dtype=torch.float32, device=device)
-        for i in range(0, c.shape[0], 1 << 16):  # bounded fp32 temporaries
-            cn[i : i + (1 << 16)] = c[i : i + (1 << 16)].float().pow(2).sum(1)
-    else:
-        cn = c.new_empty(1, dtype=torch.float32)
+        return hit[2]
+    value = build()
     if centroids.numel() >= _CACHE_MIN_ELEMS:
         for k in [k for k, v in _CENTROID_CACHE.items() if v[0]() is None]:
             del _CENTROID_CACHE[k]
         while len(_CENTROID_CACHE) >= 4:
             del _CENTROID_CACHE[next(iter(_CENTROID_CACHE))]
-        copy = None if c.data_ptr() == centroids.data_ptr() else c
-        _CENTROID_CACHE[key] = (weakref.ref(centroids), centroids._version, copy, cn)
-    return c, cn
+        _CENTROID_CACHE[key] = (weakref.ref(centroids), centroids._version, value)
+    return value
+
+
+def _prepared_centroids(centroids: torch.Tensor, dtype, device, l2: bool):
+    """Centroids cast to the input dtype and their fp32 squared norms (cached)."""
+
+    def build():
+        c = centroids.to(device=device, dtype=dtype).contiguous()
+        if l2:
+            cn = torch.empty(c.shape[0], dtype=torch.float32, device=device)
+            for i in range(0, c.shape[0], 1 << 16):  # bounded fp32 temporaries
+                cn[i : i + (1 << 16)] = c[i : i + (1 << 16)].float().pow(2).sum(1)
+        else:
+            cn = c.new_empty(1, dtype=torch.float32)
+        # no cast needed: keep no second reference, or the cache would keep them alive
+        return (None if c.data_ptr() == centroids.data_ptr() else c), cn
+
+    c, cn = _cached_for(centroids, (dtype, str(device), l2), build)
+    return (centroids if c is None else c), cn
 
 
 def _empty_out(n: int, device, with_second: bool):
@@ -522,15 +536,8 @@ def _to_fp8_rows(t: torch.Tensor, chunk: int = 1 << 16):
 
 
 def _fp8_centroids(centroids: torch.Tensor, c: torch.Tensor):
-    """Quantised centroids, cached per tensor like the cast ones (same key rules)."""
-    key = (id(centroids), "fp8", str(c.device))
-    hit = _CENTROID_CACHE.get(key)
-    if hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
-        return hit[2], hit[3]
-    q, scale = _to_fp8_rows(c)
-    if centroids.numel() >= _CACHE_MIN_ELEMS:
-        _CENTROID_CACHE[key] = (weakref.ref(centroids), centroids._version, q, scale)
-    return q, scale
+    """The cast centroids quantised to e4m3 with their scales (cached like the cast)."""
+    return _cached_for(centroids, ("fp8", str(c.device)), lambda: _to_fp8_rows(c))
 
 
 def fp8_supported(device: torch.device) -> bool:
