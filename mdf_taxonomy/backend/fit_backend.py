@@ -76,16 +76,15 @@ class FitBucket:
         cut: dict[int, int] = {}
         for p, n in parent_rows.items():
             self.parent_rows[int(p)] = self.parent_rows.get(int(p), 0) + int(n)
-        for p in np.unique(parents):
-            mine = parents == p
+        for p, mine in rows_by_key(parents):
             prio, vec = priorities[mine], vectors[mine]
-            if int(p) in self.samples:
-                old_prio, old_vec = self.samples[int(p)]
+            if p in self.samples:
+                old_prio, old_vec = self.samples[p]
                 prio, vec = np.concatenate([old_prio, prio]), np.concatenate([old_vec, vec])
             keep = bottom_k(prio, k)
-            self.samples[int(p)] = (prio[keep], vec[keep])
+            self.samples[p] = (prio[keep], vec[keep])
             if len(keep) == k:
-                cut[int(p)] = int(prio[keep[-1]])
+                cut[p] = int(prio[keep[-1]])
         self._count(totals, rejected)
         return cut
 
@@ -99,6 +98,15 @@ class FitBucket:
             "samples": {p: v[1] for p, v in self.samples.items()},
             "parent_rows": dict(self.parent_rows),
         }
+
+
+def rows_by_key(keys: np.ndarray):
+    """(key, row indices) for each distinct key, ascending: one stable sort instead of a
+    scan of all rows per key (a sampling batch can touch thousands of parents)."""
+    order = np.argsort(keys, kind="stable")
+    uniq, starts = np.unique(keys[order], return_index=True)
+    for key, idx in zip(uniq, np.split(order, starts[1:]), strict=True):
+        yield int(key), idx
 
 
 def bottom_k(priorities: np.ndarray, k: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 
 from mdf_taxonomy import _mdf
 from mdf_taxonomy._mdf import Refiner
-from mdf_taxonomy.backend import FitBackend, PartialsCombiner, bottom_k
+from mdf_taxonomy.backend import FitBackend, PartialsCombiner, bottom_k, rows_by_key
 from mdf_taxonomy.kernels import partial_sums
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore, format_path
 from mdf_taxonomy.model.fitting import inertia_to_fixed, sample_priorities
@@ -284,22 +284,19 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
             self._sample_cut = (pass_id, {})
         cut = self._sample_cut[1]
         keep = []  # only rows that can still enter a parent's bottom-k travel
-        for p in np.unique(par):
-            idx = np.flatnonzero(par == p)
-            if int(p) in cut:
-                idx = idx[prio[idx] < np.uint64(cut[int(p)])]
+        parent_rows = {}
+        for p, idx in rows_by_key(par):
+            parent_rows[p] = len(idx)
+            if p in cut:
+                idx = idx[prio[idx] < np.uint64(cut[p])]
             keep.append(idx[bottom_k(prio[idx], k)])
         keep_idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
         cut.update(self.backend.offer_samples(
             pass_id, flush_id, par[keep_idx], prio[keep_idx], rows[keep_idx], k,
-            _count_parents(par), totals, parsed.reasons()))
+            parent_rows, totals, parsed.reasons()))
 
     def get_stats(self) -> dict:
         stats = super().get_stats()
         stats["flush_failures"] = self.flush_failures
         return stats
 
-
-def _count_parents(par: np.ndarray) -> dict[int, int]:
-    uniq, n = np.unique(par, return_counts=True)
-    return {int(p): int(c) for p, c in zip(uniq, n, strict=True)}
