@@ -63,3 +63,12 @@ def test_repair_stays_within_the_parent():
     # node 1 (empty) is the only child of parent 1: nothing to split, it keeps its centroid
     new, repaired = update_centroids(sums, counts, prev, np.array([0, 1, 2]), "l2")
     assert repaired == 0 and np.allclose(new[1], [9.0, 9.0])
+
+
+def test_rows_by_key_groups_every_row_once_in_order():
+    from mdf_taxonomy.backend import rows_by_key
+
+    keys = np.array([3, 1, 3, 0, 1, 3])
+    got = [(k, idx.tolist()) for k, idx in rows_by_key(keys)]
+    assert got == [(0, [3]), (1, [1, 4]), (3, [0, 2, 5])]
+    assert list(rows_by_key(np.zeros(0, np.int64))) == []

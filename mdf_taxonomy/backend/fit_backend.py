@@ -103,6 +103,8 @@ class FitBucket:
 def rows_by_key(keys: np.ndarray):
     """(key, row indices) for each distinct key, ascending: one stable sort instead of a
     scan of all rows per key (a sampling batch can touch thousands of parents)."""
+    if keys.size == 0:
+        return
     order = np.argsort(keys, kind="stable")
     uniq, starts = np.unique(keys[order], return_index=True)
     for key, idx in zip(uniq, np.split(order, starts[1:]), strict=True):
