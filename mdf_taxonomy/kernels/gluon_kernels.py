@@ -35,26 +35,29 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=6)
+CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=3, REGS_CONSUMER=224,
+              REGS_PRODUCER=24)
 
 
 @gluon.jit
 def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, r0, n_tiles,
               D: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
               STAGES: gl.constexpr):
-    """Stage i = tile * KSTEPS + k-step, loaded in order; waits for the stage to be free."""
+    """Tile t goes to ring t % 2 (its consumer's), in tile order. Step i of a ring uses
+    slot i % STAGES and waits until the slot's previous use was released."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     nbytes: gl.constexpr = x_desc.block_type.nbytes + c_desc.block_type.nbytes
-    i = 0
     for t in range(n_tiles):
-        for kk in gl.static_range(KSTEPS):
-            s = i % STAGES
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # 1st round: passes
-            mbarrier.expect(ready.index(s), nbytes)
-            tma.async_copy_global_to_shared(x_desc, [r0, kk * BLOCK_K], ready.index(s),
-                                            x_bufs.index(s))
+        base = (t % 2) * STAGES
+        i = (t // 2) * KSTEPS
+        for kk in range(KSTEPS):
+            slot = base + i % STAGES
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # 1st round passes
+            mbarrier.expect(ready.index(slot), nbytes)
+            tma.async_copy_global_to_shared(x_desc, [r0, kk * BLOCK_K], ready.index(slot),
+                                            x_bufs.index(slot))
             tma.async_copy_global_to_shared(c_desc, [t * BLOCK_N, kk * BLOCK_K],
-                                            ready.index(s), c_bufs.index(s))
+                                            ready.index(slot), c_bufs.index(slot))
             i += 1
 
 
@@ -67,18 +70,21 @@ def _tile_scores(x_bufs, c_bufs, ready, empty, cn_ptr, t, K,
     once the next MMA is issued), then the scores."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-    i = t * KSTEPS
+    # this consumer's ring: slots base .. base + STAGES - 1; only it waits on them, and
+    # never more than one phase ahead (a shared ring would alias mbarrier parities)
+    base = (t % 2) * STAGES
+    i = (t // 2) * KSTEPS
     for kk in range(KSTEPS):
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        acc = warpgroup_mma(x_bufs.index(s), c_bufs.index(s).permute((1, 0)), acc,
+        slot = base + i % STAGES
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        acc = warpgroup_mma(x_bufs.index(slot), c_bufs.index(slot).permute((1, 0)), acc,
                             is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        # the previous step's MMA is done: its stage goes back to the producer
-        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+        # the previous step's MMA is done: its slot goes back to the producer
+        mbarrier.arrive(empty.index(base + (i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
         i += 1
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
+    mbarrier.arrive(empty.index(base + (i + STAGES - 1) % STAGES), count=1)
     # ||c||^2 loaded only now: held across the loop it would cost registers; its latency
     # is covered by the other consumer's MMAs
     cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
@@ -175,16 +181,18 @@ def _consumer_other(x_bufs, c_bufs, ready, empty, cn_ptr, n_tiles, K, x_ptr, str
 def _ws_assign_kernel(x_desc, c_desc, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
                       D: gl.constexpr, L2: gl.constexpr, WITH_SECOND: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                      STAGES: gl.constexpr):
+                      STAGES: gl.constexpr, REGS_CONSUMER: gl.constexpr,
+                      REGS_PRODUCER: gl.constexpr):
     r0 = gl.program_id(0) * BLOCK_M
     n_tiles = gl.cdiv(K, BLOCK_N)
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K],
+    # two rings of STAGES slots, one per consumer
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K],
                                        x_desc.layout)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, BLOCK_K],
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2 * STAGES, BLOCK_N, BLOCK_K],
                                        c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
+    ready = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(2 * STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
@@ -203,7 +211,7 @@ def _ws_assign_kernel(x_desc, c_desc, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr
                             BLOCK_N, BLOCK_K, STAGES)),
          (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, r0, n_tiles, D,
                       BLOCK_N, BLOCK_K, STAGES))],
-        [4, 1], [232, 40])
+        [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
     # merge the second consumer's top-2 (odd tiles): ties go to the lower id
     layout: gl.constexpr = best.type.layout
@@ -256,4 +264,5 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
     _ws_assign_kernel[(triton.cdiv(n, bm),)](
         x_desc, c_desc, x, x.stride(0), cn, ids, dist, dist if sec is None else sec, n, c.shape[0],
         D=d, L2=metric == "l2", WITH_SECOND=sec is not None, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, STAGES=conf["STAGES"], num_warps=4)
+        BLOCK_K=bk, STAGES=conf["STAGES"], REGS_CONSUMER=conf["REGS_CONSUMER"],
+        REGS_PRODUCER=conf["REGS_PRODUCER"], num_warps=4)
