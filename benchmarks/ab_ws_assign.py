@@ -82,9 +82,12 @@ def bench(conf) -> list[dict]:
                     "gluon ws": lambda x=x, c=c: run_ws(x, c, "l2", conf),
                     "tl cosine": lambda x=x, c=c: run_tl(x, c, "cosine"),
                     "gluon ws cosine": lambda x=x, c=c: run_ws(x, c, "cosine", conf)}
+        for extra in filter(None, os.environ.get("WS_VARIANTS", "").split(";")):
+            v = dict(conf, **{a: int(b) for a, b in (kv.split("=") for kv in extra.split(","))})
+            variants[f"gluon ws {extra}"] = lambda x=x, c=c, v=v: run_ws(x, c, "l2", v)
         times: dict = {v: [] for v in variants}
         budget = 0.4 if k < 65536 else 0.8
-        for _ in range(5):
+        for _ in range(4):
             for name, fn in variants.items():
                 times[name].append(timeit(fn, max_reps=8, budget_s=budget))
         for name, ts in times.items():
@@ -93,7 +96,7 @@ def bench(conf) -> list[dict]:
                              frac=r / roof,
                              spread=(max(ts) - min(ts)) / statistics.median(ts)))
     print(f"bf16 matmul {rate / 1e12:.0f} TFLOP/s")
-    print("| K | variant | rows/s (median of 5 rounds) | % of bf16 roofline | spread |")
+    print("| K | variant | rows/s (median of 4 rounds) | % of bf16 roofline | spread |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['K']} | {r['variant']} | {r['rows_per_s'] / 1e6:.1f} M | "
