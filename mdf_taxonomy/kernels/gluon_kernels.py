@@ -40,31 +40,34 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4, REGS_CONSUMER=224,
+CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, REGS_CONSUMER=224,
               REGS_PRODUCER=24)
 
 
 @gluon.jit
-def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, r0, n_tiles,
+def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, n_tiles,
               D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """Step i (tile-major, then D chunk) fills slot i % STAGES once both consumers freed
-    its previous use."""
+    """Step i (row block, tile, D chunk) fills slot i % STAGES once both consumers freed
+    its previous use; it runs ahead across tile and row-block boundaries."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + c_desc.block_type.nbytes
     i = 0
-    for t in range(n_tiles):
-        for kk in range(KSTEPS):
-            s = i % STAGES
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # 1st round passes
-            bar = ready.index(s)
-            mbarrier.expect(bar, nbytes)
-            tma.async_copy_global_to_shared(x_desc, [r0, kk * BLOCK_K], bar, x_bufs.index(s))
-            tma.async_copy_global_to_shared(x_desc, [r0 + BLOCK_M, kk * BLOCK_K], bar,
-                                            x_bufs.index(STAGES + s))
-            tma.async_copy_global_to_shared(c_desc, [t * BLOCK_N, kk * BLOCK_K], bar,
-                                            c_bufs.index(s))
-            i += 1
+    for rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
+        r0 = rb * (2 * BLOCK_M)
+        for t in range(n_tiles):
+            for kk in range(KSTEPS):
+                s = i % STAGES
+                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # 1st round passes
+                bar = ready.index(s)
+                mbarrier.expect(bar, nbytes)
+                tma.async_copy_global_to_shared(x_desc, [r0, kk * BLOCK_K], bar,
+                                                x_bufs.index(s))
+                tma.async_copy_global_to_shared(x_desc, [r0 + BLOCK_M, kk * BLOCK_K], bar,
+                                                x_bufs.index(STAGES + s))
+                tma.async_copy_global_to_shared(c_desc, [t * BLOCK_N, kk * BLOCK_K], bar,
+                                                c_bufs.index(s))
+                i += 1
 
 
 @gluon.jit
@@ -106,7 +109,7 @@ def _row_sqnorm(x_ptr, stride_x, rows, D: gl.constexpr, BLOCK_M: gl.constexpr):
 
 @gluon.jit
 def _consumer(x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr,
-              sec_ptr, r0, N, K, n_tiles, HALF: gl.constexpr, D: gl.constexpr,
+              sec_ptr, n_blocks, N, K, n_tiles, HALF: gl.constexpr, D: gl.constexpr,
               L2: gl.constexpr, WITH_SECOND: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
     """Rows r0 + HALF * BLOCK_M ... against all centroid tiles; writes its own rows."""
@@ -114,51 +117,53 @@ def _consumer(x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr, di
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_N, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma)
-    rows = r0 + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
-    row_mask = rows < N
-    rows = gl.minimum(rows, N - 1)
-    if L2 and HALF == 1:  # first: this consumer starts late, the other one runs alone
-        xn = gl.convert_layout(_row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M), row_layout)
-    best = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
-    second = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
-    best_id = gl.full([BLOCK_M], -1, gl.int32, layout=row_layout)
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     i = 0
-    for t in range(n_tiles):
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-        for kk in range(KSTEPS):
-            s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            acc = warpgroup_mma(x_bufs.index(HALF * STAGES + s),
-                                c_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            # the previous step's MMA is done: release its slot (count 2: both halves)
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
-            i += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-        # ||c||^2 is loaded only now: held across the loop it would cost registers
-        cols = t * BLOCK_N + offs_n
+    for rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
+        r0 = rb * (2 * BLOCK_M)
+        rows = r0 + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
+        row_mask = rows < N
+        rows = gl.minimum(rows, N - 1)
+        if L2 and HALF == 1:  # first: this consumer starts late, the other one runs alone
+            xn = gl.convert_layout(_row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M), row_layout)
+        best = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
+        second = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
+        best_id = gl.full([BLOCK_M], -1, gl.int32, layout=row_layout)
+        for t in range(n_tiles):
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+            for kk in range(KSTEPS):
+                s = i % STAGES
+                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+                acc = warpgroup_mma(x_bufs.index(HALF * STAGES + s),
+                                    c_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                # the previous step's MMA is done: release its slot (count 2: both halves)
+                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+                i += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
+            # ||c||^2 is loaded only now: held across the loop it would cost registers
+            cols = t * BLOCK_N + offs_n
+            if L2:
+                cn = gl.load(cn_ptr + cols, mask=cols < K, other=0.0)
+                s_tile = cn[None, :] - 2.0 * acc
+            else:
+                s_tile = -acc
+            s_tile = gl.where((cols < K)[None, :], s_tile, float("inf"))
+            best, best_id, second = _fold_top2(s_tile, t * BLOCK_N, best, best_id, second)
         if L2:
-            cn = gl.load(cn_ptr + cols, mask=cols < K, other=0.0)
-            s_tile = cn[None, :] - 2.0 * acc
+            if HALF == 0:  # last: overlaps the other consumer's final tiles
+                xn = gl.convert_layout(_row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M),
+                                       row_layout)
+            dist = gl.maximum(best + xn, 0.0)
+            second = gl.maximum(second + xn, 0.0)
         else:
-            s_tile = -acc
-        s_tile = gl.where((cols < K)[None, :], s_tile, float("inf"))
-        best, best_id, second = _fold_top2(s_tile, t * BLOCK_N, best, best_id, second)
-    if L2:
-        if HALF == 0:  # last: overlaps the other consumer's final tiles
-            xn = gl.convert_layout(_row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M),
-                                   row_layout)
-        dist = gl.maximum(best + xn, 0.0)
-        second = gl.maximum(second + xn, 0.0)
-    else:
-        dist = best + 1.0
-        second = second + 1.0
-    gl.store(ids_ptr + rows, best_id.to(gl.int64), mask=row_mask)
-    gl.store(dist_ptr + rows, dist, mask=row_mask)
-    if WITH_SECOND:
-        gl.store(sec_ptr + rows, second, mask=row_mask)
+            dist = best + 1.0
+            second = second + 1.0
+        gl.store(ids_ptr + rows, best_id.to(gl.int64), mask=row_mask)
+        gl.store(dist_ptr + rows, dist, mask=row_mask)
+        if WITH_SECOND:
+            gl.store(sec_ptr + rows, second, mask=row_mask)
 
 
 @gluon.jit
@@ -167,7 +172,7 @@ def _ws_assign_kernel(x_desc, c_desc, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                       STAGES: gl.constexpr, REGS_CONSUMER: gl.constexpr,
                       REGS_PRODUCER: gl.constexpr):
-    r0 = gl.program_id(0) * (2 * BLOCK_M)
+    n_blocks = gl.cdiv(N, 2 * BLOCK_M)
     n_tiles = gl.cdiv(K, BLOCK_N)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K],
                                        x_desc.layout)
@@ -181,13 +186,13 @@ def _ws_assign_kernel(x_desc, c_desc, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr
     fence_async_shared()
     gl.warp_specialize(
         [(_consumer, (x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr,
-                      dist_ptr, sec_ptr, r0, N, K, n_tiles, 0, D, L2, WITH_SECOND, BLOCK_M,
+                      dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 0, D, L2, WITH_SECOND, BLOCK_M,
                       BLOCK_N, BLOCK_K, STAGES)),
          (_consumer, (x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr,
-                      dist_ptr, sec_ptr, r0, N, K, n_tiles, 1, D, L2, WITH_SECOND, BLOCK_M,
+                      dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 1, D, L2, WITH_SECOND, BLOCK_M,
                       BLOCK_N, BLOCK_K, STAGES)),
-         (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, r0, n_tiles, D, BLOCK_M,
-                      BLOCK_N, BLOCK_K, STAGES))],
+         (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, n_tiles, D,
+                      BLOCK_M, BLOCK_N, BLOCK_K, STAGES))],
         [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
 
@@ -214,7 +219,8 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
                               gl.NVMMASharedLayout.get_default_for([bm, bk], dt))
     c_desc = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [bn, bk],
                               gl.NVMMASharedLayout.get_default_for([bn, bk], dt))
-    _ws_assign_kernel[(triton.cdiv(n, 2 * bm),)](
+    n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    _ws_assign_kernel[(min(triton.cdiv(n, 2 * bm), n_sms),)](
         x_desc, c_desc, x, x.stride(0), cn, ids, dist, dist if sec is None else sec, n,
         c.shape[0], D=d, L2=metric == "l2", WITH_SECOND=sec is not None, BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"], REGS_CONSUMER=conf["REGS_CONSUMER"],
