@@ -40,8 +40,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, REGS_CONSUMER=224,
-              REGS_PRODUCER=24)
+CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, LAG=0, XN_UNROLL=4,
+              REGS_CONSUMER=224, REGS_PRODUCER=24)
 
 
 @gluon.jit
@@ -92,69 +92,95 @@ def _fold_top2(s, c0, best, best_id, second):
 
 
 @gluon.jit
-def _row_sqnorm(x_ptr, stride_x, rows, D: gl.constexpr, BLOCK_M: gl.constexpr):
-    """||x||^2 of a row block from global memory (64-column chunks, fp32 sums)."""
+def _row_sqnorm(x_ptr, stride_x, rows, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                XN_UNROLL: gl.constexpr):
+    """||x||^2 of a row block from global memory: 64-column chunks, XN_UNROLL loads in
+    flight per step (alone, each is a bare round trip), fp32 sums in column order.
+    (Summing it from the x chunks already in shared memory, inside the MMA loop, spilled
+    700+ bytes per thread: the accumulator holds 128 of the consumer's registers.)"""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     rows = gl.convert_layout(rows, gl.SliceLayout(1, layout))
     offs = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
     x_rows = x_ptr + rows.to(gl.int64)[:, None] * stride_x
     xn = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, layout))
-    for k0 in range(0, D, 64):
-        kk = k0 + offs
-        xv = gl.load(x_rows + kk[None, :], mask=(kk < D)[None, :], other=0.0)
-        xv = xv.to(gl.float32)
-        xn += gl.sum(xv * xv, axis=1)
+    for k0 in range(0, D, 64 * XN_UNROLL):
+        for j in gl.static_range(XN_UNROLL):
+            kk = k0 + j * 64 + offs
+            xv = gl.load(x_rows + kk[None, :], mask=(kk < D)[None, :], other=0.0)
+            xv = xv.to(gl.float32)
+            xn += gl.sum(xv * xv, axis=1)
     return xn
 
 
 @gluon.jit
-def _consumer(x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr,
-              sec_ptr, n_blocks, N, K, n_tiles, HALF: gl.constexpr, D: gl.constexpr,
-              L2: gl.constexpr, WITH_SECOND: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """Rows r0 + HALF * BLOCK_M ... against all centroid tiles; writes its own rows."""
+def _tile_acc(x_bufs, c_bufs, ready, empty, lag_bar, i, HALF: gl.constexpr,
+              LAG: gl.constexpr, KSTEPS: gl.constexpr, STAGES: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr):
+    """x_half . c_tile^T over D: async wgmma, one group in flight; each slot is released
+    (count 2: both halves) once the next MMA is issued."""
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+    for kk in range(KSTEPS):
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        acc = warpgroup_mma(x_bufs.index(HALF * STAGES + s),
+                            c_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+        if LAG > 0 and HALF == 0:  # lets the other half start LAG steps behind
+            mbarrier.arrive(lag_bar, count=1, pred=i == LAG)
+        i += 1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
+    return acc, i
+
+
+@gluon.jit
+def _tile_scores(acc, cn_ptr, t, K, L2: gl.constexpr, BLOCK_N: gl.constexpr,
+                 mma: gl.constexpr):
+    """Scores of one tile; ||c||^2 is loaded only now (held across the D loop it would
+    cost registers)."""
+    cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    if L2:
+        cn = gl.load(cn_ptr + cols, mask=cols < K, other=0.0)
+        s_tile = cn[None, :] - 2.0 * acc
+    else:
+        s_tile = -acc
+    return gl.where((cols < K)[None, :], s_tile, float("inf"))
+
+
+@gluon.jit
+def _consumer(x_bufs, c_bufs, ready, empty, lag_bar, x_ptr, stride_x, cn_ptr, ids_ptr,
+              dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, HALF: gl.constexpr,
+              D: gl.constexpr, L2: gl.constexpr, WITH_SECOND: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+              STAGES: gl.constexpr, LAG: gl.constexpr, XN_UNROLL: gl.constexpr):
+    """Rows HALF * BLOCK_M ... of each of its row blocks against all centroid tiles;
+    writes its own rows."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_N, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma)
-    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    if LAG > 0 and HALF == 1:
+        mbarrier.wait(lag_bar, 0)
     i = 0
     for rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
-        r0 = rb * (2 * BLOCK_M)
-        rows = r0 + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
+        rows = rb * (2 * BLOCK_M) + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
         row_mask = rows < N
         rows = gl.minimum(rows, N - 1)
-        if L2 and HALF == 1:  # first: this consumer starts late, the other one runs alone
-            xn = gl.convert_layout(_row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M), row_layout)
+        if L2 and HALF == 1:  # first: this half starts late, the other one runs alone
+            xn = _row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M, XN_UNROLL)
         best = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
         second = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
         best_id = gl.full([BLOCK_M], -1, gl.int32, layout=row_layout)
         for t in range(n_tiles):
-            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-            for kk in range(KSTEPS):
-                s = i % STAGES
-                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-                acc = warpgroup_mma(x_bufs.index(HALF * STAGES + s),
-                                    c_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                # the previous step's MMA is done: release its slot (count 2: both halves)
-                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
-                i += 1
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-            # ||c||^2 is loaded only now: held across the loop it would cost registers
-            cols = t * BLOCK_N + offs_n
-            if L2:
-                cn = gl.load(cn_ptr + cols, mask=cols < K, other=0.0)
-                s_tile = cn[None, :] - 2.0 * acc
-            else:
-                s_tile = -acc
-            s_tile = gl.where((cols < K)[None, :], s_tile, float("inf"))
+            acc, i = _tile_acc(x_bufs, c_bufs, ready, empty, lag_bar, i, HALF, LAG, KSTEPS,
+                               STAGES, BLOCK_M, BLOCK_N, mma)
+            s_tile = _tile_scores(acc, cn_ptr, t, K, L2, BLOCK_N, mma)
             best, best_id, second = _fold_top2(s_tile, t * BLOCK_N, best, best_id, second)
         if L2:
-            if HALF == 0:  # last: overlaps the other consumer's final tiles
-                xn = gl.convert_layout(_row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M),
-                                       row_layout)
+            if HALF == 0:  # last: overlaps the other half's final steps
+                xn = _row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M, XN_UNROLL)
+            xn = gl.convert_layout(xn, row_layout)
             dist = gl.maximum(best + xn, 0.0)
             second = gl.maximum(second + xn, 0.0)
         else:
@@ -170,8 +196,8 @@ def _consumer(x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr, di
 def _ws_assign_kernel(x_desc, c_desc, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr, sec_ptr,
                       N, K, D: gl.constexpr, L2: gl.constexpr, WITH_SECOND: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                      STAGES: gl.constexpr, REGS_CONSUMER: gl.constexpr,
-                      REGS_PRODUCER: gl.constexpr):
+                      STAGES: gl.constexpr, LAG: gl.constexpr, XN_UNROLL: gl.constexpr,
+                      REGS_CONSUMER: gl.constexpr, REGS_PRODUCER: gl.constexpr):
     n_blocks = gl.cdiv(N, 2 * BLOCK_M)
     n_tiles = gl.cdiv(K, BLOCK_N)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K],
@@ -183,14 +209,16 @@ def _ws_assign_kernel(x_desc, c_desc, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)
+    lag_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(lag_bar, count=1)
     fence_async_shared()
     gl.warp_specialize(
-        [(_consumer, (x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr,
-                      dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 0, D, L2, WITH_SECOND, BLOCK_M,
-                      BLOCK_N, BLOCK_K, STAGES)),
-         (_consumer, (x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr,
-                      dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 1, D, L2, WITH_SECOND, BLOCK_M,
-                      BLOCK_N, BLOCK_K, STAGES)),
+        [(_consumer, (x_bufs, c_bufs, ready, empty, lag_bar, x_ptr, stride_x, cn_ptr,
+                      ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 0, D, L2,
+                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, LAG, XN_UNROLL)),
+         (_consumer, (x_bufs, c_bufs, ready, empty, lag_bar, x_ptr, stride_x, cn_ptr,
+                      ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 1, D, L2,
+                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, LAG, XN_UNROLL)),
          (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, n_tiles, D,
                       BLOCK_M, BLOCK_N, BLOCK_K, STAGES))],
         [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
@@ -223,5 +251,7 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
     _ws_assign_kernel[(min(triton.cdiv(n, 2 * bm), n_sms),)](
         x_desc, c_desc, x, x.stride(0), cn, ids, dist, dist if sec is None else sec, n,
         c.shape[0], D=d, L2=metric == "l2", WITH_SECOND=sec is not None, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"], REGS_CONSUMER=conf["REGS_CONSUMER"],
+        BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"],
+        LAG=min(conf["LAG"], conf["STAGES"] - 1),  # a lag >= STAGES would deadlock
+        XN_UNROLL=conf["XN_UNROLL"], REGS_CONSUMER=conf["REGS_CONSUMER"],
         REGS_PRODUCER=conf["REGS_PRODUCER"], num_warps=4)
