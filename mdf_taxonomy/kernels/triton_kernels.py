@@ -301,6 +301,22 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
 
+# The warp-specialised Gluon kernel (gluon_kernels.py) serves cosine at small K, where it
+# measured faster (NOTES_kernels.md, v11); its scores are bit-identical to this kernel's,
+# so the choice never changes a result. Checked on the H100 with these Triton versions.
+USE_WS = True  # benchmarks switch it off for A/B runs
+WS_TRITON = ("3.6.",)
+WS_MAX_K = 4096
+
+
+def _use_ws(xs: torch.Tensor, c: torch.Tensor, metric: str, k: int) -> bool:
+    if not (USE_WS and metric == "cosine" and k <= WS_MAX_K and xs.is_cuda
+            and triton.__version__.startswith(WS_TRITON) and _OVERRIDE is None):
+        return False
+    from . import gluon_kernels
+
+    return gluon_kernels.supported(xs, c)
+
 
 def _tma_ok(t: torch.Tensor) -> bool:
     """Tensor descriptors (TMA) need Hopper (or the interpreter), unit inner stride and
@@ -457,6 +473,11 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
         tps = triton.cdiv(c_tiles, splits)
         splits = triton.cdiv(c_tiles, tps)
         opts = dict(metric=metric, with_second=with_second, k=k)
+        if splits == 1 and cfg is None and _use_ws(xs, c, metric, k):
+            from . import gluon_kernels
+
+            gluon_kernels.assign_ws(xs, c, cn, ids, dist, sec, metric=metric)
+            return ids, dist, sec
         if splits == 1:
             _launch_assign((row_blocks,), xs, c, cn, ids, dist, sec, conf, **opts)
             return ids, dist, sec
