@@ -73,7 +73,7 @@ def check(conf) -> list[dict]:
                 ok = ties and rel < 1e-5 and rel2 < 1e-5 and sec_inf
                 # cosine has no norm pass: scores, hence results, must be bit-identical
                 # (the dispatcher relies on it when it picks the Gluon kernel)
-                same = all(torch.equal(u, v) for u, v in zip(a, b))
+                same = all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
                 if metric == "cosine":
                     ok = ok and same
                 out.append(dict(dtype=str(dtype), metric=metric, n=n, k=k, d=d,
