@@ -306,3 +306,16 @@ def test_norm_pass_chunking(monkeypatch, xn_block, xn_unroll):
     if xn_block == 16:  # the default chunk width: the same additions in the same order
         assert torch.equal(out.distance, ref.distance)
     assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-4)
+
+
+def test_gluon_kernel_only_where_validated():
+    """The warp-specialised Gluon kernel is picked only for cosine at small K on CUDA
+    (sm90, 16-bit, validated Triton); everywhere else the tl kernel runs, so CPU runs
+    and other GPUs never import Gluon."""
+    from mdf_taxonomy.kernels import triton_kernels as tk
+
+    x = torch.randn(64, 32)
+    c = torch.randn(8, 32)
+    assert not tk._use_ws(x, c, "cosine", 8)  # CPU
+    assert not tk._use_ws(x, c, "l2", 8)
+    assert tk.WS_MAX_K >= 1024 and tk.WS_TRITON
