@@ -20,8 +20,8 @@ two consumers alternate 128 x 128 tiles of the same rows (ping-pong): correct, b
 moves 33% more bytes per flop and measured slower than the ``tl.*`` kernel.
 
 Scores are those of the ``tl.*`` kernel (fp32 wgmma accumulation over D in 16-wide steps,
-``||c||^2 - 2 x.c``; lowest id wins ties). Scope: bf16/fp16 on sm90 with TMA-compatible
-rows (D % 8 == 0); everything else, and the grouped and fp8 paths, use
+``||c||^2 - 2 x.c``; lowest id wins ties). Scope (``triton_kernels._use_ws`` decides): bf16/fp16
+on sm90 with TMA-compatible rows; everything else, and the grouped and fp8 paths, use
 ``triton_kernels``. Import only on CUDA.
 """
 
@@ -40,7 +40,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, LAG=0, XN_UNROLL=4,
+from .triton_kernels import _n_sms, _store_rows
+
+CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, XN_UNROLL=4,
               REGS_CONSUMER=224, REGS_PRODUCER=24)
 
 
@@ -113,8 +115,8 @@ def _row_sqnorm(x_ptr, stride_x, rows, D: gl.constexpr, BLOCK_M: gl.constexpr,
 
 
 @gluon.jit
-def _tile_acc(x_bufs, c_bufs, ready, empty, lag_bar, i, HALF: gl.constexpr,
-              LAG: gl.constexpr, KSTEPS: gl.constexpr, STAGES: gl.constexpr,
+def _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF: gl.constexpr,
+              KSTEPS: gl.constexpr, STAGES: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr):
     """x_half . c_tile^T over D: async wgmma, one group in flight; each slot is released
     (count 2: both halves) once the next MMA is issued."""
@@ -126,8 +128,6 @@ def _tile_acc(x_bufs, c_bufs, ready, empty, lag_bar, i, HALF: gl.constexpr,
                             c_bufs.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
-        if LAG > 0 and HALF == 0:  # lets the other half start LAG steps behind
-            mbarrier.arrive(lag_bar, count=1, pred=i == LAG)
         i += 1
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
@@ -149,19 +149,17 @@ def _tile_scores(acc, cn_ptr, t, K, L2: gl.constexpr, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _consumer(x_bufs, c_bufs, ready, empty, lag_bar, x_ptr, stride_x, cn_ptr, ids_ptr,
+def _consumer(x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr, ids_ptr,
               dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, HALF: gl.constexpr,
               D: gl.constexpr, L2: gl.constexpr, WITH_SECOND: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-              STAGES: gl.constexpr, LAG: gl.constexpr, XN_UNROLL: gl.constexpr):
+              STAGES: gl.constexpr, XN_UNROLL: gl.constexpr):
     """Rows HALF * BLOCK_M ... of each of its row blocks against all centroid tiles;
     writes its own rows."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_N, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma)
-    if LAG > 0 and HALF == 1:
-        mbarrier.wait(lag_bar, 0)
     i = 0
     for rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
         rows = rb * (2 * BLOCK_M) + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
@@ -173,30 +171,25 @@ def _consumer(x_bufs, c_bufs, ready, empty, lag_bar, x_ptr, stride_x, cn_ptr, id
         second = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
         best_id = gl.full([BLOCK_M], -1, gl.int32, layout=row_layout)
         for t in range(n_tiles):
-            acc, i = _tile_acc(x_bufs, c_bufs, ready, empty, lag_bar, i, HALF, LAG, KSTEPS,
-                               STAGES, BLOCK_M, BLOCK_N, mma)
+            acc, i = _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF, KSTEPS, STAGES,
+                               BLOCK_M, BLOCK_N, mma)
             s_tile = _tile_scores(acc, cn_ptr, t, K, L2, BLOCK_N, mma)
             best, best_id, second = _fold_top2(s_tile, t * BLOCK_N, best, best_id, second)
         if L2:
             if HALF == 0:  # last: overlaps the other half's final steps
                 xn = _row_sqnorm(x_ptr, stride_x, rows, D, BLOCK_M, XN_UNROLL)
             xn = gl.convert_layout(xn, row_layout)
-            dist = gl.maximum(best + xn, 0.0)
-            second = gl.maximum(second + xn, 0.0)
         else:
-            dist = best + 1.0
-            second = second + 1.0
-        gl.store(ids_ptr + rows, best_id.to(gl.int64), mask=row_mask)
-        gl.store(dist_ptr + rows, dist, mask=row_mask)
-        if WITH_SECOND:
-            gl.store(sec_ptr + rows, second, mask=row_mask)
+            xn = gl.zeros_like(best)  # cosine: no ||x||^2
+        _store_rows(ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, xn,
+                    L2, WITH_SECOND)
 
 
 @gluon.jit
 def _ws_assign_kernel(x_desc, c_desc, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr, sec_ptr,
                       N, K, D: gl.constexpr, L2: gl.constexpr, WITH_SECOND: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                      STAGES: gl.constexpr, LAG: gl.constexpr, XN_UNROLL: gl.constexpr,
+                      STAGES: gl.constexpr, XN_UNROLL: gl.constexpr,
                       REGS_CONSUMER: gl.constexpr, REGS_PRODUCER: gl.constexpr):
     n_blocks = gl.cdiv(N, 2 * BLOCK_M)
     n_tiles = gl.cdiv(K, BLOCK_N)
@@ -209,30 +202,20 @@ def _ws_assign_kernel(x_desc, c_desc, x_ptr, stride_x, cn_ptr, ids_ptr, dist_ptr
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)
-    lag_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(lag_bar, count=1)
     fence_async_shared()
     gl.warp_specialize(
-        [(_consumer, (x_bufs, c_bufs, ready, empty, lag_bar, x_ptr, stride_x, cn_ptr,
+        [(_consumer, (x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr,
                       ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 0, D, L2,
-                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, LAG, XN_UNROLL)),
-         (_consumer, (x_bufs, c_bufs, ready, empty, lag_bar, x_ptr, stride_x, cn_ptr,
+                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, XN_UNROLL)),
+         (_consumer, (x_bufs, c_bufs, ready, empty, x_ptr, stride_x, cn_ptr,
                       ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 1, D, L2,
-                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, LAG, XN_UNROLL)),
+                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, XN_UNROLL)),
          (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, n_tiles, D,
                       BLOCK_M, BLOCK_N, BLOCK_K, STAGES))],
         [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-
-
-def supported(x: torch.Tensor, c: torch.Tensor) -> bool:
-    """Where this kernel applies: 16-bit inputs on sm90 with TMA-compatible rows."""
-    return (x.is_cuda and x.dtype in _GL_DTYPE and c.dtype == x.dtype
-            and torch.cuda.get_device_capability(x.device) == (9, 0)
-            and x.shape[1] % 8 == 0 and x.stride(1) == 1 and c.is_contiguous()
-            and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0)
 
 
 def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Tensor,
@@ -247,11 +230,9 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
                               gl.NVMMASharedLayout.get_default_for([bm, bk], dt))
     c_desc = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [bn, bk],
                               gl.NVMMASharedLayout.get_default_for([bn, bk], dt))
-    n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    _ws_assign_kernel[(min(triton.cdiv(n, 2 * bm), n_sms),)](
+    _ws_assign_kernel[(min(triton.cdiv(n, 2 * bm), _n_sms(x.device)),)](
         x_desc, c_desc, x, x.stride(0), cn, ids, dist, dist if sec is None else sec, n,
         c.shape[0], D=d, L2=metric == "l2", WITH_SECOND=sec is not None, BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"],
-        LAG=min(conf["LAG"], conf["STAGES"] - 1),  # a lag >= STAGES would deadlock
         XN_UNROLL=conf["XN_UNROLL"], REGS_CONSUMER=conf["REGS_CONSUMER"],
         REGS_PRODUCER=conf["REGS_PRODUCER"], num_warps=4)

@@ -136,6 +136,23 @@ def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr,
     return xn
 
 
+@triton.jit
+def _store_rows(ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, xn,
+                L2: tl.constexpr, WITH_SECOND: tl.constexpr):
+    """Scores -> distances (l2: + ||x||^2, clamped at 0; cosine: 1 - x.c) and the row
+    stores. Shared with the Gluon kernel (it calls this too) so both finish alike."""
+    if L2:
+        dist = tl.maximum(best + xn, 0.0)
+        second = tl.maximum(second + xn, 0.0)
+    else:
+        dist = best + 1.0
+        second = second + 1.0
+    tl.store(ids_ptr + rows, best_id.to(tl.int64), mask=row_mask)
+    tl.store(dist_ptr + rows, dist, mask=row_mask)
+    if WITH_SECOND:
+        tl.store(sec_ptr + rows, second, mask=row_mask)
+
+
 # --------------------------------------------------------------------------- assignment
 @triton.jit
 def _assign_kernel(
@@ -226,18 +243,8 @@ def _assign_kernel(
         if L2:
             tl.store(xn_ptr + rows, xn, mask=row_mask)  # every split writes the same value
     else:
-        if L2:
-            dist = tl.maximum(best + xn, 0.0)
-            if WITH_SECOND:
-                second = tl.maximum(second + xn, 0.0)
-        else:
-            dist = best + 1.0
-            if WITH_SECOND:
-                second = second + 1.0
-        tl.store(ids_ptr + rows, best_id.to(tl.int64), mask=row_mask)
-        tl.store(dist_ptr + rows, dist, mask=row_mask)
-        if WITH_SECOND:
-            tl.store(sec_ptr + rows, second, mask=row_mask)
+        _store_rows(ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, xn,
+                    L2, WITH_SECOND)
 
 
 @triton.jit
@@ -309,15 +316,6 @@ WS_TRITON = ("3.6.",)
 WS_MAX_K = 2048  # measured: +8-10% at K=1024 and 2048, parity at 4096, -3% at 8192
 
 
-def _use_ws(xs: torch.Tensor, c: torch.Tensor, metric: str, k: int) -> bool:
-    if not (USE_WS and metric == "cosine" and k <= WS_MAX_K and xs.is_cuda
-            and triton.__version__.startswith(WS_TRITON) and _OVERRIDE is None):
-        return False
-    from . import gluon_kernels
-
-    return gluon_kernels.supported(xs, c)
-
-
 def _tma_ok(t: torch.Tensor) -> bool:
     """Tensor descriptors (TMA) need Hopper (or the interpreter), unit inner stride and
     16-byte aligned rows."""
@@ -326,6 +324,16 @@ def _tma_ok(t: torch.Tensor) -> bool:
     es = t.element_size()
     return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0
             and t.shape[1] * es >= 16)
+
+
+def _use_ws(xs: torch.Tensor, c: torch.Tensor, metric: str, k: int) -> bool:
+    """Whether the Gluon kernel serves this call (see USE_WS): 16-bit inputs with TMA
+    rows on sm90 (it uses wgmma), cosine, small K, a validated Triton."""
+    return (USE_WS and metric == "cosine" and k <= WS_MAX_K and _OVERRIDE is None
+            and xs.is_cuda and xs.dtype in (torch.bfloat16, torch.float16)
+            and c.dtype == xs.dtype and triton.__version__.startswith(WS_TRITON)
+            and torch.cuda.get_device_capability(xs.device) == (9, 0)
+            and _tma_ok(xs) and _tma_ok(c))
 
 
 def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
