@@ -309,9 +309,9 @@ def test_norm_pass_chunking(monkeypatch, xn_block, xn_unroll):
 
 
 def test_gluon_kernel_only_where_validated():
-    """The warp-specialised Gluon kernel is picked only for cosine at small K on CUDA
-    (sm90, 16-bit, validated Triton); everywhere else the tl kernel runs, so CPU runs
-    and other GPUs never import Gluon."""
+    """The warp-specialised Gluon kernel is picked only at small K on CUDA (sm90, 16-bit,
+    validated Triton); everywhere else the tl kernel runs, so CPU runs and other GPUs
+    never import Gluon."""
     from mdf_taxonomy.kernels import triton_kernels as tk
 
     x = torch.randn(64, 32)

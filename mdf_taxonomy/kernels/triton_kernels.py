@@ -308,12 +308,14 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
 
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
 
-# The warp-specialised Gluon kernel (gluon_kernels.py) serves cosine at small K, where it
-# measured faster (NOTES_kernels.md, v11); its scores are bit-identical to this kernel's,
-# so the choice never changes a result. Checked on the H100 with these Triton versions.
+# The warp-specialised Gluon kernel (gluon_kernels.py) serves K <= WS_MAX_K, where it
+# measured faster (NOTES_kernels.md, v11-v12); its results are bit-identical to this
+# kernel's, so the choice never changes a result. Checked on the H100 with these Tritons.
 USE_WS = True  # benchmarks switch it off for A/B runs
 WS_TRITON = ("3.6.",)
-WS_MAX_K = 2048  # measured: +8-10% at K=1024 and 2048, parity at 4096, -3% at 8192
+# measured (N=1M, D=1024): l2 +9-17% at K=1024, +11% at 2048, +4% at 4096, +1% at 8192,
+# -1% at 16384; cosine +8-13% at 1024, +1-8% at 2048, parity at 4096 and 8192
+WS_MAX_K = 4096
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -328,8 +330,8 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def _use_ws(xs: torch.Tensor, c: torch.Tensor, metric: str, k: int) -> bool:
     """Whether the Gluon kernel serves this call (see USE_WS): 16-bit inputs with TMA
-    rows on sm90 (it uses wgmma), cosine, small K, a validated Triton."""
-    return (USE_WS and metric == "cosine" and k <= WS_MAX_K and _OVERRIDE is None
+    rows on sm90 (it uses wgmma), small K, a validated Triton."""
+    return (USE_WS and k <= WS_MAX_K and _OVERRIDE is None
             and xs.is_cuda and xs.dtype in (torch.bfloat16, torch.float16)
             and c.dtype == xs.dtype and triton.__version__.startswith(WS_TRITON)
             and torch.cuda.get_device_capability(xs.device) == (9, 0)
@@ -464,6 +466,7 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
 
     ``cfg`` fixes the launch config (grouped single-parent calls pass the level's config
     so a row's arithmetic is the one of the grouped kernel); else it comes from _config.
+    Where the Gluon kernel serves the call, its bits are this kernel's for any config.
     """
 
     def run(xs: torch.Tensor):
@@ -481,7 +484,7 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
         tps = triton.cdiv(c_tiles, splits)
         splits = triton.cdiv(c_tiles, tps)
         opts = dict(metric=metric, with_second=with_second, k=k)
-        if splits == 1 and cfg is None and _use_ws(xs, c, metric, k):
+        if splits == 1 and _use_ws(xs, c, metric, k):  # same bits as the tl kernel
             from . import gluon_kernels
 
             gluon_kernels.assign_ws(xs, c, cn, ids, dist, sec, metric=metric)
