@@ -6,8 +6,8 @@
 2. Speed: interleaved A/B rounds (drift hits both alike) at K = 1024 / 16384 / 65536,
    D = 1024, with the bf16 matmul rate measured in the same run for the roofline.
 Usage: python ab_ws_assign.py [check|bench|all] [KEY=VAL ...] (Gluon config overrides);
-env WS_VARIANTS="K=V,K=V;..." adds l2 variants, AB_KS="1024,16384" picks the Ks, AB_SWEEP=0
-skips the cosine sweep.
+env WS_VARIANTS="K=V,K=V;cosine:K=V;..." adds variants (l2 unless prefixed),
+AB_KS="1024,16384" picks the Ks, AB_SWEEP=0 skips the sweep over K.
 Writes ab_ws_assign.json to $OUT (or benchmarks/results).
 """
 
@@ -98,8 +98,10 @@ def bench(conf) -> list[dict]:
                     "tl cosine": lambda x=x, c=c: run_tl(x, c, "cosine"),
                     "gluon ws cosine": lambda x=x, c=c: run_ws(x, c, "cosine", conf)}
         for extra in filter(None, os.environ.get("WS_VARIANTS", "").split(";")):
-            v = dict(conf, **{a: int(b) for a, b in (kv.split("=") for kv in extra.split(","))})
-            variants[f"gluon ws {extra}"] = lambda x=x, c=c, v=v: run_ws(x, c, "l2", v)
+            metric, _, kvs = extra.rpartition(":")  # "cosine:LAG=2" or "LAG=2" (l2)
+            v = dict(conf, **{a: int(b) for a, b in (kv.split("=") for kv in kvs.split(","))})
+            variants[f"gluon ws {extra}"] = \
+                lambda x=x, c=c, v=v, m=metric or "l2": run_ws(x, c, m, v)
         times: dict = {v: [] for v in variants}
         budget = 0.4 if k < 65536 else 0.8
         for _ in range(4):
