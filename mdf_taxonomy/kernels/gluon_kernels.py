@@ -48,20 +48,41 @@ from .triton_kernels import _n_sms, _store_rows
 
 CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, NORM_WARPS=2,
               REGS_CONSUMER=224, REGS_WORKERS=40)
+ROWS_PER_ITEM = 2 * CONFIG["BLOCK_M"]  # a CTA's rows: the grouped items' block size
 
 
 @gluon.jit
-def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, n_tiles,
-              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """Step i (row block, tile, D chunk) fills slot i % STAGES once all its users freed
-    its previous use; it runs ahead across tile and row-block boundaries."""
+def _item(it, item_ptrs, N, K, GROUPED: gl.constexpr, ROWS: gl.constexpr):
+    """Rows [r0, r_end) and centroids [c_lo, c_hi) of work item ``it``: a block of ROWS
+    rows against all centroids, or (grouped, rows ascending by parent) up to ROWS rows of
+    one parent against its children block; a padding item (parent -1) has no centroids."""
+    if GROUPED:
+        parent_ptr, pos_ptr, end_ptr, child_off_ptr = item_ptrs
+        parent = gl.maximum(gl.load(parent_ptr + it), 0)
+        r0 = gl.load(pos_ptr + it).to(gl.int32)
+        r_end = gl.load(end_ptr + it).to(gl.int32)
+        c_lo = gl.load(child_off_ptr + parent).to(gl.int32)
+        c_hi = gl.where(r0 < r_end, gl.load(child_off_ptr + parent + 1).to(gl.int32), c_lo)
+    else:
+        r0 = it * ROWS
+        r_end = N
+        c_lo = it * 0
+        c_hi = K + it * 0
+    return r0, r_end, c_lo, c_hi
+
+
+@gluon.jit
+def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items, N, K,
+              GROUPED: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """Step i (item, tile, D chunk) fills slot i % STAGES once all its users freed its
+    previous use; it runs ahead across tile and item boundaries."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + c_desc.block_type.nbytes
     i = 0
-    for rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
-        r0 = rb * (2 * BLOCK_M)
-        for t in range(n_tiles):
+    for it in range(gl.program_id(0), n_items, gl.num_programs(0)):  # persistent
+        r0, r_end, c_lo, c_hi = _item(it, item_ptrs, N, K, GROUPED, 2 * BLOCK_M)
+        for t in range(gl.cdiv(c_hi - c_lo, BLOCK_N)):
             for kk in range(KSTEPS):
                 s = i % STAGES
                 mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # 1st round passes
@@ -71,8 +92,8 @@ def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, n_tiles,
                                                 x_bufs.index(s))
                 tma.async_copy_global_to_shared(x_desc, [r0 + BLOCK_M, kk * BLOCK_K], bar,
                                                 x_bufs.index(STAGES + s))
-                tma.async_copy_global_to_shared(c_desc, [t * BLOCK_N, kk * BLOCK_K], bar,
-                                                c_bufs.index(s))
+                tma.async_copy_global_to_shared(c_desc, [c_lo + t * BLOCK_N, kk * BLOCK_K],
+                                                bar, c_bufs.index(s))
                 i += 1
 
 
@@ -118,23 +139,23 @@ def _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF: gl.constexpr,
 
 
 @gluon.jit
-def _tile_scores(acc, cn, t, K, L2: gl.constexpr, BLOCK_N: gl.constexpr,
+def _tile_scores(acc, cn, c0, c_hi, L2: gl.constexpr, BLOCK_N: gl.constexpr,
                  mma: gl.constexpr):
-    cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    cols = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     if L2:
         s_tile = gl.convert_layout(cn, gl.SliceLayout(0, mma))[None, :] - 2.0 * acc
     else:
         s_tile = -acc
-    return gl.where((cols < K)[None, :], s_tile, float("inf"))
+    return gl.where((cols < c_hi)[None, :], s_tile, float("inf"))
 
 
 @gluon.jit
 def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, ids_ptr,
-              dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, HALF: gl.constexpr,
-              D: gl.constexpr, L2: gl.constexpr, WITH_SECOND: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-              STAGES: gl.constexpr):
-    """Rows HALF * BLOCK_M ... of each of its row blocks against all centroid tiles;
+              dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED: gl.constexpr,
+              HALF: gl.constexpr, D: gl.constexpr, L2: gl.constexpr,
+              WITH_SECOND: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """Rows HALF * BLOCK_M ... of each of its items against the item's centroid tiles;
     writes its own rows."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -143,28 +164,29 @@ def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, 
     cn_layout: gl.constexpr = gl.BlockedLayout([BLOCK_N // 128], [32], [4], [0])
     i = 0
     j = 0
-    for rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
-        rows = rb * (2 * BLOCK_M) + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
+    for it in range(gl.program_id(0), n_items, gl.num_programs(0)):  # persistent
+        r0, r_end, c_lo, c_hi = _item(it, item_ptrs, N, K, GROUPED, 2 * BLOCK_M)
+        rows = r0 + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
         best = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
         second = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
         best_id = gl.full([BLOCK_M], -1, gl.int32, layout=row_layout)
-        for t in range(n_tiles):
+        for c0 in range(c_lo, c_hi, BLOCK_N):
             cn = gl.zeros([BLOCK_N], gl.float32, layout=cn_layout)
             if L2:  # ||c||^2 issued before the MMAs: 2 registers while they run (in the
                 # MMA layout after them it took 64 and spilled)
-                cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=cn_layout)
-                cn = gl.load(cn_ptr + cols, mask=cols < K, other=0.0)
+                cols = c0 + gl.arange(0, BLOCK_N, layout=cn_layout)
+                cn = gl.load(cn_ptr + cols, mask=cols < c_hi, other=0.0)
             acc, i = _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF, KSTEPS, STAGES,
                                BLOCK_M, BLOCK_N, mma)
-            s_tile = _tile_scores(acc, cn, t, K, L2, BLOCK_N, mma)
-            best, best_id, second = _fold_top2(s_tile, t * BLOCK_N, best, best_id, second)
+            s_tile = _tile_scores(acc, cn, c0, c_hi, L2, BLOCK_N, mma)
+            best, best_id, second = _fold_top2(s_tile, c0, best, best_id, second)
         xn = gl.zeros_like(best)  # cosine: no ||x||^2
         if L2:
             mbarrier.wait(xn_ready.index(j % 2), (j // 2) & 1)
             xn = xn_bufs.index((j % 2) * 2 + HALF).load(row_layout)
             mbarrier.arrive(xn_free.index(j % 2), count=1)
-        _store_rows(ids_ptr, dist_ptr, sec_ptr, gl.minimum(rows, N - 1), rows < N, best,
-                    best_id, second, xn, L2, WITH_SECOND)
+        _store_rows(ids_ptr, dist_ptr, sec_ptr, gl.minimum(rows, N - 1), rows < r_end,
+                    best, best_id, second, xn, L2, WITH_SECOND)
         j += 1
 
 
@@ -175,9 +197,10 @@ def _chunk_sqnorm(rows_buf, layout: gl.constexpr):
 
 
 @gluon.jit
-def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks, n_tiles,
-                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
-                 STAGES: gl.constexpr, WARPS: gl.constexpr):
+def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_items, N,
+                 K, GROUPED: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                 WARPS: gl.constexpr):
     """||x||^2 of each row block, summed from the x chunks while they sit in the ring (a
     third user of every slot, so a slot is not refilled under it), into a 2-slot shared
     buffer the consumers read at their epilogue. The x chunks come again with every
@@ -191,7 +214,9 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks, n_t
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     i = 0
     j = 0
-    for _rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
+    for it in range(gl.program_id(0), n_items, gl.num_programs(0)):  # persistent
+        r0, r_end, c_lo, c_hi = _item(it, item_ptrs, N, K, GROUPED, 2 * BLOCK_M)
+        n_tiles = gl.cdiv(c_hi - c_lo, BLOCK_N)
         xn0 = gl.zeros([Q], gl.float32, layout=gl.SliceLayout(1, layout))
         xn1 = gl.zeros_like(xn0)
         xn2 = gl.zeros_like(xn0)
@@ -210,24 +235,24 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks, n_t
                     xn3 += _chunk_sqnorm(x_bufs.index(STAGES + s).slice(Q, Q), layout)
                 mbarrier.arrive(empty.index(s), count=1)
                 i += 1
-            if t == gl.minimum(n_tiles, 4) - 1:  # all four quarters summed
-                mbarrier.wait(xn_free.index(j % 2), ((j // 2) & 1) ^ 1)  # 1st round passes
-                xn_bufs.index((j % 2) * 2).slice(0, Q).store(xn0)
-                xn_bufs.index((j % 2) * 2).slice(Q, Q).store(xn1)
-                xn_bufs.index((j % 2) * 2 + 1).slice(0, Q).store(xn2)
-                xn_bufs.index((j % 2) * 2 + 1).slice(Q, Q).store(xn3)
-                mbarrier.arrive(xn_ready.index(j % 2), count=1)
+        mbarrier.wait(xn_free.index(j % 2), ((j // 2) & 1) ^ 1)  # 1st round passes
+        xn_bufs.index((j % 2) * 2).slice(0, Q).store(xn0)
+        xn_bufs.index((j % 2) * 2).slice(Q, Q).store(xn1)
+        xn_bufs.index((j % 2) * 2 + 1).slice(0, Q).store(xn2)
+        xn_bufs.index((j % 2) * 2 + 1).slice(Q, Q).store(xn3)
+        mbarrier.arrive(xn_ready.index(j % 2), count=1)
         j += 1
 
 
 @gluon.jit
 def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
-                      D: gl.constexpr, L2: gl.constexpr, WITH_SECOND: gl.constexpr,
+                      parent_ptr, pos_ptr, end_ptr, child_off_ptr, n_items,
+                      GROUPED: gl.constexpr, D: gl.constexpr, L2: gl.constexpr,
+                      WITH_SECOND: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                       STAGES: gl.constexpr, NORM_WARPS: gl.constexpr,
                       REGS_CONSUMER: gl.constexpr, REGS_WORKERS: gl.constexpr):
-    n_blocks = gl.cdiv(N, 2 * BLOCK_M)
-    n_tiles = gl.cdiv(K, BLOCK_N)
+    item_ptrs = (parent_ptr, pos_ptr, end_ptr, child_off_ptr)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K],
                                        x_desc.layout)
     c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, BLOCK_K],
@@ -249,26 +274,27 @@ def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
     if L2:
         gl.warp_specialize(
             [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                          ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 0, D, L2,
+                          ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 0, D, L2,
                           WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
              (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                          ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 1, D, L2,
+                          ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 1, D, L2,
                           WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-             (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, n_tiles,
-                          D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-             (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
-                             n_tiles, D, BLOCK_M, BLOCK_K, STAGES, NORM_WARPS))],
+             (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items,
+                          N, K, GROUPED, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+             (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs,
+                             n_items, N, K, GROUPED, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                             NORM_WARPS))],
             [4, 1, NORM_WARPS], [REGS_CONSUMER, REGS_WORKERS, REGS_WORKERS])
     else:
         gl.warp_specialize(
             [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                          ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 0, D, L2,
+                          ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 0, D, L2,
                           WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
              (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                          ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, n_tiles, 1, D, L2,
+                          ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 1, D, L2,
                           WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-             (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, n_tiles,
-                          D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES))],
+             (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items,
+                          N, K, GROUPED, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES))],
             [4, 1], [REGS_CONSUMER, REGS_WORKERS])
 
 
@@ -277,8 +303,12 @@ _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Tensor,
               dist: torch.Tensor, sec: torch.Tensor | None, *, metric: str,
-              conf: dict | None = None) -> None:
-    """Fill ids/dist/sec for all rows of x (prepared inputs, as ``_assign_prepared``)."""
+              conf: dict | None = None, items: tuple | None = None) -> None:
+    """Fill ids/dist/sec for all rows of x (prepared inputs, as ``_assign_prepared``).
+
+    ``items`` = (item_parent, item_pos, item_end, child_offsets) for a grouped level whose
+    rows are ascending by parent (``triton_kernels._work_items`` with blocks of
+    ``ROWS_PER_ITEM`` rows): each item's rows meet only their parent's children."""
     conf = conf or CONFIG
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
     n, d = x.shape
@@ -287,9 +317,16 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
                               gl.NVMMASharedLayout.get_default_for([bm, bk], dt))
     c_desc = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [bn, bk],
                               gl.NVMMASharedLayout.get_default_for([bn, bk], dt))
-    _ws_assign_kernel[(min(triton.cdiv(n, 2 * bm), _n_sms(x.device)),)](
-        x_desc, c_desc, cn, ids, dist, dist if sec is None else sec, n, c.shape[0], D=d,
-        L2=metric == "l2", WITH_SECOND=sec is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    if items is None:
+        n_items = triton.cdiv(n, 2 * bm)
+        item_args = (ids, ids, ids, ids)  # unused
+    else:
+        n_items = items[0].numel()
+        item_args = items
+    _ws_assign_kernel[(min(n_items, _n_sms(x.device)),)](
+        x_desc, c_desc, cn, ids, dist, dist if sec is None else sec, n, c.shape[0],
+        *item_args, n_items, GROUPED=items is not None, D=d, L2=metric == "l2",
+        WITH_SECOND=sec is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         STAGES=conf["STAGES"], NORM_WARPS=conf["NORM_WARPS"],
         REGS_CONSUMER=conf["REGS_CONSUMER"], REGS_WORKERS=conf["REGS_WORKERS"],
         num_warps=4)
