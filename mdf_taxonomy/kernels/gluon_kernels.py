@@ -46,6 +46,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .triton_kernels import _n_sms, _store_rows
 
+# triton >= 3.7 names the TMA load ``async_load`` (3.6: ``async_copy_global_to_shared``)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, NORM_WARPS=2,
               REGS_CONSUMER=224, REGS_WORKERS=40)
 ROWS_PER_ITEM = 2 * CONFIG["BLOCK_M"]  # a CTA's rows: the grouped items' block size
@@ -88,11 +91,11 @@ def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items, 
                 mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # 1st round passes
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
-                tma.async_copy_global_to_shared(x_desc, [r0, kk * BLOCK_K], bar,
+                _tma_load(x_desc, [r0, kk * BLOCK_K], bar,
                                                 x_bufs.index(s))
-                tma.async_copy_global_to_shared(x_desc, [r0 + BLOCK_M, kk * BLOCK_K], bar,
+                _tma_load(x_desc, [r0 + BLOCK_M, kk * BLOCK_K], bar,
                                                 x_bufs.index(STAGES + s))
-                tma.async_copy_global_to_shared(c_desc, [c_lo + t * BLOCK_N, kk * BLOCK_K],
+                _tma_load(c_desc, [c_lo + t * BLOCK_N, kk * BLOCK_K],
                                                 bar, c_bufs.index(s))
                 i += 1
 
