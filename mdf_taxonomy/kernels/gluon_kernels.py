@@ -91,12 +91,9 @@ def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items, 
                 mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # 1st round passes
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
-                _tma_load(x_desc, [r0, kk * BLOCK_K], bar,
-                                                x_bufs.index(s))
-                _tma_load(x_desc, [r0 + BLOCK_M, kk * BLOCK_K], bar,
-                                                x_bufs.index(STAGES + s))
-                _tma_load(c_desc, [c_lo + t * BLOCK_N, kk * BLOCK_K],
-                                                bar, c_bufs.index(s))
+                _tma_load(x_desc, [r0, kk * BLOCK_K], bar, x_bufs.index(s))
+                _tma_load(x_desc, [r0 + BLOCK_M, kk * BLOCK_K], bar, x_bufs.index(STAGES + s))
+                _tma_load(c_desc, [c_lo + t * BLOCK_N, kk * BLOCK_K], bar, c_bufs.index(s))
                 i += 1
 
 
@@ -204,14 +201,14 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_
                  K, GROUPED: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                  WARPS: gl.constexpr):
-    """||x||^2 of each row block, summed from the x chunks while they sit in the ring (a
+    """||x||^2 of each item's rows, summed from the x chunks while they sit in the ring (a
     third user of every slot, so a slot is not refilled under it), into a 2-slot shared
     buffer the consumers read at their epilogue. The x chunks come again with every
-    centroid tile, so the block's four row quarters are summed during tiles 0..3 (quarter
-    q in tile q % n_tiles): little work per k-step, the slots are released fast. Same
-    64-column chunks and sum order as the ``tl.*`` kernel's norm pass, hence the same
-    bits. (Summing from global memory instead, in the consumers or in a worker, measured
-    slower: NOTES v11/v12.)"""
+    centroid tile, so the item's four row quarters are summed during tiles 0..3 (quarter
+    q in tile q % n_tiles; an item without centroids hands over zeros): little work per
+    k-step, the slots are released fast. Same 64-column chunks and sum order as the
+    ``tl.*`` kernel's norm pass, hence the same bits. (Summing from global memory
+    instead, in the consumers or in a worker, measured slower: NOTES v11/v12.)"""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     Q: gl.constexpr = BLOCK_M // 2
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
