@@ -12,7 +12,7 @@ across partitions:
 - two consumer warpgroups, one per BLOCK_M-row half, run wgmma on the same centroid
   chunks and keep a running top-2 in registers; a slot is refilled only when every
   user has released it;
-- l2 only: a 2-warp norm worker sums ``||x||^2`` from the x chunks while they sit in
+- a 2-warp norm worker (l2; idle for cosine) sums ``||x||^2`` from the x chunks while they sit in
   the ring (no second read of x) and hands it to the consumers through shared memory.
 
 The per-k-step traffic is that of a 2*BLOCK_M x BLOCK_N tile (as the ``tl.*`` kernel's
@@ -69,8 +69,8 @@ def _item(it, item_ptrs, N, K, GROUPED: gl.constexpr, ROWS: gl.constexpr):
     else:
         r0 = it * ROWS
         r_end = N
-        c_lo = it * 0
-        c_hi = K + it * 0
+        c_lo = 0
+        c_hi = K
     return r0, r_end, c_lo, c_hi
 
 
@@ -198,9 +198,9 @@ def _chunk_sqnorm(rows_buf, layout: gl.constexpr):
 
 @gluon.jit
 def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_items, N,
-                 K, GROUPED: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                 WARPS: gl.constexpr):
+                 K, GROUPED: gl.constexpr, L2: gl.constexpr, D: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                 STAGES: gl.constexpr, WARPS: gl.constexpr):
     """||x||^2 of each item's rows, summed from the x chunks while they sit in the ring (a
     third user of every slot, so a slot is not refilled under it), into a 2-slot shared
     buffer the consumers read at their epilogue. The x chunks come again with every
@@ -214,7 +214,8 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     i = 0
     j = 0
-    for it in range(gl.program_id(0), n_items, gl.num_programs(0)):  # persistent
+    # cosine has no ||x||^2: the worker has nothing to do (the CTA has 12 warps either way)
+    for it in range(gl.program_id(0), n_items if L2 else 0, gl.num_programs(0)):
         r0, r_end, c_lo, c_hi = _item(it, item_ptrs, N, K, GROUPED, 2 * BLOCK_M)
         n_tiles = gl.cdiv(c_hi - c_lo, BLOCK_N)
         xn0 = gl.zeros([Q], gl.float32, layout=gl.SliceLayout(1, layout))
@@ -271,31 +272,19 @@ def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
         mbarrier.init(xn_free.index(s), count=2)
     fence_async_shared()
     # (partition argument tuples are spelled out: the Gluon frontend takes them inline)
-    if L2:
-        gl.warp_specialize(
-            [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                          ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 0, D, L2,
-                          WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-             (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                          ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 1, D, L2,
-                          WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-             (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items,
-                          N, K, GROUPED, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-             (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs,
-                             n_items, N, K, GROUPED, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                             NORM_WARPS))],
-            [4, 1, NORM_WARPS], [REGS_CONSUMER, REGS_WORKERS, REGS_WORKERS])
-    else:
-        gl.warp_specialize(
-            [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                          ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 0, D, L2,
-                          WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-             (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                          ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 1, D, L2,
-                          WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-             (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items,
-                          N, K, GROUPED, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES))],
-            [4, 1], [REGS_CONSUMER, REGS_WORKERS])
+    gl.warp_specialize(
+        [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
+                      ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 0, D, L2,
+                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+         (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
+                      ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 1, D, L2,
+                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+         (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items, N, K,
+                      GROUPED, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+         (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_items,
+                         N, K, GROUPED, L2, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                         NORM_WARPS))],
+        [4, 1, NORM_WARPS], [REGS_CONSUMER, REGS_WORKERS, REGS_WORKERS])
 
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}

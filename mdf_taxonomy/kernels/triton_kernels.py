@@ -697,13 +697,6 @@ def grouped_assign_triton(
     # measured 4-5% faster (NOTES_kernels.md v8/v9); the arithmetic is unchanged, so the
     # paths stay bit-identical
     bucket_cfg = dict(cfg, num_stages=4) if x.is_cuda and not _OVERRIDE else cfg
-    # rows ascending by parent can be streamed with TMA: the Gluon kernel takes the items
-    # if its CTA covers exactly one item's rows
-    gluon_rows = 0
-    if _use_ws(x, c, metric, widest):
-        from . import gluon_kernels
-
-        gluon_rows = gluon_kernels.ROWS_PER_ITEM
     if gmin == gmax:
         lo, hi = offs[gmin : gmin + 2].tolist()
         ids, dist, sec = _assign_prepared(x, c[lo:hi], cn[lo:hi] if metric == "l2" else cn,
@@ -711,16 +704,21 @@ def grouped_assign_triton(
         if hi > lo:
             ids += lo
         return ids, dist, sec
+    # rows ascending by parent stream with TMA: the Gluon kernel takes the items when its
+    # CTA covers exactly one item's rows (same bits as the tl kernel)
+    gluon = None
+    if presorted and _use_ws(x, c, metric, widest):
+        from . import gluon_kernels
+
+        gluon = gluon_kernels if gluon_kernels.ROWS_PER_ITEM == block_m else None
 
     def run(xs: torch.Tensor, gs: torch.Tensor):
         ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
         perm, ip, ipos, iend, _ = items if gs is groups else \
             _work_items(gs, n_parents, block_m)  # an OOM retry's half
-        if presorted and gluon_rows == block_m:  # the Gluon kernel: same bits
-            from . import gluon_kernels
-
-            gluon_kernels.assign_ws(xs, c, cn, ids, dist, sec, metric=metric,
-                                    items=(ip, ipos, iend, offs))
+        if gluon is not None:
+            gluon.assign_ws(xs, c, cn, ids, dist, sec, metric=metric,
+                            items=(ip, ipos, iend, offs))
             return ids, dist, sec
         # rows already ascending by parent: sorted positions are the rows themselves, so
         # the kernel reads x contiguously without the permutation
