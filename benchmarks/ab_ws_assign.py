@@ -5,7 +5,7 @@
    and ||x||^2 sum order).
 2. Speed: interleaved A/B rounds (drift hits both alike) at K = 1024 / 16384 / 65536,
    D = 1024, with the bf16 matmul rate measured in the same run for the roofline.
-Usage: python ab_ws_assign.py [check|bench|grouped|all] [KEY=VAL ...] (Gluon config overrides);
+Usage: python ab_ws_assign.py [check|bench|all] [KEY=VAL ...] (Gluon config overrides);
 env WS_VARIANTS="K=V,K=V;cosine:K=V;..." adds variants (l2 unless prefixed),
 AB_KS="1024,16384" picks the Ks, AB_SWEEP=0 skips the sweep over K.
 Writes ab_ws_assign.json to $OUT (or benchmarks/results).
@@ -84,80 +84,6 @@ def check(conf) -> list[dict]:
     return out
 
 
-def check_grouped() -> list[dict]:
-    """Grouped levels with rows ascending by parent (the Gluon items path) against the tl
-    grouped kernel: bit-identical ids, distances and second distances; ragged children
-    blocks, empty parents, parents with 1 and > 256 children, D = 1024 and 768."""
-    out = []
-    for dtype in (torch.bfloat16, torch.float16):
-        for metric in ("l2", "cosine"):
-            for n, d, p in ((20000, 1024, 37), (3001, 768, 5), (70000, 1024, 300)):
-                g = torch.Generator(device=DEV).manual_seed(n + d + p)
-                sizes = torch.randint(1, 700, (p,), device=DEV, generator=g)
-                sizes[0] = 1
-                offs = torch.cat([torch.zeros(1, dtype=torch.int64, device=DEV),
-                                  sizes.cumsum(0)])
-                c = torch.randn(int(offs[-1]), d, device=DEV, generator=g)
-                x = torch.randn(n, d, device=DEV, generator=g)
-                if metric == "cosine":
-                    x = torch.nn.functional.normalize(x, dim=1)
-                    c = torch.nn.functional.normalize(c, dim=1)
-                x, c = x.to(dtype), c.to(dtype)
-                groups = torch.randint(0, p - 1, (n,), device=DEV, generator=g)  # last: empty
-                groups = torch.sort(groups).values
-                a = T.grouped_assign_triton(x, groups, c, offs, metric=metric,
-                                            with_second=True)
-                T.USE_WS = False
-                try:
-                    b = T.grouped_assign_triton(x, groups, c, offs, metric=metric,
-                                                with_second=True)
-                finally:
-                    T.USE_WS = True
-                torch.cuda.synchronize()
-                same = all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
-                inside = bool(((a[0] >= offs[groups]) & (a[0] < offs[groups + 1])).all())
-                out.append(dict(kind="grouped_presorted", dtype=str(dtype), metric=metric,
-                                n=n, d=d, parents=p, bit_identical=same, ids_in_parent=inside,
-                                ok=same and inside))
-                print(("PASS" if out[-1]["ok"] else "FAIL"), out[-1], flush=True)
-    return out
-
-
-def bench_grouped() -> list[dict]:
-    """A tree's second level (1024 parents x 1024 children, N=1M, rows ascending by
-    parent): the Gluon items path against the tl grouped kernel, interleaved."""
-    x = clustered(1 << 20)
-    n = x.shape[0]
-    lv1 = x[torch.randperm(n, device=DEV)[:1024]].clone()
-    a1 = T.assign_triton(x, lv1, metric="l2")[0]
-    lv2 = (lv1.repeat_interleave(1024, 0).float()
-           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
-    off2 = torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV)
-    srt = torch.sort(a1).values
-
-    def tl_run():
-        T.USE_WS = False
-        try:
-            return T.grouped_assign_triton(x, srt, lv2, off2)
-        finally:
-            T.USE_WS = True
-
-    variants = {"tl grouped (presorted)": tl_run,
-                "gluon grouped (presorted)": lambda: T.grouped_assign_triton(x, srt, lv2, off2),
-                "tl grouped (unsorted rows)": lambda: T.grouped_assign_triton(x, a1, lv2, off2)}
-    times: dict = {v: [] for v in variants}
-    for _ in range(4):
-        for name, fn in variants.items():
-            times[name].append(timeit(fn, max_reps=8, budget_s=0.4))
-    rows = []
-    for name, ts in times.items():
-        rows.append(dict(variant=name, ms=1e3 * statistics.median(ts),
-                         rows_per_s=n / statistics.median(ts)))
-        print(f"| level 2 | {name} | {rows[-1]['ms']:.2f} ms | "
-              f"{rows[-1]['rows_per_s'] / 1e6:.1f} M rows/s |")
-    return rows
-
-
 def bench(conf) -> list[dict]:
     rate = matmul_rate()
     x_all = clustered(1 << 20)
@@ -226,10 +152,8 @@ def main() -> int:
     print(info, flush=True)
     res = dict(info=info)
     if what in ("check", "all"):
-        res["check"] = check(conf) + check_grouped()
+        res["check"] = check(conf)
         print(f"check: {sum(r['ok'] for r in res['check'])}/{len(res['check'])} pass")
-    if what in ("grouped", "all"):
-        res["grouped"] = bench_grouped()
     if what in ("bench", "all"):
         res["bench"] = bench(conf)
     out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")

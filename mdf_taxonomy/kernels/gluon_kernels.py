@@ -25,11 +25,16 @@ the MMA layout after the tile (64 registers: spills).
 Scores are those of the ``tl.*`` kernel bit for bit (fp32 wgmma accumulation over D in
 16-wide steps, ``||c||^2 - 2 x.c``, ``||x||^2`` summed over the same 64-column chunks in
 the same order; lowest id wins ties). Scope (``triton_kernels._use_ws`` decides):
-bf16/fp16 on sm90 with TMA-compatible rows; everything else, the bucketed grouped and the
-fp8 paths use ``triton_kernels``. Import only on CUDA.
+bf16/fp16 on sm90 with TMA-compatible rows, K <= WS_MAX_K (a tree's single-parent first
+level included); everything else uses ``triton_kernels``: fp32, large K, fp8, and grouped
+levels with many parents, whose rows come through a permutation that Hopper's TMA cannot
+gather (a cp.async gathering producer measured slower than the ``tl.*`` kernel there:
+NOTES v13). Import only on CUDA.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -51,32 +56,18 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, NORM_WARPS=2,
               REGS_CONSUMER=224, REGS_WORKERS=40)
-ROWS_PER_ITEM = 2 * CONFIG["BLOCK_M"]  # a CTA's rows: the grouped items' block size
 
 
 @gluon.jit
-def _item(it, item_ptrs, N, K, GROUPED: gl.constexpr, ROWS: gl.constexpr):
+def _item(it, N, K, ROWS: gl.constexpr):
     """Rows [r0, r_end) and centroids [c_lo, c_hi) of work item ``it``: a block of ROWS
-    rows against all centroids, or (grouped, rows ascending by parent) up to ROWS rows of
-    one parent against its children block; a padding item (parent -1) has no centroids."""
-    if GROUPED:
-        parent_ptr, pos_ptr, end_ptr, child_off_ptr = item_ptrs
-        parent = gl.maximum(gl.load(parent_ptr + it), 0)
-        r0 = gl.load(pos_ptr + it).to(gl.int32)
-        r_end = gl.load(end_ptr + it).to(gl.int32)
-        c_lo = gl.load(child_off_ptr + parent).to(gl.int32)
-        c_hi = gl.where(r0 < r_end, gl.load(child_off_ptr + parent + 1).to(gl.int32), c_lo)
-    else:
-        r0 = it * ROWS
-        r_end = N
-        c_lo = 0
-        c_hi = K
-    return r0, r_end, c_lo, c_hi
+    rows against all centroids."""
+    return it * ROWS, N, 0, K
 
 
 @gluon.jit
-def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items, N, K,
-              GROUPED: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_items, N, K,
+              D: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
     """Step i (item, tile, D chunk) fills slot i % STAGES once all its users freed its
     previous use; it runs ahead across tile and item boundaries."""
@@ -84,7 +75,7 @@ def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items, 
     nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + c_desc.block_type.nbytes
     i = 0
     for it in range(gl.program_id(0), n_items, gl.num_programs(0)):  # persistent
-        r0, r_end, c_lo, c_hi = _item(it, item_ptrs, N, K, GROUPED, 2 * BLOCK_M)
+        r0, r_end, c_lo, c_hi = _item(it, N, K, 2 * BLOCK_M)
         for t in range(gl.cdiv(c_hi - c_lo, BLOCK_N)):
             for kk in range(KSTEPS):
                 s = i % STAGES
@@ -151,7 +142,7 @@ def _tile_scores(acc, cn, c0, c_hi, L2: gl.constexpr, BLOCK_N: gl.constexpr,
 
 @gluon.jit
 def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, ids_ptr,
-              dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED: gl.constexpr,
+              dist_ptr, sec_ptr, n_items, N, K,
               HALF: gl.constexpr, D: gl.constexpr, L2: gl.constexpr,
               WITH_SECOND: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
@@ -165,7 +156,7 @@ def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, 
     i = 0
     j = 0
     for it in range(gl.program_id(0), n_items, gl.num_programs(0)):  # persistent
-        r0, r_end, c_lo, c_hi = _item(it, item_ptrs, N, K, GROUPED, 2 * BLOCK_M)
+        r0, r_end, c_lo, c_hi = _item(it, N, K, 2 * BLOCK_M)
         rows = r0 + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
         best = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
         second = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
@@ -197,8 +188,8 @@ def _chunk_sqnorm(rows_buf, layout: gl.constexpr):
 
 
 @gluon.jit
-def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_items, N,
-                 K, GROUPED: gl.constexpr, L2: gl.constexpr, D: gl.constexpr,
+def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_items, N,
+                 K, L2: gl.constexpr, D: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                  STAGES: gl.constexpr, WARPS: gl.constexpr):
     """||x||^2 of each item's rows, summed from the x chunks while they sit in the ring (a
@@ -216,7 +207,7 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_
     j = 0
     # cosine has no ||x||^2: the worker has nothing to do (the CTA has 12 warps either way)
     for it in range(gl.program_id(0), n_items if L2 else 0, gl.num_programs(0)):
-        r0, r_end, c_lo, c_hi = _item(it, item_ptrs, N, K, GROUPED, 2 * BLOCK_M)
+        r0, r_end, c_lo, c_hi = _item(it, N, K, 2 * BLOCK_M)
         n_tiles = gl.cdiv(c_hi - c_lo, BLOCK_N)
         xn0 = gl.zeros([Q], gl.float32, layout=gl.SliceLayout(1, layout))
         xn1 = gl.zeros_like(xn0)
@@ -247,13 +238,11 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_
 
 @gluon.jit
 def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
-                      parent_ptr, pos_ptr, end_ptr, child_off_ptr, n_items,
-                      GROUPED: gl.constexpr, D: gl.constexpr, L2: gl.constexpr,
+                      n_items, D: gl.constexpr, L2: gl.constexpr,
                       WITH_SECOND: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                       STAGES: gl.constexpr, NORM_WARPS: gl.constexpr,
                       REGS_CONSUMER: gl.constexpr, REGS_WORKERS: gl.constexpr):
-    item_ptrs = (parent_ptr, pos_ptr, end_ptr, child_off_ptr)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K],
                                        x_desc.layout)
     c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, BLOCK_K],
@@ -274,15 +263,15 @@ def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
     # (partition argument tuples are spelled out: the Gluon frontend takes them inline)
     gl.warp_specialize(
         [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                      ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 0, D, L2,
+                      ids_ptr, dist_ptr, sec_ptr, n_items, N, K, 0, D, L2,
                       WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
          (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                      ids_ptr, dist_ptr, sec_ptr, item_ptrs, n_items, N, K, GROUPED, 1, D, L2,
+                      ids_ptr, dist_ptr, sec_ptr, n_items, N, K, 1, D, L2,
                       WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-         (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, item_ptrs, n_items, N, K,
-                      GROUPED, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-         (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, item_ptrs, n_items,
-                         N, K, GROUPED, L2, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+         (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_items, N, K,
+                      D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+         (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_items,
+                         N, K, L2, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
                          NORM_WARPS))],
         [4, 1, NORM_WARPS], [REGS_CONSUMER, REGS_WORKERS, REGS_WORKERS])
 
@@ -290,32 +279,26 @@ def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
+@functools.cache
+def _smem_layout(block: tuple[int, int], dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPE[dtype])
+
+
 def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Tensor,
               dist: torch.Tensor, sec: torch.Tensor | None, *, metric: str,
-              conf: dict | None = None, items: tuple | None = None) -> None:
-    """Fill ids/dist/sec for all rows of x (prepared inputs, as ``_assign_prepared``).
-
-    ``items`` = (item_parent, item_pos, item_end, child_offsets) for a grouped level whose
-    rows are ascending by parent (``triton_kernels._work_items`` with blocks of
-    ``ROWS_PER_ITEM`` rows): each item's rows meet only their parent's children."""
+              conf: dict | None = None) -> None:
+    """Fill ids/dist/sec for all rows of x (prepared inputs, as ``_assign_prepared``)."""
     conf = conf or CONFIG
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
     n, d = x.shape
-    dt = _GL_DTYPE[x.dtype]
     x_desc = TensorDescriptor(x, [n, d], [x.stride(0), 1], [bm, bk],
-                              gl.NVMMASharedLayout.get_default_for([bm, bk], dt))
+                              _smem_layout((bm, bk), x.dtype))
     c_desc = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [bn, bk],
-                              gl.NVMMASharedLayout.get_default_for([bn, bk], dt))
-    if items is None:
-        n_items = triton.cdiv(n, 2 * bm)
-        item_args = (ids, ids, ids, ids)  # unused
-    else:
-        n_items = items[0].numel()
-        item_args = items
+                              _smem_layout((bn, bk), c.dtype))
+    n_items = triton.cdiv(n, 2 * bm)
     _ws_assign_kernel[(min(n_items, _n_sms(x.device)),)](
         x_desc, c_desc, cn, ids, dist, dist if sec is None else sec, n, c.shape[0],
-        *item_args, n_items, GROUPED=items is not None, D=d, L2=metric == "l2",
-        WITH_SECOND=sec is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        STAGES=conf["STAGES"], NORM_WARPS=conf["NORM_WARPS"],
-        REGS_CONSUMER=conf["REGS_CONSUMER"], REGS_WORKERS=conf["REGS_WORKERS"],
-        num_warps=4)
+        n_items, D=d, L2=metric == "l2", WITH_SECOND=sec is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"],
+        NORM_WARPS=conf["NORM_WARPS"], REGS_CONSUMER=conf["REGS_CONSUMER"],
+        REGS_WORKERS=conf["REGS_WORKERS"], num_warps=4)

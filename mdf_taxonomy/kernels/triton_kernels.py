@@ -24,6 +24,7 @@ Import this module only when Triton is wanted; ``mdf_taxonomy.kernels`` does it 
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -162,7 +163,7 @@ def _assign_kernel(
     N, K, stride_x, stride_c, tiles_per_split, D: tl.constexpr,
     L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_N: tl.constexpr, PERM: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
+    EVEN_N: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr,
@@ -183,10 +184,7 @@ def _assign_kernel(
         pos_end = tl.load(item_end_ptr + pid)
         pos = pos0 + offs_m
         row_mask = pos < pos_end
-        if PERM:
-            rows = tl.load(perm_ptr + pos, mask=row_mask, other=0)
-        else:  # rows already sorted by parent: positions are rows
-            rows = tl.minimum(pos, N - 1)
+        rows = tl.load(perm_ptr + pos, mask=row_mask, other=0)  # positions -> rows
         r0 = pos0.to(tl.int32)  # descriptor offsets are 32-bit
         c_lo = tl.load(child_off_ptr + parent).to(tl.int32)
         c_hi = tl.load(child_off_ptr + parent + 1).to(tl.int32)
@@ -318,10 +316,16 @@ WS_TRITON = ("3.6.",)
 WS_MAX_K = 4096
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, asked once (it is on every launch's path)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     """Tensor descriptors (TMA) need Hopper (or the interpreter), unit inner stride and
     16-byte aligned rows."""
-    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+    if t.device.type == "cuda" and _capability(t.device)[0] < 9:
         return False
     es = t.element_size()
     return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0
@@ -334,7 +338,7 @@ def _use_ws(xs: torch.Tensor, c: torch.Tensor, metric: str, k: int) -> bool:
     return (USE_WS and k <= WS_MAX_K and _OVERRIDE is None
             and xs.is_cuda and xs.dtype in (torch.bfloat16, torch.float16)
             and c.dtype == xs.dtype and triton.__version__.startswith(WS_TRITON)
-            and torch.cuda.get_device_capability(xs.device) == (9, 0)
+            and _capability(xs.device) == (9, 0)
             and _tma_ok(xs) and _tma_ok(c))
 
 
@@ -343,29 +347,27 @@ def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
                    xn=None, grouped=None, scaled=None):
     """One _assign_kernel launch; the single place that maps options to its arguments.
 
-    grouped = (perm or None when rows are presorted, item_parent, item_pos, item_end,
-    child_offsets); scaled = (x_scale, c_scale, second_ids) for the fp8 shortlist pass.
+    grouped = (perm, item_parent, item_pos, item_end, child_offsets); scaled = (x_scale,
+    c_scale, second_ids) for the fp8 shortlist pass.
     """
     n, d = xs.shape
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
     meta = {key: v for key, v in conf.items() if key != "TMA"}
-    perm = grouped[0] if grouped else None
     use_tma = conf.get("TMA", False)
     x_desc = TensorDescriptor.from_tensor(xs, [bm, bk]) \
-        if use_tma and perm is None and _tma_ok(xs) else None
+        if use_tma and grouped is None and _tma_ok(xs) else None
     c_desc = TensorDescriptor.from_tensor(c, [bn, bk]) if use_tma and _tma_ok(c) else None
     dummy = ids
     x_scale, c_scale, sec_id = scaled if scaled else (dummy, dummy, dummy)
-    perm_, ip, ipos, iend, offs = grouped if grouped else (dummy,) * 5
+    perm, ip, ipos, iend, offs = grouped if grouped else (dummy,) * 5
     _assign_kernel[grid](
         xs, c, cn, x_desc, c_desc, x_scale, c_scale,
         ids, dist, sec if with_second else dist, sec_id, dummy if xn is None else xn,
-        dummy if perm_ is None else perm_, ip, ipos, iend, offs,
+        perm, ip, ipos, iend, offs,
         n, k, xs.stride(0), c.stride(0), tiles_per_split, d,
         L2=metric == "l2", WITH_SECOND=with_second or scaled is not None,
         GROUPED=grouped is not None, SPLIT=split, IS_FP32=xs.dtype == torch.float32,
         EVEN_D=d % bk == 0, EVEN_N=grouped is None and k % bn == 0,
-        PERM=grouped is not None and perm is not None,
         TMA_X=x_desc is not None, TMA_C=c_desc is not None, SCALED=scaled is not None,
         **meta)
 
@@ -385,31 +387,41 @@ def _prep(x: torch.Tensor, centroids: torch.Tensor, metric: str):
     return x, c, cn
 
 
-# (id(centroids), what, device) -> (weakref to centroids, their version, prepared value)
+# (id(tensor), what...) -> (weakref to the tensor, its version, prepared value)
 _CENTROID_CACHE: dict = {}
 _CACHE_MIN_ELEMS = 1 << 24  # only large centroid sets (a tree level) are worth caching
+_CACHE_SIZE = 8  # a 3-level tree's centroids and child offsets, with room to spare
 
 
-def _cached_for(centroids: torch.Tensor, what: tuple, build):
-    """``build()`` for these centroids, cached per tensor.
+def _cached_for(centroids: torch.Tensor, what: tuple, build, always: bool = False):
+    """``build()`` for these centroids (or a level's child offsets: ``always``), cached per
+    tensor.
 
     A grouped level can hold ~1M centroids: casting and norming them on every call cost
     more than the kernel (measured 7 ms of 13 ms per level). The cache is keyed on the
     tensor's identity (weakref) and its in-place version counter, so any change to the
-    centroids (through any view) rebuilds; it holds at most 4 entries.
+    tensor (through any view) rebuilds; it holds at most ``_CACHE_SIZE`` entries.
     """
     key = (id(centroids), *what)
     hit = _CENTROID_CACHE.get(key)
     if hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
         return hit[2]
     value = build()
-    if centroids.numel() >= _CACHE_MIN_ELEMS:
+    if always or centroids.numel() >= _CACHE_MIN_ELEMS:
         for k in [k for k, v in _CENTROID_CACHE.items() if v[0]() is None]:
             del _CENTROID_CACHE[k]
-        while len(_CENTROID_CACHE) >= 4:
+        while len(_CENTROID_CACHE) >= _CACHE_SIZE:
             del _CENTROID_CACHE[next(iter(_CENTROID_CACHE))]
         _CENTROID_CACHE[key] = (weakref.ref(centroids), centroids._version, value)
     return value
+
+
+def _host_offsets(child_offsets: torch.Tensor) -> list[int]:
+    """A level's child offsets on the host, read back once per device tensor: the launch
+    config needs the widest children block, and labelling must not wait for the GPU."""
+    if child_offsets.device.type != "cuda":
+        return child_offsets.tolist()
+    return _cached_for(child_offsets, ("host",), child_offsets.tolist, always=True)
 
 
 def _prepared_centroids(centroids: torch.Tensor, dtype, device, l2: bool):
@@ -430,7 +442,12 @@ def _prepared_centroids(centroids: torch.Tensor, dtype, device, l2: bool):
     return (centroids if c is None else c), cn
 
 
-def _empty_out(n: int, device, with_second: bool):
+def _empty_out(n: int, device, with_second: bool, filled: bool = True):
+    """Output buffers; ``filled`` with (-1, +inf, +inf) where the kernel may skip rows."""
+    if not filled:
+        new = functools.partial(torch.empty, n, device=device)
+        return new(dtype=torch.int64), new(dtype=torch.float32), \
+            new(dtype=torch.float32) if with_second else None
     ids = torch.full((n,), -1, dtype=torch.int64, device=device)
     dist = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
     sec = torch.full((n,), float("inf"), dtype=torch.float32, device=device) if with_second \
@@ -438,10 +455,31 @@ def _empty_out(n: int, device, with_second: bool):
     return ids, dist, sec
 
 
+@functools.cache
 def _n_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _read_later(t: torch.Tensor):
+    """Start copying a small tensor to the host; the returned function waits for that copy
+    only, not for the work enqueued after it, and gives the values as a list.
+
+    Validation reads its verdict this way after the kernel is enqueued: the host then never
+    stalls the GPU (the next call's launches overlap this call's kernel)."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def _with_oom_retry(fn, x: torch.Tensor, *rest_rowwise, with_second: bool):
@@ -472,7 +510,7 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
     def run(xs: torch.Tensor):
         n, d = xs.shape
         k = c.shape[0]
-        ids, dist, sec = _empty_out(n, xs.device, with_second)
+        ids, dist, sec = _empty_out(n, xs.device, with_second, filled=k == 0)
         if n == 0 or k == 0:
             return ids, dist, sec
         conf = cfg or _OVERRIDE or _config(xs.dtype, d, k, xs.device)
@@ -577,7 +615,7 @@ def fp8_supported(device: torch.device) -> bool:
     device = torch.device(device)
     if device.type != "cuda":
         return _INTERPRET
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return _capability(device) >= (8, 9)
 
 
 def assign_shortlist_triton(
@@ -624,22 +662,19 @@ def assign_shortlist_triton(
 _OVERRIDE_FP8: dict | None = None  # benchmarks set this to sweep the shortlist pass
 
 
-def _work_items(keys: torch.Tensor, n_keys: int, block: int, presorted: bool = False):
+def _work_items(keys: torch.Tensor, n_keys: int, block: int):
     """Bucket rows by key: (perm, item_key, item_pos, item_end, counts), no host sync.
 
     Items of <= ``block`` rows; those of one key cover consecutive positions of the
-    key-sorted order (``perm``; None when ``presorted``: keys already ascending, positions
-    are rows). The item count is the bound n // block + min(n_keys, n) so that nothing is
-    read back to the host; items past the real count have key -1 and pos == end (empty).
+    key-sorted order ``perm``. The item count is the bound n // block + min(n_keys, n) so
+    that nothing is read back to the host; items past the real count have key -1 and
+    pos == end (empty).
     One sort of 32-bit keys; segment bounds by binary search in the sorted keys (no
     bincount, which syncs on CUDA, and no atomics).
     """
     n = keys.numel()
     dev = keys.device
-    if presorted:
-        perm, sk = None, keys
-    else:
-        sk, perm = torch.sort(keys.to(torch.int32) if n_keys < 2**31 else keys)
+    sk, perm = torch.sort(keys.to(torch.int32) if n_keys < 2**31 else keys)
     bounds = torch.searchsorted(sk, torch.arange(n_keys + 1, device=dev, dtype=sk.dtype))
     seg_start, seg_end = bounds[:-1], bounds[1:]
     counts = seg_end - seg_start
@@ -667,67 +702,52 @@ def grouped_assign_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One launch labels a whole tree level: each row vs its parent's children block.
 
-    All rows under one parent (a tree's first level): the plain kernel on that children
-    block, no bucketing. Rows already ascending by parent: no sort (positions are rows).
-    Otherwise one 32-bit key sort; x rows are gathered through the permutation inside the
-    kernel (no copy of x). Every path runs the same per-row arithmetic (same config).
+    A single parent (a tree's first level): the plain kernel on its children block.
+    Otherwise one 32-bit key sort buckets the rows by parent and the kernel reads x rows
+    through the permutation (no copy of x). Every path runs the same per-row arithmetic.
+    Nothing here waits for the GPU before the launch: the offsets are read on the host once
+    per tensor and the group ids are validated after the kernel is enqueued (rows of an
+    out-of-range group belong to no work item, so the kernel never touches them).
     """
     x, c, cn = _prep(x, centroids, metric)
-    offs = child_offsets.to(device=x.device, dtype=torch.int64).contiguous()
-    n_parents = offs.numel() - 1
+    host_offs = _host_offsets(child_offsets)
+    n_parents = len(host_offs) - 1
     groups = groups.to(device=x.device, dtype=torch.int64)
     n, d = x.shape
     if n == 0 or c.shape[0] == 0:
         return _empty_out(n, x.device, with_second)
-    # The bucketing is enqueued before the one host sync (validation, single-parent and
-    # sortedness tests, the widest children block, together): its ~20 small launches then
-    # overlap the GPU work queued before this call (the previous tree level) instead of
-    # running on an idle GPU. BLOCK_M does not depend on K, so it is known before the sync.
-    block_m = (_OVERRIDE or _config(x.dtype, d, 1, x.device))["BLOCK_M"]
-    srt = (groups[1:] >= groups[:-1]).all() if n > 1 else torch.ones((), dtype=torch.bool,
-                                                                       device=x.device)
-    stats = torch.stack([groups.min(), groups.max(), srt.long(), (offs[1:] - offs[:-1]).max()])
-    items = _work_items(groups, n_parents, block_m) if n_parents > 1 else None
-    gmin, gmax, presorted, widest = stats.tolist()
-    if gmin < 0 or gmax >= n_parents:
-        raise ValueError(f"group ids must lie in [0, {n_parents})")
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
+    group_range = _read_later(torch.stack([groups.min(), groups.max()]))
     # a row meets at most `widest` centroids: that is the K that the config is tuned for
+    widest = max(b - a for a, b in zip(host_offs, host_offs[1:], strict=False))
     cfg = _OVERRIDE or _config(x.dtype, d, widest, x.device)
-    # many parents: children blocks come from HBM rather than L2, and a deeper pipeline
-    # measured 4-5% faster (NOTES_kernels.md v8/v9); the arithmetic is unchanged, so the
-    # paths stay bit-identical
-    bucket_cfg = dict(cfg, num_stages=4) if x.is_cuda and not _OVERRIDE else cfg
-    if gmin == gmax:
-        lo, hi = offs[gmin : gmin + 2].tolist()
+    if n_parents == 1:
+        lo, hi = host_offs
         ids, dist, sec = _assign_prepared(x, c[lo:hi], cn[lo:hi] if metric == "l2" else cn,
                                           metric, with_second, cfg)
         if hi > lo:
             ids += lo
-        return ids, dist, sec
-    # rows ascending by parent stream with TMA: the Gluon kernel takes the items when its
-    # CTA covers exactly one item's rows (same bits as the tl kernel)
-    gluon = None
-    if presorted and _use_ws(x, c, metric, widest):
-        from . import gluon_kernels
+    else:
+        offs = child_offsets.to(device=x.device, dtype=torch.int64)
+        # many parents: children blocks come from HBM rather than L2, and a deeper
+        # pipeline measured 4-5% faster (NOTES_kernels.md v8/v9); the arithmetic is
+        # unchanged, so the paths stay bit-identical
+        bucket_cfg = dict(cfg, num_stages=4) if x.is_cuda and not _OVERRIDE else cfg
 
-        gluon = gluon_kernels if gluon_kernels.ROWS_PER_ITEM == block_m else None
-
-    def run(xs: torch.Tensor, gs: torch.Tensor):
-        ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
-        perm, ip, ipos, iend, _ = items if gs is groups else \
-            _work_items(gs, n_parents, block_m)  # an OOM retry's half
-        if gluon is not None:
-            gluon.assign_ws(xs, c, cn, ids, dist, sec, metric=metric,
-                            items=(ip, ipos, iend, offs))
+        def run(xs: torch.Tensor, gs: torch.Tensor):
+            ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
+            perm, ip, ipos, iend, _ = _work_items(gs, n_parents, cfg["BLOCK_M"])
+            _launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, bucket_cfg,
+                           metric=metric, with_second=with_second, k=c.shape[0],
+                           grouped=(perm, ip, ipos, iend, offs))
             return ids, dist, sec
-        # rows already ascending by parent: sorted positions are the rows themselves, so
-        # the kernel reads x contiguously without the permutation
-        _launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, bucket_cfg, metric=metric,
-                       with_second=with_second, k=c.shape[0],
-                       grouped=(None if presorted else perm, ip, ipos, iend, offs))
-        return ids, dist, sec
 
-    return _with_oom_retry(run, x, groups, with_second=with_second)
+        ids, dist, sec = _with_oom_retry(run, x, groups, with_second=with_second)
+    gmin, gmax = group_range()
+    if gmin < 0 or gmax >= n_parents:
+        raise ValueError(f"group ids must lie in [0, {n_parents}), got [{gmin}, {gmax}]")
+    return ids, dist, sec
 
 
 # --------------------------------------------------------------------------- partial sums

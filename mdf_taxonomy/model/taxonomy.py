@@ -122,13 +122,15 @@ class Taxonomy:
         them); with upto=0 every row sits at the root (id 0, distance 0).
         """
         n = x.shape[0]
-        paths = np.zeros((n, upto), dtype=np.int32)
         ids = torch.zeros(n, dtype=torch.int64, device=x.device)
         distance = torch.zeros(n, dtype=torch.float32, device=x.device)
+        per_level = [ids[:, None]]  # the root column is dropped below
         for level in range(1, upto + 1):
             a = self.assign_level(x, ids, level, backend=backend)
             ids, distance = a.ids, a.distance
-            paths[:, level - 1] = ids.cpu().numpy()
+            per_level.append(ids[:, None])
+        # one copy to the host at the end: the GPU labels the next level meanwhile
+        paths = torch.cat(per_level, 1)[:, 1:].to(torch.int32).cpu().numpy()
         return paths, ids, distance
 
     def assign_paths(self, x: np.ndarray | torch.Tensor, upto: int | None = None,
