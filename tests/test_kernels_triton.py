@@ -267,6 +267,22 @@ def test_grouped_fast_paths(monkeypatch, tma):
     assert torch.equal(one.second, out.second[rows])
 
 
+def test_grouped_offsets_read_once_per_tensor_and_refreshed_in_place():
+    """A level's offsets are summarised once per tensor (no GPU read-back per call); an
+    in-place change to them is seen."""
+    T._CENTROID_CACHE.clear()
+    g = torch.Generator().manual_seed(3)
+    c, x = torch.randn(6, 8, generator=g), torch.randn(20, 8, generator=g)
+    offs, groups = torch.tensor([0, 3, 6]), torch.randint(0, 2, (20,), generator=g)
+    K.grouped_assign(x, groups, c, offs, backend="triton")
+    assert T._offsets_info(offs) == (2, 3, 0, 3)
+    offs[1] = 1  # parent 0 now has 1 child, parent 1 has 5
+    got = K.grouped_assign(x, groups, c, offs, backend="triton")
+    assert torch.equal(got.ids, K.grouped_assign(x, groups, c, offs, backend="torch").ids)
+    assert T._offsets_info(offs) == (2, 5, 0, 1)
+    T._CENTROID_CACHE.clear()
+
+
 def test_work_items_padding():
     keys = torch.tensor([2, 0, 2, 2, 4, 0, 2])
     perm, ik, ipos, iend, counts = T._work_items(keys, 5, 2)
@@ -291,6 +307,9 @@ def test_invalid_ids_raise():
     with pytest.raises(ValueError):
         K.grouped_assign(x, torch.tensor([-1] + [0] * 9), torch.randn(6, 8),
                          torch.tensor([0, 6]), backend="triton")
+    with pytest.raises(ValueError):  # past int32: must not wrap into a valid parent
+        K.grouped_assign(x, torch.tensor([2**32 + 1] + [0] * 9), torch.randn(6, 8),
+                         torch.tensor([0, 2, 4, 6]), backend="triton")
 
 
 @pytest.mark.parametrize("xn_block,xn_unroll", [(64, 1), (16, 4), (16, 2)])

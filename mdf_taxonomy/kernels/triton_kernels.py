@@ -416,12 +416,19 @@ def _cached_for(centroids: torch.Tensor, what: tuple, build, always: bool = Fals
     return value
 
 
-def _host_offsets(child_offsets: torch.Tensor) -> list[int]:
-    """A level's child offsets on the host, read back once per device tensor: the launch
-    config needs the widest children block, and labelling must not wait for the GPU."""
-    if child_offsets.device.type != "cuda":
-        return child_offsets.tolist()
-    return _cached_for(child_offsets, ("host",), child_offsets.tolist, always=True)
+def _offsets_info(child_offsets: torch.Tensor) -> tuple[int, int, int, int]:
+    """(parents, widest children block, first block's [lo, hi)) of a level, worked out once
+    per offsets tensor (one read-back on CUDA, cached like centroids): the launch config
+    needs the widest block, and labelling a level must not wait for the GPU."""
+
+    def build():
+        o = child_offsets.to(torch.int64)
+        if o.dim() != 1 or o.numel() < 2:
+            raise ValueError(f"child_offsets must be 1-D with >= 2 entries, got {tuple(o.shape)}")
+        return tuple(torch.stack([(o[1:] - o[:-1]).max(), o[0], o[1]]).tolist())
+
+    widest, lo, hi = _cached_for(child_offsets, ("offsets",), build, always=True)
+    return child_offsets.numel() - 1, widest, lo, hi
 
 
 def _prepared_centroids(centroids: torch.Tensor, dtype, device, l2: bool):
@@ -705,28 +712,25 @@ def grouped_assign_triton(
     A single parent (a tree's first level): the plain kernel on its children block.
     Otherwise one 32-bit key sort buckets the rows by parent and the kernel reads x rows
     through the permutation (no copy of x). Every path runs the same per-row arithmetic.
-    Nothing here waits for the GPU before the launch: the offsets are read on the host once
-    per tensor and the group ids are validated after the kernel is enqueued (rows of an
+    Nothing here waits for the GPU before the launch: the offsets are summarised on the host
+    once per tensor and the group ids are validated after the kernel is enqueued (rows of an
     out-of-range group belong to no work item, so the kernel never touches them).
     """
     x, c, cn = _prep(x, centroids, metric)
-    host_offs = _host_offsets(child_offsets)
-    n_parents = len(host_offs) - 1
+    n_parents, widest, lo, hi = _offsets_info(child_offsets)
     groups = groups.to(device=x.device, dtype=torch.int64)
     n, d = x.shape
     if n == 0 or c.shape[0] == 0:
         return _empty_out(n, x.device, with_second)
     if groups.shape != (n,):
         raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
-    group_range = _read_later(torch.stack([groups.min(), groups.max()]))
+    group_range = _read_later(torch.stack(torch.aminmax(groups)))
     # a row meets at most `widest` centroids: that is the K that the config is tuned for
-    widest = max(b - a for a, b in zip(host_offs, host_offs[1:], strict=False))
     cfg = _OVERRIDE or _config(x.dtype, d, widest, x.device)
     if n_parents == 1:
-        lo, hi = host_offs
         ids, dist, sec = _assign_prepared(x, c[lo:hi], cn[lo:hi] if metric == "l2" else cn,
                                           metric, with_second, cfg)
-        if hi > lo:
+        if lo and hi > lo:
             ids += lo
     else:
         offs = child_offsets.to(device=x.device, dtype=torch.int64)

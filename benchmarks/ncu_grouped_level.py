@@ -1,0 +1,39 @@
+"""One tree level for Nsight Compute: where a grouped level's time goes (DRAM vs L2).
+
+Runs bench_kernels.py's level 2 (1024 parents x 1024 children, N=1M, D=1024, rows in
+random order) or the plain K=1024 assignment twice; profile the second launch, e.g.
+  ncu --kernel-name _assign_kernel --launch-skip 1 --launch-count 1 \\
+      --section SpeedOfLight --section MemoryWorkloadAnalysis \\
+      python benchmarks/ncu_grouped_level.py grouped
+(plain: --kernel-name _ws_assign_kernel ... plain)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
+import torch
+from bench_kernels import DEV, D, clustered
+
+from mdf_taxonomy.kernels import triton_kernels as T
+
+
+def main() -> None:
+    x = clustered(1 << 20)
+    n = x.shape[0]
+    lv1 = x[torch.randperm(n, device=DEV)[:1024]].clone()
+    a1 = T.assign_triton(x, lv1, metric="l2")[0]
+    lv2 = (lv1.repeat_interleave(1024, 0).float()
+           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
+    off2 = torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV)
+    for _ in range(2):
+        if sys.argv[1:] == ["plain"]:
+            T.assign_triton(x, lv1, metric="l2")
+        else:
+            T.grouped_assign_triton(x, a1, lv2, off2)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
