@@ -806,7 +806,7 @@ def partial_sums_triton(
     sums = torch.zeros((n_clusters, d), dtype=torch.int64, device=dev)
     if n == 0 or n_clusters == 0:
         return sums, torch.zeros((n_clusters,), dtype=torch.int64, device=dev)
-    id_max = ids.max()  # read back only after everything is enqueued (below)
+    id_max = _read_later(ids.max())  # checked once everything is enqueued (below)
     keys = ids.clamp_min(-1) + 1  # key 0 = skipped rows
     cuda = dev.type == "cuda"
     if not cuda:
@@ -817,13 +817,13 @@ def partial_sums_triton(
         ps = dict(CHUNK=1024, BLOCK_R=2, NUM_STAGES=4, num_warps=4)
     ps.update(_PS_OVERRIDE or {})
     # ids >= n_clusters fall past the last segment bound: never summed, so validating
-    # after the launch is safe, and the sync no longer stalls the GPU before the work
+    # after the launch is safe, and the host never stalls the GPU before the work
     perm, ik, ipos, iend, counts = _work_items(keys, n_clusters + 1, ps["CHUNK"])
     block_d = min(triton.next_power_of_2(d), 1024) if cuda else 32
     _partial_sums_kernel[(ik.numel(), triton.cdiv(d, block_d))](
         x, perm, ik, ipos, iend, sums, d, x.stride(0), float(2**FIXED_POINT_BITS),
         BLOCK_D=block_d, **ps)
-    if int(id_max) >= n_clusters:
+    if id_max() >= n_clusters:
         raise ValueError("ids must be < n_clusters")
     return sums, counts[1:]
 
