@@ -327,6 +327,21 @@ def test_norm_pass_chunking(monkeypatch, xn_block, xn_unroll):
     assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_norm_pass_order_is_bit_identical(monkeypatch, grouped):
+    """||x||^2 before the centroid tiles (bucketed GPU levels) or after them: same bits."""
+    x, c = make(37, 33, 48, seed=21)
+    groups = torch.randint(0, 3, (37,), generator=torch.Generator().manual_seed(2))
+    offs = torch.tensor([0, 10, 20, 33])
+    base = T._config(x.dtype, 48, 33, x.device)
+    outs = []
+    for first in (False, True):
+        monkeypatch.setattr(T, "_OVERRIDE", dict(base, XN_FIRST=first))
+        outs.append(K.grouped_assign(x, groups, c, offs, backend="triton", with_second=True)
+                    if grouped else K.assign(x, c, backend="triton", with_second=True))
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
+
+
 def test_gluon_kernel_only_where_validated():
     """The warp-specialised Gluon kernel is picked only at small K on CUDA (sm90, 16-bit,
     validated Triton); everywhere else the tl kernel runs, so CPU runs and other GPUs

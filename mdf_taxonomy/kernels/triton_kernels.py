@@ -166,7 +166,7 @@ def _assign_kernel(
     EVEN_N: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr,
+    XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr, XN_FIRST: tl.constexpr,
 ):
     """Running top-2 of ``||c||^2 - 2 x.c`` (l2) / ``-x.c`` (cosine) per row.
 
@@ -208,6 +208,9 @@ def _assign_kernel(
     best_id = tl.full((BLOCK_M,), -1, tl.int32)
     second = tl.full((BLOCK_M,), float("inf"), tl.float32)
     second_id = tl.full((BLOCK_M,), -1, tl.int32)
+    xn = tl.zeros((BLOCK_M,), tl.float32)
+    if L2 and XN_FIRST and not SCALED:  # before the tiles: x enters L2 for their re-reads
+        xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     for c0 in range(c_lo, c_hi, BLOCK_N):
         cn = _load_col(cn_ptr, c0, c_hi, offs_n, L2, 0.0)
         c_scale = _load_col(c_scale_ptr, c0, c_hi, offs_n, SCALED, 1.0)
@@ -229,8 +232,7 @@ def _assign_kernel(
     # ||x||^2 (l2) in a separate pass after the main loop, through its own loads:
     # reusing the dot's x tile for it was fast but gave wrong results on H100 with
     # triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
-    xn = tl.zeros((BLOCK_M,), tl.float32)
-    if L2:
+    if L2 and not XN_FIRST:
         xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     if SPLIT:  # raw scores; merged (and finished) on the host side
         out = tl.program_id(1).to(tl.int64) * N + rows
@@ -352,7 +354,8 @@ def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
     """
     n, d = xs.shape
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
-    meta = {key: v for key, v in conf.items() if key != "TMA"}
+    meta = dict(XN_FIRST=False)
+    meta.update({key: v for key, v in conf.items() if key != "TMA"})
     use_tma = conf.get("TMA", False)
     x_desc = TensorDescriptor.from_tensor(xs, [bm, bk]) \
         if use_tma and grouped is None and _tma_ok(xs) else None
@@ -734,10 +737,12 @@ def grouped_assign_triton(
             ids += lo
     else:
         offs = child_offsets.to(device=x.device, dtype=torch.int64)
-        # many parents: children blocks come from HBM rather than L2, and a deeper
-        # pipeline measured 4-5% faster (NOTES_kernels.md v8/v9); the arithmetic is
-        # unchanged, so the paths stay bit-identical
-        bucket_cfg = dict(cfg, num_stages=4) if x.is_cuda and not _OVERRIDE else cfg
+        # many parents: children blocks come from HBM rather than L2; a deeper pipeline
+        # measured 4-5% faster (NOTES_kernels.md v8/v9) and the ||x||^2 pass before the
+        # tiles 3% (v13: the rows stay in L2 for the tiles' re-reads; after them they had
+        # been evicted). The arithmetic is unchanged, so the paths stay bit-identical.
+        bucket_cfg = dict(cfg, num_stages=4, XN_FIRST=True) \
+            if x.is_cuda and not _OVERRIDE else cfg
 
         def run(xs: torch.Tensor, gs: torch.Tensor):
             ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
