@@ -118,7 +118,9 @@ def _top2_update(s, c0, c_hi, offs_n, best, best_id, second, second_id,
 @triton.jit
 def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr,
                 XN_UNROLL: tl.constexpr):
-    """||x||^2 of the row block after the main loop (its registers are free by then).
+    """||x||^2 of the row block, after the main loop (its registers are free by then) or,
+    for bucketed tree levels, before it (XN_FIRST: the rows then sit in L2 for the tiles'
+    re-reads, which measured 3% faster there; NOTES v13).
 
     This loop has no dot, so each load is a bare round trip: with one 64-column chunk per
     step it cost ~12% of the kernel at K=1024 (v9, against cosine, which has no norm pass).
@@ -229,9 +231,9 @@ def _assign_kernel(
         tl.store(ids_ptr + rows, best_id.to(tl.int64), mask=row_mask)
         tl.store(sec_id_ptr + rows, second_id.to(tl.int64), mask=row_mask)
         return
-    # ||x||^2 (l2) in a separate pass after the main loop, through its own loads:
-    # reusing the dot's x tile for it was fast but gave wrong results on H100 with
-    # triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
+    # ||x||^2 (l2) in a separate pass after the main loop (or before it: XN_FIRST), through
+    # its own loads: reusing the dot's x tile for it was fast but gave wrong results on H100
+    # with triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
     if L2 and not XN_FIRST:
         xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     if SPLIT:  # raw scores; merged (and finished) on the host side
@@ -474,7 +476,7 @@ def _n_sms(device: torch.device) -> int:
 
 def _read_later(t: torch.Tensor):
     """Start copying a small tensor to the host; the returned function waits for that copy
-    only, not for the work enqueued after it, and gives the values as a list.
+    only, not for the work enqueued after it, and gives the values (``tolist``).
 
     Validation reads its verdict this way after the kernel is enqueued: the host then never
     stalls the GPU (the next call's launches overlap this call's kernel)."""
