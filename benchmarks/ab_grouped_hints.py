@@ -3,10 +3,10 @@
 A grouped level with many parents is bound by DRAM/L2 traffic (NOTES v13): each 128-row
 item re-reads its x rows once per centroid tile while the parents' children stream through
 L2. Doing the ||x||^2 pass before the tile loop (XN_FIRST) brings the rows into L2 for
-those re-reads; one program per (item, centroid tile), an item's programs side by side
-(SPLIT_TILES), reads them from DRAM once for all tiles. All must be bit-identical. (L2
-eviction hints on the x and centroid loads were measured with this script too and gave
-nothing beyond noise; the knobs were removed: results/v13_ab_grouped_hints_run*.json.)
+those re-reads; both orders must be bit-identical. (L2 eviction hints on the x and
+centroid loads, and one program per (item, centroid tiles) with an exact merge, were
+measured with this script too and gave nothing beyond noise; those knobs were removed:
+results/v13_ab_grouped_hints_run*.json, results/v13_ab_grouped_split_tiles.json.)
 Interleaved rounds, CUDA events.
 Usage (GPU): python benchmarks/ab_grouped_hints.py; env AB_ROUNDS the rounds (3).
 """
@@ -23,10 +23,7 @@ from bench_kernels import DEV, D, clustered, timeit
 
 from mdf_taxonomy.kernels import triton_kernels as T
 
-VARIANTS = {"xn after the tiles": dict(XN_FIRST=False), "xn first": dict(XN_FIRST=True),
-            # grouped only: one program per (item, SPLIT_TILES centroid tiles)
-            "xn first, split 1 tile": dict(XN_FIRST=True, SPLIT_TILES=1),
-            "xn first, split 2 tiles": dict(XN_FIRST=True, SPLIT_TILES=2)}
+VARIANTS = {"xn after the tiles": dict(XN_FIRST=False), "xn first": dict(XN_FIRST=True)}
 
 
 def main() -> None:
@@ -51,7 +48,7 @@ def main() -> None:
     rounds = int(os.environ.get("AB_ROUNDS", "3"))
     out = []
     for case, (cfg, fn) in cases.items():
-        variants = {v: e for v, e in VARIANTS.items() if "grouped" in case or "split" not in v}
+        variants = VARIANTS
         T._OVERRIDE = cfg
         ref = fn()
         times = {v: [] for v in variants}

@@ -342,26 +342,6 @@ def test_norm_pass_order_is_bit_identical(monkeypatch, grouped):
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("xn_first", [False, True])
-def test_grouped_split_tiles_bit_identical(monkeypatch, metric, xn_first):
-    """One program per (item, centroid tiles) and an exact merge gives the bits of one
-    program per item: wide, narrow, 1-child and empty parents."""
-    x, c = make(90, 70, 32, metric=metric, seed=5)
-    offs = torch.tensor([0, 40, 40, 41, 58, 70])
-    groups = torch.randint(0, 5, (90,), generator=torch.Generator().manual_seed(8))
-    base = T._config(x.dtype, 32, 40, x.device)  # 16-wide tiles: the widest block has 3
-    outs = []
-    for tiles in (0, 1, 2):
-        monkeypatch.setattr(T, "_OVERRIDE", dict(base, SPLIT_TILES=tiles, XN_FIRST=xn_first))
-        outs.append(K.grouped_assign(x, groups, c, offs, metric=metric, backend="triton",
-                                     with_second=True))
-    for out in outs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(outs[0], out, strict=True))
-    ref = K.grouped_assign(x, groups, c, offs, metric=metric, backend="torch", with_second=True)
-    assert torch.equal(outs[0].ids, ref.ids)
-
-
 def test_gluon_kernel_only_where_validated():
     """The warp-specialised Gluon kernel is picked only at small K on CUDA (sm90, 16-bit,
     validated Triton); everywhere else the tl kernel runs, so CPU runs and other GPUs

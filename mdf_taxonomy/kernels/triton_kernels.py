@@ -162,7 +162,7 @@ def _assign_kernel(
     x_ptr, c_ptr, cn_ptr, x_desc, c_desc, x_scale_ptr, c_scale_ptr,
     ids_ptr, dist_ptr, sec_ptr, sec_id_ptr, xn_ptr,
     perm_ptr, item_parent_ptr, item_pos_ptr, item_end_ptr, child_off_ptr,
-    N, K, stride_x, stride_c, tiles_per_split, n_splits, D: tl.constexpr,
+    N, K, stride_x, stride_c, tiles_per_split, D: tl.constexpr,
     L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
     SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
@@ -177,13 +177,6 @@ def _assign_kernel(
     no ||x||^2.
     """
     pid = tl.program_id(0)
-    split = 0
-    if SPLIT:  # this program covers tiles [split * tiles_per_split, ...) of its centroids
-        if GROUPED:  # one program per (item, split): an item's splits run side by side
-            split = pid % n_splits
-            pid = pid // n_splits
-        else:
-            split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -198,9 +191,6 @@ def _assign_kernel(
         c_lo = tl.load(child_off_ptr + parent).to(tl.int32)
         c_hi = tl.load(child_off_ptr + parent + 1).to(tl.int32)
         c_hi = tl.where(pos0 < pos_end, c_hi, c_lo)  # empty (padding) item: no work
-        if SPLIT:  # past a narrow parent's last tile the range is empty: no work
-            c_lo = c_lo + split * tiles_per_split * BLOCK_N
-            c_hi = tl.minimum(c_lo + tiles_per_split * BLOCK_N, c_hi)
     else:
         r0 = pid * BLOCK_M
         rows = r0 + offs_m
@@ -209,7 +199,7 @@ def _assign_kernel(
         c_lo = 0
         c_hi = K
         if SPLIT:
-            c_lo = split * tiles_per_split * BLOCK_N
+            c_lo = tl.program_id(1) * tiles_per_split * BLOCK_N
             c_hi = tl.minimum(c_lo + tiles_per_split * BLOCK_N, K)
     rows = rows.to(tl.int64)  # masked lanes hold a valid row index (clamped / perm 0)
     x_rows = x_ptr + rows[:, None] * stride_x
@@ -222,8 +212,7 @@ def _assign_kernel(
     second_id = tl.full((BLOCK_M,), -1, tl.int32)
     xn = tl.zeros((BLOCK_M,), tl.float32)
     if L2 and XN_FIRST and not SCALED:  # before the tiles: x enters L2 for their re-reads
-        if split == 0:  # one split of a row sums its ||x||^2
-            xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
+        xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     for c0 in range(c_lo, c_hi, BLOCK_N):
         cn = _load_col(cn_ptr, c0, c_hi, offs_n, L2, 0.0)
         c_scale = _load_col(c_scale_ptr, c0, c_hi, offs_n, SCALED, 1.0)
@@ -246,17 +235,15 @@ def _assign_kernel(
     # its own loads: reusing the dot's x tile for it was fast but gave wrong results on H100
     # with triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
     if L2 and not XN_FIRST:
-        if split == 0:  # one split of a row sums its ||x||^2
-            xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
+        xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     if SPLIT:  # raw scores; merged (and finished) on the host side
-        out = split.to(tl.int64) * N + rows
+        out = tl.program_id(1).to(tl.int64) * N + rows
         tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
         tl.store(dist_ptr + out, best, mask=row_mask)
         if WITH_SECOND:
             tl.store(sec_ptr + out, second, mask=row_mask)
         if L2:
-            if split == 0:
-                tl.store(xn_ptr + rows, xn, mask=row_mask)
+            tl.store(xn_ptr + rows, xn, mask=row_mask)  # every split writes the same value
     else:
         _store_rows(ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, xn,
                     L2, WITH_SECOND)
@@ -361,7 +348,7 @@ def _use_ws(xs: torch.Tensor, c: torch.Tensor, metric: str, k: int) -> bool:
 
 def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
                    with_second: bool, k: int, split: bool = False, tiles_per_split: int = 1,
-                   n_splits: int = 1, xn=None, grouped=None, scaled=None):
+                   xn=None, grouped=None, scaled=None):
     """One _assign_kernel launch; the single place that maps options to its arguments.
 
     grouped = (perm, item_parent, item_pos, item_end, child_offsets); scaled = (x_scale,
@@ -370,7 +357,7 @@ def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
     n, d = xs.shape
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
     meta = dict(XN_FIRST=False)
-    meta.update({key: v for key, v in conf.items() if key not in ("TMA", "SPLIT_TILES")})
+    meta.update({key: v for key, v in conf.items() if key != "TMA"})
     use_tma = conf.get("TMA", False)
     x_desc = TensorDescriptor.from_tensor(xs, [bm, bk]) \
         if use_tma and grouped is None and _tma_ok(xs) else None
@@ -382,7 +369,7 @@ def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
         xs, c, cn, x_desc, c_desc, x_scale, c_scale,
         ids, dist, sec if with_second else dist, sec_id, dummy if xn is None else xn,
         perm, ip, ipos, iend, offs,
-        n, k, xs.stride(0), c.stride(0), tiles_per_split, n_splits, d,
+        n, k, xs.stride(0), c.stride(0), tiles_per_split, d,
         L2=metric == "l2", WITH_SECOND=with_second or scaled is not None,
         GROUPED=grouped is not None, SPLIT=split, IS_FP32=xs.dtype == torch.float32,
         EVEN_D=d % bk == 0, EVEN_N=grouped is None and k % bn == 0,
@@ -555,41 +542,30 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
         if splits == 1:
             _launch_assign((row_blocks,), xs, c, cn, ids, dist, sec, conf, **opts)
             return ids, dist, sec
-        parts = _split_out(splits, n, xs.device, with_second)
-        _launch_assign((row_blocks, splits), xs, c, cn, *parts[:3], conf, split=True,
-                       tiles_per_split=tps, xn=parts[3], **opts)
-        return _merge_splits(*parts, metric=metric, with_second=with_second)
+        pids = torch.empty((splits, n), dtype=torch.int64, device=xs.device)
+        pbest = torch.empty((splits, n), dtype=torch.float32, device=xs.device)
+        psec = torch.empty((splits, n), dtype=torch.float32, device=xs.device) \
+            if with_second else None
+        xn = torch.zeros(n, dtype=torch.float32, device=xs.device)
+        _launch_assign((row_blocks, splits), xs, c, cn, pids, pbest, psec, conf, split=True,
+                       tiles_per_split=tps, xn=xn, **opts)
+        # exact top-2 merge over splits (lowest split = lowest ids win ties)
+        b, arg = pbest.min(dim=0)
+        ids = pids.gather(0, arg[None])[0]
+        if with_second:
+            others = pbest.scatter(0, arg[None], float("inf")).min(dim=0).values
+            sec = torch.minimum(psec.gather(0, arg[None])[0], others)
+        if metric == "l2":  # same fp32 add as the kernel's epilogue
+            dist = (b + xn).clamp_min_(0.0)
+            if with_second:
+                sec = (sec + xn).clamp_min_(0.0)
+        else:
+            dist = b + 1.0
+            if with_second:
+                sec = sec + 1.0
+        return ids, dist, sec
 
     return _with_oom_retry(run, x, with_second=with_second)
-
-
-def _split_out(splits: int, n: int, device, with_second: bool):
-    """Per-split raw results (ids, best, second) and the ||x||^2 the merge adds; a split
-    without centroids for a row leaves (-1, +inf, +inf)."""
-    full = functools.partial(torch.full, (splits, n), device=device)
-    return (full(-1, dtype=torch.int64), full(float("inf"), dtype=torch.float32),
-            full(float("inf"), dtype=torch.float32) if with_second else None,
-            torch.zeros(n, dtype=torch.float32, device=device))
-
-
-def _merge_splits(pids, pbest, psec, xn, *, metric: str, with_second: bool):
-    """Exact top-2 merge over splits (the lowest split, i.e. the lowest ids, wins ties, as
-    in the kernel's own tile loop), then the row constant as the kernel's epilogue adds it."""
-    b, arg = pbest.min(dim=0)
-    ids = pids.gather(0, arg[None])[0]
-    sec = None
-    if with_second:
-        others = pbest.scatter(0, arg[None], float("inf")).min(dim=0).values
-        sec = torch.minimum(psec.gather(0, arg[None])[0], others)
-    if metric == "l2":  # same fp32 add as the kernel's epilogue
-        dist = (b + xn).clamp_min_(0.0)
-        if with_second:
-            sec = (sec + xn).clamp_min_(0.0)
-    else:
-        dist = b + 1.0
-        if with_second:
-            sec = sec + 1.0
-    return ids, dist, sec
 
 
 def assign_triton(
@@ -767,27 +743,16 @@ def grouped_assign_triton(
         # measured 4-5% faster (NOTES_kernels.md v8/v9) and the ||x||^2 pass before the
         # tiles 3% (v13: the rows stay in L2 for the tiles' re-reads; after them they had
         # been evicted). The arithmetic is unchanged, so the paths stay bit-identical.
-        bucket_cfg = dict(cfg, num_stages=4, XN_FIRST=True, SPLIT_TILES=1) \
+        bucket_cfg = dict(cfg, num_stages=4, XN_FIRST=True) \
             if x.is_cuda and not _OVERRIDE else cfg
 
-        # SPLIT_TILES = t: one program per (item, t centroid tiles), an item's programs
-        # side by side, so its x rows are read from DRAM once for all its tiles
-        tps = bucket_cfg.get("SPLIT_TILES", 0)
-        n_splits = triton.cdiv(triton.cdiv(widest, cfg["BLOCK_N"]), tps) if tps else 1
-
         def run(xs: torch.Tensor, gs: torch.Tensor):
+            ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
             perm, ip, ipos, iend, _ = _work_items(gs, n_parents, cfg["BLOCK_M"])
-            opts = dict(metric=metric, with_second=with_second, k=c.shape[0],
-                        grouped=(perm, ip, ipos, iend, offs))
-            if n_splits == 1:
-                ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
-                _launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, bucket_cfg, **opts)
-                return ids, dist, sec
-            parts = _split_out(n_splits, xs.shape[0], xs.device, with_second)
-            _launch_assign((ip.numel() * n_splits,), xs, c, cn, *parts[:3], bucket_cfg,
-                           split=True, tiles_per_split=tps, n_splits=n_splits, xn=parts[3],
-                           **opts)
-            return _merge_splits(*parts, metric=metric, with_second=with_second)
+            _launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, bucket_cfg,
+                           metric=metric, with_second=with_second, k=c.shape[0],
+                           grouped=(perm, ip, ipos, iend, offs))
+            return ids, dist, sec
 
         ids, dist, sec = _with_oom_retry(run, x, groups, with_second=with_second)
     gmin, gmax = group_range()
