@@ -19,7 +19,7 @@ import statistics
 
 import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
 import torch
-from bench_kernels import DEV, D, clustered, timeit
+from bench_kernels import DEV, D, clustered, three_level_tree, timeit
 
 from mdf_taxonomy.kernels import triton_kernels as T
 
@@ -29,11 +29,8 @@ VARIANTS = {"xn after the tiles": dict(XN_FIRST=False), "xn first": dict(XN_FIRS
 def main() -> None:
     x = clustered(1 << 20)
     n = x.shape[0]
-    lv1 = x[torch.randperm(n, device=DEV)[:1024]].clone()
+    _, lv1, _, lv2, _, off2 = three_level_tree(x)
     a1 = T.assign_triton(x, lv1, metric="l2")[0]
-    lv2 = (lv1.repeat_interleave(1024, 0).float()
-           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
-    off2 = torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV)
     c16k = x[torch.randperm(n, device=DEV)[:16384]].clone()
     c64k = x[torch.randperm(n, device=DEV)[:65536]].clone()
     xq = x[: 1 << 18]

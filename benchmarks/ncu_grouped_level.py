@@ -14,19 +14,15 @@ import sys
 
 import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
 import torch
-from bench_kernels import DEV, D, clustered
+from bench_kernels import clustered, three_level_tree
 
 from mdf_taxonomy.kernels import triton_kernels as T
 
 
 def main() -> None:
     x = clustered(1 << 20)
-    n = x.shape[0]
-    lv1 = x[torch.randperm(n, device=DEV)[:1024]].clone()
+    _, lv1, _, lv2, _, off2 = three_level_tree(x)
     a1 = T.assign_triton(x, lv1, metric="l2")[0]
-    lv2 = (lv1.repeat_interleave(1024, 0).float()
-           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
-    off2 = torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV)
     for _ in range(2):
         if sys.argv[1:] == ["plain"]:
             T.assign_triton(x, lv1, metric="l2")

@@ -15,7 +15,7 @@ import time
 
 import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
 import torch
-from bench_kernels import DEV, D, clustered, timeit
+from bench_kernels import DEV, clustered, label_three_levels, three_level_tree, timeit
 from torch.profiler import ProfilerActivity, profile
 
 from mdf_taxonomy import kernels as KR
@@ -58,12 +58,7 @@ def main():
     n = 1 << 20
     x = clustered(n)
     torch.manual_seed(0)
-    lv1 = x[torch.randperm(n, device=DEV)[:1024]].clone()
-    g1 = torch.zeros(n, dtype=torch.int64, device=DEV)
-    off1 = torch.tensor([0, 1024], device=DEV)
-    lv2 = (lv1.repeat_interleave(1024, 0).float()
-           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
-    off2 = torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV)
+    g1, lv1, off1, lv2, _, off2 = tree = three_level_tree(x)
     a1 = KR.grouped_assign(x, g1, lv1, off1).ids
     a2 = KR.grouped_assign(x, a1, lv2, off2).ids % 1024
     out = {}
@@ -74,15 +69,7 @@ def main():
         "level3_unsorted": lambda: KR.grouped_assign(x, a2, lv2, off2),
         "work_items_only": lambda: T._work_items(a1, 1024, 128),
     }
-    lv3 = (lv2[::1024].float().repeat_interleave(1024, 0)
-           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
-
-    def three_levels():  # bench_kernels.py's grouped figure
-        a = KR.grouped_assign(x, g1, lv1, off1).ids
-        b = KR.grouped_assign(x, a, lv2, off2).ids
-        return KR.grouped_assign(x, b % 1024, lv3, off2).ids
-
-    cases["three_levels"] = three_levels
+    cases["three_levels"] = lambda: label_three_levels(x, tree)  # bench_kernels' figure
     srt, perm = torch.sort(a1)
     xs = x[perm].contiguous()
     cases["level2_presorted_x"] = lambda: KR.grouped_assign(xs, srt, lv2, off2)
