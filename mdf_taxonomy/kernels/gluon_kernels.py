@@ -59,24 +59,17 @@ CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, NORM_WARPS=2,
 
 
 @gluon.jit
-def _item(it, N, K, ROWS: gl.constexpr):
-    """Rows [r0, r_end) and centroids [c_lo, c_hi) of work item ``it``: a block of ROWS
-    rows against all centroids."""
-    return it * ROWS, N, 0, K
-
-
-@gluon.jit
-def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_items, N, K,
+def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, K,
               D: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """Step i (item, tile, D chunk) fills slot i % STAGES once all its users freed its
-    previous use; it runs ahead across tile and item boundaries."""
+    """Step i (row block, tile, D chunk) fills slot i % STAGES once all its users freed its
+    previous use; it runs ahead across tile and row-block boundaries."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + c_desc.block_type.nbytes
     i = 0
-    for it in range(gl.program_id(0), n_items, gl.num_programs(0)):  # persistent
-        r0, r_end, c_lo, c_hi = _item(it, N, K, 2 * BLOCK_M)
-        for t in range(gl.cdiv(c_hi - c_lo, BLOCK_N)):
+    for rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
+        r0 = rb * (2 * BLOCK_M)
+        for t in range(gl.cdiv(K, BLOCK_N)):
             for kk in range(KSTEPS):
                 s = i % STAGES
                 mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # 1st round passes
@@ -84,7 +77,7 @@ def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_items, N, K,
                 mbarrier.expect(bar, nbytes)
                 _tma_load(x_desc, [r0, kk * BLOCK_K], bar, x_bufs.index(s))
                 _tma_load(x_desc, [r0 + BLOCK_M, kk * BLOCK_K], bar, x_bufs.index(STAGES + s))
-                _tma_load(c_desc, [c_lo + t * BLOCK_N, kk * BLOCK_K], bar, c_bufs.index(s))
+                _tma_load(c_desc, [t * BLOCK_N, kk * BLOCK_K], bar, c_bufs.index(s))
                 i += 1
 
 
@@ -130,23 +123,23 @@ def _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF: gl.constexpr,
 
 
 @gluon.jit
-def _tile_scores(acc, cn, c0, c_hi, L2: gl.constexpr, BLOCK_N: gl.constexpr,
+def _tile_scores(acc, cn, c0, K, L2: gl.constexpr, BLOCK_N: gl.constexpr,
                  mma: gl.constexpr):
     cols = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     if L2:
         s_tile = gl.convert_layout(cn, gl.SliceLayout(0, mma))[None, :] - 2.0 * acc
     else:
         s_tile = -acc
-    return gl.where((cols < c_hi)[None, :], s_tile, float("inf"))
+    return gl.where((cols < K)[None, :], s_tile, float("inf"))
 
 
 @gluon.jit
 def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, ids_ptr,
-              dist_ptr, sec_ptr, n_items, N, K,
+              dist_ptr, sec_ptr, n_blocks, N, K,
               HALF: gl.constexpr, D: gl.constexpr, L2: gl.constexpr,
               WITH_SECOND: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """Rows HALF * BLOCK_M ... of each of its items against the item's centroid tiles;
+    """Rows HALF * BLOCK_M ... of each of its row blocks against all centroid tiles;
     writes its own rows."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -155,28 +148,27 @@ def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, 
     cn_layout: gl.constexpr = gl.BlockedLayout([BLOCK_N // 128], [32], [4], [0])
     i = 0
     j = 0
-    for it in range(gl.program_id(0), n_items, gl.num_programs(0)):  # persistent
-        r0, r_end, c_lo, c_hi = _item(it, N, K, 2 * BLOCK_M)
-        rows = r0 + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
+    for rb in range(gl.program_id(0), n_blocks, gl.num_programs(0)):  # persistent
+        rows = rb * (2 * BLOCK_M) + HALF * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_layout)
         best = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
         second = gl.full([BLOCK_M], float("inf"), gl.float32, layout=row_layout)
         best_id = gl.full([BLOCK_M], -1, gl.int32, layout=row_layout)
-        for c0 in range(c_lo, c_hi, BLOCK_N):
+        for c0 in range(0, K, BLOCK_N):
             cn = gl.zeros([BLOCK_N], gl.float32, layout=cn_layout)
             if L2:  # ||c||^2 issued before the MMAs: 2 registers while they run (in the
                 # MMA layout after them it took 64 and spilled)
                 cols = c0 + gl.arange(0, BLOCK_N, layout=cn_layout)
-                cn = gl.load(cn_ptr + cols, mask=cols < c_hi, other=0.0)
+                cn = gl.load(cn_ptr + cols, mask=cols < K, other=0.0)
             acc, i = _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF, KSTEPS, STAGES,
                                BLOCK_M, BLOCK_N, mma)
-            s_tile = _tile_scores(acc, cn, c0, c_hi, L2, BLOCK_N, mma)
+            s_tile = _tile_scores(acc, cn, c0, K, L2, BLOCK_N, mma)
             best, best_id, second = _fold_top2(s_tile, c0, best, best_id, second)
         xn = gl.zeros_like(best)  # cosine: no ||x||^2
         if L2:
             mbarrier.wait(xn_ready.index(j % 2), (j // 2) & 1)
             xn = xn_bufs.index((j % 2) * 2 + HALF).load(row_layout)
             mbarrier.arrive(xn_free.index(j % 2), count=1)
-        _store_rows(ids_ptr, dist_ptr, sec_ptr, gl.minimum(rows, N - 1), rows < r_end,
+        _store_rows(ids_ptr, dist_ptr, sec_ptr, gl.minimum(rows, N - 1), rows < N,
                     best, best_id, second, xn, L2, WITH_SECOND)
         j += 1
 
@@ -188,15 +180,15 @@ def _chunk_sqnorm(rows_buf, layout: gl.constexpr):
 
 
 @gluon.jit
-def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_items, N,
+def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
                  K, L2: gl.constexpr, D: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                  STAGES: gl.constexpr, WARPS: gl.constexpr):
-    """||x||^2 of each item's rows, summed from the x chunks while they sit in the ring (a
+    """||x||^2 of each row block, summed from the x chunks while they sit in the ring (a
     third user of every slot, so a slot is not refilled under it), into a 2-slot shared
     buffer the consumers read at their epilogue. The x chunks come again with every
-    centroid tile, so the item's four row quarters are summed during tiles 0..3 (quarter
-    q in tile q % n_tiles; an item without centroids hands over zeros): little work per
+    centroid tile, so the block's four row quarters are summed during tiles 0..3 (quarter
+    q in tile q % n_tiles): little work per
     k-step, the slots are released fast. Same 64-column chunks and sum order as the
     ``tl.*`` kernel's norm pass, hence the same bits. (Summing from global memory
     instead, in the consumers or in a worker, measured slower: NOTES v11/v12.)"""
@@ -206,9 +198,8 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_items, N,
     i = 0
     j = 0
     # cosine has no ||x||^2: the worker has nothing to do (the CTA has 12 warps either way)
-    for it in range(gl.program_id(0), n_items if L2 else 0, gl.num_programs(0)):
-        r0, r_end, c_lo, c_hi = _item(it, N, K, 2 * BLOCK_M)
-        n_tiles = gl.cdiv(c_hi - c_lo, BLOCK_N)
+    n_tiles = gl.cdiv(K, BLOCK_N)
+    for _rb in range(gl.program_id(0), n_blocks if L2 else 0, gl.num_programs(0)):
         xn0 = gl.zeros([Q], gl.float32, layout=gl.SliceLayout(1, layout))
         xn1 = gl.zeros_like(xn0)
         xn2 = gl.zeros_like(xn0)
@@ -238,7 +229,7 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_items, N,
 
 @gluon.jit
 def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
-                      n_items, D: gl.constexpr, L2: gl.constexpr,
+                      n_blocks, D: gl.constexpr, L2: gl.constexpr,
                       WITH_SECOND: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                       STAGES: gl.constexpr, NORM_WARPS: gl.constexpr,
@@ -263,15 +254,15 @@ def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
     # (partition argument tuples are spelled out: the Gluon frontend takes them inline)
     gl.warp_specialize(
         [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                      ids_ptr, dist_ptr, sec_ptr, n_items, N, K, 0, D, L2,
+                      ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, 0, D, L2,
                       WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
          (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                      ids_ptr, dist_ptr, sec_ptr, n_items, N, K, 1, D, L2,
+                      ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, 1, D, L2,
                       WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-         (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_items, N, K,
+         (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, K,
                       D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-         (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_items,
-                         N, K, L2, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+         (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
+                         K, L2, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
                          NORM_WARPS))],
         [4, 1, NORM_WARPS], [REGS_CONSUMER, REGS_WORKERS, REGS_WORKERS])
 
@@ -295,10 +286,10 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
                               _smem_layout((bm, bk), x.dtype))
     c_desc = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [bn, bk],
                               _smem_layout((bn, bk), c.dtype))
-    n_items = triton.cdiv(n, 2 * bm)
-    _ws_assign_kernel[(min(n_items, _n_sms(x.device)),)](
+    n_blocks = triton.cdiv(n, 2 * bm)
+    _ws_assign_kernel[(min(n_blocks, _n_sms(x.device)),)](
         x_desc, c_desc, cn, ids, dist, dist if sec is None else sec, n, c.shape[0],
-        n_items, D=d, L2=metric == "l2", WITH_SECOND=sec is not None,
+        n_blocks, D=d, L2=metric == "l2", WITH_SECOND=sec is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"],
         NORM_WARPS=conf["NORM_WARPS"], REGS_CONSUMER=conf["REGS_CONSUMER"],
         REGS_WORKERS=conf["REGS_WORKERS"], num_warps=4)
