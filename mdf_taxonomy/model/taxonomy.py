@@ -124,14 +124,14 @@ class Taxonomy:
         n = x.shape[0]
         ids = torch.zeros(n, dtype=torch.int64, device=x.device)
         distance = torch.zeros(n, dtype=torch.float32, device=x.device)
-        per_level = [ids[:, None]]  # the root column is dropped below
+        per_level = []
         for level in range(1, upto + 1):
             a = self.assign_level(x, ids, level, backend=backend)
             ids, distance = a.ids, a.distance
-            per_level.append(ids[:, None])
+            per_level.append(ids)
         # one copy to the host at the end: the GPU labels the next level meanwhile
-        paths = torch.cat(per_level, 1)[:, 1:].to(torch.int32).cpu().numpy()
-        return paths, ids, distance
+        paths = torch.stack(per_level, 1) if per_level else ids.new_zeros((n, 0))
+        return paths.to(torch.int32).cpu().numpy(), ids, distance
 
     def assign_paths(self, x: np.ndarray | torch.Tensor, upto: int | None = None,
                      backend: str = "auto", device: str | torch.device = "cpu",
