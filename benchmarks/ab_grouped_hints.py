@@ -23,7 +23,8 @@ from bench_kernels import DEV, D, clustered, three_level_tree, timeit
 
 from mdf_taxonomy.kernels import triton_kernels as T
 
-VARIANTS = {"xn after the tiles": dict(XN_FIRST=False), "xn first": dict(XN_FIRST=True)}
+VARIANTS = {"xn after the tiles": dict(XN_FIRST=False), "xn first": dict(XN_FIRST=True),
+            "xn skipped (diag)": dict(XN_FIRST=True, XN_UNROLL=0)}
 
 
 def main() -> None:

@@ -112,6 +112,30 @@ def check_grouped_paths(n, d, dtype, n_parents=37, seed=3):
     return dict(kind="grouped_paths", n=n, d=d, dtype=str(dtype), ok=ok)
 
 
+def check_sqnorm_reuse(n, k, d, dtype, seed=6):
+    """Assignment.x_sqnorm: the Gluon and tl kernels return the same bits, and handing it
+    back (x_sqnorm=) changes no bit of any result, plain, split or bucketed."""
+    from mdf_taxonomy.kernels import triton_kernels as T
+
+    x, c = clustered(n, k, d, "l2", dtype, seed)
+    same = lambda a, b: all(torch.equal(u, v) for u, v in zip(a, b, strict=True))  # noqa: E731
+    a = K.assign(x, c, with_second=True)
+    ok = same(a, K.assign(x, c, with_second=True, x_sqnorm=a.x_sqnorm))
+    T.USE_WS = False
+    try:
+        b = K.assign(x, c, with_second=True)
+        ok &= same(a, b) and same(b, K.assign(x, c, with_second=True, x_sqnorm=b.x_sqnorm))
+    finally:
+        T.USE_WS = True
+    n_parents = 7
+    offs = torch.linspace(0, k, n_parents + 1, device=DEV).long()
+    groups = torch.randint(0, n_parents, (n,), device=DEV,
+                           generator=torch.Generator(device=DEV).manual_seed(seed))
+    g = K.grouped_assign(x, groups, c, offs, with_second=True)
+    ok &= same(g, K.grouped_assign(x, groups, c, offs, with_second=True, x_sqnorm=a.x_sqnorm))
+    return dict(kind="sqnorm_reuse", n=n, k=k, d=d, dtype=str(dtype), ok=bool(ok))
+
+
 def check_grouped(n, d, metric, dtype, n_parents=37, seed=1, mode="random"):
     g = torch.Generator(device=DEV).manual_seed(seed)
     sizes = torch.randint(1, 300, (n_parents,), device=DEV, generator=g)
@@ -259,6 +283,10 @@ def main() -> int:
         for n, k, d in [(8192, 1024, 1024), (4099, 5000, 768), (999, 300, 1000), (64, 1, 64)]:
             res.append(check_shortlist(n, k, d, metric))
             print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
+    for n, k, d, dtype in [(8192, 1024, 1024, torch.bfloat16), (4099, 1000, 768, torch.float16),
+                           (300, 16384, 1024, torch.bfloat16), (2000, 1024, 1000, torch.float32)]:
+        res.append(check_sqnorm_reuse(n, k, d, dtype))
+        print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     # determinism: same row, different batch, bit-identical
     x, c = clustered(20000, 4096, 1024, "l2", torch.bfloat16, 9)
     a = K.assign(x, c, with_second=True)

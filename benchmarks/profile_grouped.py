@@ -70,6 +70,7 @@ def main():
         "work_items_only": lambda: T._work_items(a1, 1024, 128),
     }
     cases["three_levels"] = lambda: label_three_levels(x, tree)  # bench_kernels' figure
+    cases["three_levels_own_norms"] = lambda: label_three_levels(x, tree, reuse_norms=False)
     srt, perm = torch.sort(a1)
     xs = x[perm].contiguous()
     cases["level2_presorted_x"] = lambda: KR.grouped_assign(xs, srt, lv2, off2)

@@ -353,3 +353,62 @@ def test_gluon_kernel_only_where_validated():
     assert not tk._use_ws(x, c, "cosine", 8)  # CPU
     assert not tk._use_ws(x, c, "l2", 8)
     assert tk.WS_MAX_K >= 1024 and tk.WS_TRITON
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(200, 40, 32), (9, 70, 24)])  # one block; centroid splits
+def test_x_sqnorm_is_returned_and_reused_bit_identically(dtype, shape):
+    """The kernels' ||x||^2 comes back with the result; handed back, it replaces the norm
+    pass with the same bits (plain and split calls, single- and multi-parent levels)."""
+    n, k, d = shape
+    x, c = make(n, k, d, dtype=dtype, seed=31)
+    a = K.assign(x, c, backend="triton", with_second=True)
+    ref = (x.double() ** 2).sum(1).float()
+    assert a.x_sqnorm.dtype == torch.float32
+    assert torch.allclose(a.x_sqnorm, ref, rtol=1e-5)
+    b = K.assign(x, c, backend="triton", with_second=True, x_sqnorm=a.x_sqnorm)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    groups = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(3))
+    offs = torch.tensor([0, k // 3, k // 2, k])
+    for g, o in ((torch.zeros_like(groups), torch.tensor([0, k])), (groups, offs)):
+        ga = K.grouped_assign(x, g, c, o, backend="triton", with_second=True)
+        assert torch.equal(ga.x_sqnorm, a.x_sqnorm)  # one norm, whichever path ran
+        gb = K.grouped_assign(x, g, c, o, backend="triton", with_second=True,
+                              x_sqnorm=a.x_sqnorm)
+        assert all(torch.equal(u, v) for u, v in zip(ga, gb, strict=True))
+
+
+def test_x_sqnorm_absent_for_cosine_and_torch_and_checked():
+    x, c = make(20, 6, 16, seed=32)
+    assert K.assign(x, c, backend="torch").x_sqnorm is None
+    cos = K.assign(torch.nn.functional.normalize(x, dim=1), c, metric="cosine",
+                   backend="triton")
+    assert cos.x_sqnorm is None
+    with pytest.raises(ValueError, match="x_sqnorm"):
+        K.assign(x, c, backend="triton", x_sqnorm=torch.ones(19))
+    with pytest.raises(ValueError, match="x_sqnorm"):
+        K.grouped_assign(x, torch.zeros(20, dtype=torch.int64), c, torch.tensor([0, 6]),
+                         backend="triton", x_sqnorm=torch.ones(20, dtype=torch.float64))
+
+
+def test_walk_reuses_the_first_levels_norms():
+    """A tree walk on the Triton backend hands level 1's ||x||^2 to the deeper levels and
+    labels exactly as each level computing its own."""
+    from mdf_taxonomy.model import Level, Taxonomy, TaxonomyConfig
+
+    g = torch.Generator().manual_seed(33)
+    cfg = TaxonomyConfig(n_levels=3, branching_factor=[4, 3, 2], dim=16)
+    levels = [Level(torch.randn(4, 16, generator=g).numpy(), torch.zeros(4).numpy()),
+              Level(torch.randn(12, 16, generator=g).numpy(),
+                    torch.arange(4).repeat_interleave(3).numpy()),
+              Level(torch.randn(24, 16, generator=g).numpy(),
+                    torch.arange(12).repeat_interleave(2).numpy())]
+    tax = Taxonomy(config=cfg, dim=16, levels=levels)
+    x = tax.prepare(torch.randn(50, 16, generator=g))
+    paths, ids, dist = tax.walk(x, 3, backend="triton")
+    parents = torch.zeros(50, dtype=torch.int64)
+    for level in range(1, 4):  # each level on its own, norm pass included
+        a = tax.assign_level(x, parents, level, backend="triton")
+        assert torch.equal(torch.from_numpy(paths[:, level - 1]).long(), a.ids)
+        parents = a.ids
+    assert torch.equal(dist, a.distance)

@@ -135,12 +135,14 @@ def _tile_scores(acc, cn, c0, K, L2: gl.constexpr, BLOCK_N: gl.constexpr,
 
 @gluon.jit
 def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, ids_ptr,
-              dist_ptr, sec_ptr, n_blocks, N, K,
+              dist_ptr, sec_ptr, xn_ptr, n_blocks, N, K,
               HALF: gl.constexpr, D: gl.constexpr, L2: gl.constexpr,
-              WITH_SECOND: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              WITH_SECOND: gl.constexpr, XN_IN: gl.constexpr, XN_OUT: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
     """Rows HALF * BLOCK_M ... of each of its row blocks against all centroid tiles;
-    writes its own rows."""
+    writes its own rows. ||x||^2 comes from the norm worker, or from xn_ptr (XN_IN);
+    XN_OUT stores the worker's values there."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_N, 16])
@@ -164,10 +166,14 @@ def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, 
             s_tile = _tile_scores(acc, cn, c0, K, L2, BLOCK_N, mma)
             best, best_id, second = _fold_top2(s_tile, c0, best, best_id, second)
         xn = gl.zeros_like(best)  # cosine: no ||x||^2
-        if L2:
+        if L2 and XN_IN:
+            xn = gl.load(xn_ptr + gl.minimum(rows, N - 1))
+        elif L2:
             mbarrier.wait(xn_ready.index(j % 2), (j // 2) & 1)
             xn = xn_bufs.index((j % 2) * 2 + HALF).load(row_layout)
             mbarrier.arrive(xn_free.index(j % 2), count=1)
+            if XN_OUT:
+                gl.store(xn_ptr + gl.minimum(rows, N - 1), xn, mask=rows < N)
         _store_rows(ids_ptr, dist_ptr, sec_ptr, gl.minimum(rows, N - 1), rows < N,
                     best, best_id, second, xn, L2, WITH_SECOND)
         j += 1
@@ -181,7 +187,7 @@ def _chunk_sqnorm(rows_buf, layout: gl.constexpr):
 
 @gluon.jit
 def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
-                 K, L2: gl.constexpr, D: gl.constexpr,
+                 K, NORM: gl.constexpr, D: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                  STAGES: gl.constexpr, WARPS: gl.constexpr):
     """||x||^2 of each row block, summed from the x chunks while they sit in the ring (a
@@ -197,9 +203,9 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
     i = 0
     j = 0
-    # cosine has no ||x||^2: the worker has nothing to do (the CTA has 12 warps either way)
+    # NORM off (cosine, or norms given): nothing to do (the CTA has 12 warps either way)
     n_tiles = gl.cdiv(K, BLOCK_N)
-    for _rb in range(gl.program_id(0), n_blocks if L2 else 0, gl.num_programs(0)):
+    for _rb in range(gl.program_id(0), n_blocks if NORM else 0, gl.num_programs(0)):
         xn0 = gl.zeros([Q], gl.float32, layout=gl.SliceLayout(1, layout))
         xn1 = gl.zeros_like(xn0)
         xn2 = gl.zeros_like(xn0)
@@ -228,9 +234,10 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
 
 
 @gluon.jit
-def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
+def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, xn_ptr, N, K,
                       n_blocks, D: gl.constexpr, L2: gl.constexpr,
-                      WITH_SECOND: gl.constexpr,
+                      WITH_SECOND: gl.constexpr, XN_IN: gl.constexpr, XN_OUT: gl.constexpr,
+                      NORM: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                       STAGES: gl.constexpr, NORM_WARPS: gl.constexpr,
                       REGS_CONSUMER: gl.constexpr, REGS_WORKERS: gl.constexpr):
@@ -246,7 +253,7 @@ def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
     xn_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=3 if L2 else 2)  # + the norm worker
+        mbarrier.init(empty.index(s), count=3 if NORM else 2)  # + the norm worker
     for s in gl.static_range(2):
         mbarrier.init(xn_ready.index(s), count=1)
         mbarrier.init(xn_free.index(s), count=2)
@@ -254,15 +261,15 @@ def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, N, K,
     # (partition argument tuples are spelled out: the Gluon frontend takes them inline)
     gl.warp_specialize(
         [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                      ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, 0, D, L2,
-                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                      ids_ptr, dist_ptr, sec_ptr, xn_ptr, n_blocks, N, K, 0, D, L2,
+                      WITH_SECOND, XN_IN, XN_OUT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
          (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                      ids_ptr, dist_ptr, sec_ptr, n_blocks, N, K, 1, D, L2,
-                      WITH_SECOND, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                      ids_ptr, dist_ptr, sec_ptr, xn_ptr, n_blocks, N, K, 1, D, L2,
+                      WITH_SECOND, XN_IN, XN_OUT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
          (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, K,
                       D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
          (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
-                         K, L2, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
+                         K, NORM, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
                          NORM_WARPS))],
         [4, 1, NORM_WARPS], [REGS_CONSUMER, REGS_WORKERS, REGS_WORKERS])
 
@@ -277,8 +284,10 @@ def _smem_layout(block: tuple[int, int], dtype: torch.dtype):
 
 def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Tensor,
               dist: torch.Tensor, sec: torch.Tensor | None, *, metric: str,
+              xn: torch.Tensor | None = None, xn_given: bool = False,
               conf: dict | None = None) -> None:
-    """Fill ids/dist/sec for all rows of x (prepared inputs, as ``_assign_prepared``)."""
+    """Fill ids/dist/sec for all rows of x (prepared inputs, as ``_assign_prepared``); xn
+    (l2) holds the rows' ||x||^2, read (``xn_given``) or written."""
     conf = conf or CONFIG
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
     n, d = x.shape
@@ -287,9 +296,13 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
     c_desc = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [bn, bk],
                               _smem_layout((bn, bk), c.dtype))
     n_blocks = triton.cdiv(n, 2 * bm)
+    l2 = metric == "l2"
     _ws_assign_kernel[(min(n_blocks, _n_sms(x.device)),)](
-        x_desc, c_desc, cn, ids, dist, dist if sec is None else sec, n, c.shape[0],
-        n_blocks, D=d, L2=metric == "l2", WITH_SECOND=sec is not None,
+        x_desc, c_desc, cn, ids, dist, dist if sec is None else sec,
+        dist if xn is None else xn, n, c.shape[0], n_blocks, D=d, L2=l2,
+        WITH_SECOND=sec is not None, XN_IN=l2 and xn is not None and xn_given,
+        XN_OUT=l2 and xn is not None and not xn_given,
+        NORM=l2 and not (xn is not None and xn_given),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"],
         NORM_WARPS=conf["NORM_WARPS"], REGS_CONSUMER=conf["REGS_CONSUMER"],
         REGS_WORKERS=conf["REGS_WORKERS"], num_warps=4)

@@ -169,8 +169,13 @@ def _assign_kernel(
     SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr, XN_FIRST: tl.constexpr,
+    XN_IN: tl.constexpr, XN_OUT: tl.constexpr,
 ):
     """Running top-2 of ``||c||^2 - 2 x.c`` (l2) / ``-x.c`` (cosine) per row.
+
+    ``||x||^2`` (l2) comes from the norm pass, or from ``xn_ptr`` (XN_IN: a previous
+    call's values for the same rows, e.g. the level above in a tree walk); XN_OUT stores
+    the pass's values there.
 
     SCALED: the fp8 shortlist pass. x and c are e4m3 with per-row scales (x_scale,
     c_scale); it writes raw scores and both candidate ids (sec_id) for exact re-ranking,
@@ -211,7 +216,9 @@ def _assign_kernel(
     second = tl.full((BLOCK_M,), float("inf"), tl.float32)
     second_id = tl.full((BLOCK_M,), -1, tl.int32)
     xn = tl.zeros((BLOCK_M,), tl.float32)
-    if L2 and XN_FIRST and not SCALED:  # before the tiles: x enters L2 for their re-reads
+    if L2 and XN_IN:
+        xn = tl.load(xn_ptr + rows)
+    elif L2 and XN_FIRST and not SCALED:  # before the tiles: x enters L2 for their re-reads
         xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     for c0 in range(c_lo, c_hi, BLOCK_N):
         cn = _load_col(cn_ptr, c0, c_hi, offs_n, L2, 0.0)
@@ -234,16 +241,16 @@ def _assign_kernel(
     # ||x||^2 (l2) in a separate pass after the main loop (or before it: XN_FIRST), through
     # its own loads: reusing the dot's x tile for it was fast but gave wrong results on H100
     # with triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
-    if L2 and not XN_FIRST:
+    if L2 and not XN_FIRST and not XN_IN:
         xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
+    if L2 and XN_OUT:  # (split calls: every split writes the same value)
+        tl.store(xn_ptr + rows, xn, mask=row_mask)
     if SPLIT:  # raw scores; merged (and finished) on the host side
         out = tl.program_id(1).to(tl.int64) * N + rows
         tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
         tl.store(dist_ptr + out, best, mask=row_mask)
         if WITH_SECOND:
             tl.store(sec_ptr + out, second, mask=row_mask)
-        if L2:
-            tl.store(xn_ptr + rows, xn, mask=row_mask)  # every split writes the same value
     else:
         _store_rows(ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, xn,
                     L2, WITH_SECOND)
@@ -348,11 +355,12 @@ def _use_ws(xs: torch.Tensor, c: torch.Tensor, metric: str, k: int) -> bool:
 
 def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
                    with_second: bool, k: int, split: bool = False, tiles_per_split: int = 1,
-                   xn=None, grouped=None, scaled=None):
+                   xn=None, xn_given: bool = False, grouped=None, scaled=None):
     """One _assign_kernel launch; the single place that maps options to its arguments.
 
-    grouped = (perm, item_parent, item_pos, item_end, child_offsets); scaled = (x_scale,
-    c_scale, second_ids) for the fp8 shortlist pass.
+    xn: the rows' ||x||^2, read (``xn_given``) or written by the kernel; grouped = (perm,
+    item_parent, item_pos, item_end, child_offsets); scaled = (x_scale, c_scale,
+    second_ids) for the fp8 shortlist pass.
     """
     n, d = xs.shape
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
@@ -374,7 +382,7 @@ def _launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
         GROUPED=grouped is not None, SPLIT=split, IS_FP32=xs.dtype == torch.float32,
         EVEN_D=d % bk == 0, EVEN_N=grouped is None and k % bn == 0,
         TMA_X=x_desc is not None, TMA_C=c_desc is not None, SCALED=scaled is not None,
-        **meta)
+        XN_IN=xn is not None and xn_given, XN_OUT=xn is not None and not xn_given, **meta)
 
 
 def _prep(x: torch.Tensor, centroids: torch.Tensor, metric: str):
@@ -394,7 +402,7 @@ def _prep(x: torch.Tensor, centroids: torch.Tensor, metric: str):
 
 # (id(tensor), what...) -> (weakref to the tensor, its version, prepared value)
 _CENTROID_CACHE: dict = {}
-_CACHE_MIN_ELEMS = 1 << 24  # only large centroid sets (a tree level) are worth caching
+_CACHE_MIN_ELEMS = 1 << 24  # off CUDA only large sets (a tree level) are worth caching
 _CACHE_SIZE = 8  # a 3-level tree's centroids and child offsets, with room to spare
 
 
@@ -403,16 +411,19 @@ def _cached_for(centroids: torch.Tensor, what: tuple, build, always: bool = Fals
     tensor.
 
     A grouped level can hold ~1M centroids: casting and norming them on every call cost
-    more than the kernel (measured 7 ms of 13 ms per level). The cache is keyed on the
-    tensor's identity (weakref) and its in-place version counter, so any change to the
-    tensor (through any view) rebuilds; it holds at most ``_CACHE_SIZE`` entries.
+    more than the kernel (measured 7 ms of 13 ms per level). On CUDA every set is cached:
+    even 1024 centroids' norms cost ~0.1 ms of launches per call, paid while the GPU
+    waits (NOTES v14). The cache is keyed on the tensor's identity (weakref) and its
+    in-place version counter, so any change to the tensor through torch (any view)
+    rebuilds; writes that bypass the counter (``.data``, DLPack) are not seen. It holds at
+    most ``_CACHE_SIZE`` entries.
     """
     key = (id(centroids), *what)
     hit = _CENTROID_CACHE.get(key)
     if hit is not None and hit[0]() is centroids and hit[1] == centroids._version:
         return hit[2]
     value = build()
-    if always or centroids.numel() >= _CACHE_MIN_ELEMS:
+    if always or centroids.is_cuda or centroids.numel() >= _CACHE_MIN_ELEMS:
         for k in [k for k, v in _CENTROID_CACHE.items() if v[0]() is None]:
             del _CENTROID_CACHE[k]
         while len(_CENTROID_CACHE) >= _CACHE_SIZE:
@@ -494,8 +505,9 @@ def _read_later(t: torch.Tensor):
     return read
 
 
-def _with_oom_retry(fn, x: torch.Tensor, *rest_rowwise, with_second: bool):
-    """Run ``fn`` on all rows; on CUDA OOM, run it on halves (recursively)."""
+def _with_oom_retry(fn, x: torch.Tensor, *rest_rowwise):
+    """Run ``fn`` on all rows; on CUDA OOM, run it on halves (recursively). ``fn`` returns
+    a tuple of per-row tensors (or None); ``rest_rowwise`` are per-row tensors (or None)."""
     try:
         return fn(x, *rest_rowwise)
     except torch.OutOfMemoryError:
@@ -504,27 +516,33 @@ def _with_oom_retry(fn, x: torch.Tensor, *rest_rowwise, with_second: bool):
             raise
         torch.cuda.empty_cache()
         h = n // 2
-        a = _with_oom_retry(fn, x[:h], *[r[:h] for r in rest_rowwise], with_second=with_second)
-        b = _with_oom_retry(fn, x[h:], *[r[h:] for r in rest_rowwise], with_second=with_second)
-        return (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]),
-                torch.cat([a[2], b[2]]) if with_second else None)
+        a = _with_oom_retry(fn, x[:h], *[None if r is None else r[:h] for r in rest_rowwise])
+        b = _with_oom_retry(fn, x[h:], *[None if r is None else r[h:] for r in rest_rowwise])
+        return tuple(None if u is None else torch.cat([u, v]) for u, v in zip(a, b, strict=True))
 
 
 def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric: str,
-                     with_second: bool, cfg: dict | None = None):
-    """Assignment on prepared inputs (x as the kernel reads it, c cast, cn its norms).
+                     with_second: bool, cfg: dict | None = None,
+                     x_sqnorm: torch.Tensor | None = None):
+    """Assignment on prepared inputs (x as the kernel reads it, c cast, cn its norms):
+    (ids, dist, sec, ||x||^2 or None).
 
     ``cfg`` fixes the launch config (grouped single-parent calls pass the level's config
     so a row's arithmetic is the one of the grouped kernel); else it comes from _config.
     Where the Gluon kernel serves the call, its bits are this kernel's for any config.
+    ``x_sqnorm`` (l2): the rows' ||x||^2 from an earlier call, read instead of computed.
     """
+    l2 = metric == "l2"
 
-    def run(xs: torch.Tensor):
+    def run(xs: torch.Tensor, xg: torch.Tensor | None):
         n, d = xs.shape
         k = c.shape[0]
         ids, dist, sec = _empty_out(n, xs.device, with_second, filled=k == 0)
         if n == 0 or k == 0:
-            return ids, dist, sec
+            return ids, dist, sec, xg
+        # l2: the kernel reads the given norms or writes the ones it computes here
+        xn = (xg if xg is not None else torch.empty(n, dtype=torch.float32, device=xs.device)
+              ) if l2 else None
         conf = cfg or _OVERRIDE or _config(xs.dtype, d, k, xs.device)
         bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
         row_blocks = triton.cdiv(n, bm)
@@ -533,29 +551,30 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
         splits = max(1, min(c_tiles, (2 * _n_sms(xs.device)) // row_blocks))
         tps = triton.cdiv(c_tiles, splits)
         splits = triton.cdiv(c_tiles, tps)
-        opts = dict(metric=metric, with_second=with_second, k=k)
+        opts = dict(metric=metric, with_second=with_second, k=k, xn=xn,
+                    xn_given=xg is not None)
         if splits == 1 and _use_ws(xs, c, metric, k):  # same bits as the tl kernel
             from . import gluon_kernels
 
-            gluon_kernels.assign_ws(xs, c, cn, ids, dist, sec, metric=metric)
-            return ids, dist, sec
+            gluon_kernels.assign_ws(xs, c, cn, ids, dist, sec, metric=metric, xn=xn,
+                                    xn_given=xg is not None)
+            return ids, dist, sec, xn
         if splits == 1:
             _launch_assign((row_blocks,), xs, c, cn, ids, dist, sec, conf, **opts)
-            return ids, dist, sec
+            return ids, dist, sec, xn
         pids = torch.empty((splits, n), dtype=torch.int64, device=xs.device)
         pbest = torch.empty((splits, n), dtype=torch.float32, device=xs.device)
         psec = torch.empty((splits, n), dtype=torch.float32, device=xs.device) \
             if with_second else None
-        xn = torch.zeros(n, dtype=torch.float32, device=xs.device)
         _launch_assign((row_blocks, splits), xs, c, cn, pids, pbest, psec, conf, split=True,
-                       tiles_per_split=tps, xn=xn, **opts)
+                       tiles_per_split=tps, **opts)
         # exact top-2 merge over splits (lowest split = lowest ids win ties)
         b, arg = pbest.min(dim=0)
         ids = pids.gather(0, arg[None])[0]
         if with_second:
             others = pbest.scatter(0, arg[None], float("inf")).min(dim=0).values
             sec = torch.minimum(psec.gather(0, arg[None])[0], others)
-        if metric == "l2":  # same fp32 add as the kernel's epilogue
+        if l2:  # same fp32 add as the kernel's epilogue
             dist = (b + xn).clamp_min_(0.0)
             if with_second:
                 sec = (sec + xn).clamp_min_(0.0)
@@ -563,17 +582,31 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
             dist = b + 1.0
             if with_second:
                 sec = sec + 1.0
-        return ids, dist, sec
+        return ids, dist, sec, xn
 
-    return _with_oom_retry(run, x, with_second=with_second)
+    return _with_oom_retry(run, x, _checked_sqnorm(x_sqnorm, x) if l2 else None)
+
+
+def _checked_sqnorm(x_sqnorm: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    if x_sqnorm is None:
+        return None
+    if x_sqnorm.shape != (x.shape[0],) or x_sqnorm.dtype != torch.float32 \
+            or x_sqnorm.device != x.device:
+        raise ValueError(
+            f"x_sqnorm must be float32 of shape ({x.shape[0]},) on {x.device} (a previous "
+            f"call's Assignment.x_sqnorm for these rows), got {x_sqnorm.dtype} "
+            f"{tuple(x_sqnorm.shape)} on {x_sqnorm.device}")
+    return x_sqnorm
 
 
 def assign_triton(
-    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", with_second: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Fused nearest-centroid search; see module docstring."""
+    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", with_second: bool = False,
+    x_sqnorm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Fused nearest-centroid search; see module docstring. Returns (ids, dist, second,
+    ||x||^2 (l2) or None)."""
     x, c, cn = _prep(x, centroids, metric)
-    return _assign_prepared(x, c, cn, metric, with_second)
+    return _assign_prepared(x, c, cn, metric, with_second, x_sqnorm=x_sqnorm)
 
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value (literal in the kernel below)
@@ -668,7 +701,7 @@ def assign_shortlist_triton(
             BLOCK_M=bm, BLOCK_D=min(triton.next_power_of_2(d), 256), num_warps=4)
         return ids, dist, sec
 
-    return _with_oom_retry(run, x, with_second=with_second)
+    return _with_oom_retry(run, x)
 
 
 _OVERRIDE_FP8: dict | None = None  # benchmarks set this to sweep the shortlist pass
@@ -711,7 +744,8 @@ def grouped_assign_triton(
     *,
     metric: str = "l2",
     with_second: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x_sqnorm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch labels a whole tree level: each row vs its parent's children block.
 
     A single parent (a tree's first level): the plain kernel on its children block.
@@ -720,21 +754,23 @@ def grouped_assign_triton(
     Nothing here waits for the GPU before the launch: the offsets are summarised on the host
     once per tensor and the group ids are validated after the kernel is enqueued (rows of an
     out-of-range group belong to no work item, so the kernel never touches them).
+    ``x_sqnorm`` / the 4th result: the rows' ||x||^2 (l2), as for ``assign_triton``.
     """
     x, c, cn = _prep(x, centroids, metric)
     n_parents, widest, lo, hi = _offsets_info(child_offsets)
     groups = groups.to(device=x.device, dtype=torch.int64)
     n, d = x.shape
     if n == 0 or c.shape[0] == 0:
-        return _empty_out(n, x.device, with_second)
+        return *_empty_out(n, x.device, with_second), x_sqnorm
     if groups.shape != (n,):
         raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
     group_range = _read_later(torch.stack(torch.aminmax(groups)))
     # a row meets at most `widest` centroids: that is the K that the config is tuned for
     cfg = _OVERRIDE or _config(x.dtype, d, widest, x.device)
     if n_parents == 1:
-        ids, dist, sec = _assign_prepared(x, c[lo:hi], cn[lo:hi] if metric == "l2" else cn,
-                                          metric, with_second, cfg)
+        ids, dist, sec, xn = _assign_prepared(
+            x, c[lo:hi], cn[lo:hi] if metric == "l2" else cn, metric, with_second, cfg,
+            x_sqnorm=x_sqnorm)
         if lo and hi > lo:
             ids += lo
     else:
@@ -746,19 +782,23 @@ def grouped_assign_triton(
         bucket_cfg = dict(cfg, num_stages=4, XN_FIRST=True) \
             if x.is_cuda and not _OVERRIDE else cfg
 
-        def run(xs: torch.Tensor, gs: torch.Tensor):
+        def run(xs: torch.Tensor, gs: torch.Tensor, xg: torch.Tensor | None):
             ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
+            xn = (xg if xg is not None else torch.empty_like(dist)) if metric == "l2" \
+                else None  # every row is in a work item: the kernel writes all of them
             perm, ip, ipos, iend, _ = _work_items(gs, n_parents, cfg["BLOCK_M"])
             _launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, bucket_cfg,
                            metric=metric, with_second=with_second, k=c.shape[0],
+                           xn=xn, xn_given=xg is not None,
                            grouped=(perm, ip, ipos, iend, offs))
-            return ids, dist, sec
+            return ids, dist, sec, xn
 
-        ids, dist, sec = _with_oom_retry(run, x, groups, with_second=with_second)
+        ids, dist, sec, xn = _with_oom_retry(
+            run, x, groups, _checked_sqnorm(x_sqnorm, x) if metric == "l2" else None)
     gmin, gmax = group_range()
     if gmin < 0 or gmax >= n_parents:
         raise ValueError(f"group ids must lie in [0, {n_parents}), got [{gmin}, {gmax}]")
-    return ids, dist, sec
+    return ids, dist, sec, xn
 
 
 # --------------------------------------------------------------------------- partial sums

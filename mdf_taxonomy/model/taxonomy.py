@@ -104,14 +104,16 @@ class Taxonomy:
         return t.to(dtype)
 
     def assign_level(self, x: torch.Tensor, parents: torch.Tensor, level: int,
-                     backend: str = "auto", with_second: bool = False) -> kernels.Assignment:
-        """Nearest child of each row's parent at `level` (1-based); rows already prepared."""
+                     backend: str = "auto", with_second: bool = False,
+                     x_sqnorm: torch.Tensor | None = None) -> kernels.Assignment:
+        """Nearest child of each row's parent at `level` (1-based); rows already prepared.
+        `x_sqnorm`: the rows' norms from the level above (see `kernels.Assignment`)."""
         lv = self.levels[level - 1]
         n_parents = 1 if level == 1 else self.levels[level - 2].n_nodes
         centroids, offsets = lv.on_device(x.device, n_parents)
         return kernels.grouped_assign(
             x, parents, centroids, offsets, metric=self.config.metric, backend=backend,
-            with_second=with_second,
+            with_second=with_second, x_sqnorm=x_sqnorm,
         )
 
     def walk(self, x: torch.Tensor, upto: int, backend: str = "auto"
@@ -125,9 +127,10 @@ class Taxonomy:
         ids = torch.zeros(n, dtype=torch.int64, device=x.device)
         distance = torch.zeros(n, dtype=torch.float32, device=x.device)
         per_level = []
+        x_sqnorm = None  # computed by the first level, reused by the next ones
         for level in range(1, upto + 1):
-            a = self.assign_level(x, ids, level, backend=backend)
-            ids, distance = a.ids, a.distance
+            a = self.assign_level(x, ids, level, backend=backend, x_sqnorm=x_sqnorm)
+            ids, distance, x_sqnorm = a.ids, a.distance, a.x_sqnorm
             per_level.append(ids)
         # one copy to the host at the end: the GPU labels the next level meanwhile
         paths = torch.stack(per_level, 1) if per_level else ids.new_zeros((n, 0))
