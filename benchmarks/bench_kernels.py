@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import NamedTuple
@@ -250,6 +251,18 @@ def sweep(x, rate, log):
     return {k: v[1] for k, v in best.items()}
 
 
+def gpu_state() -> str:
+    """SM clock, power, temperature and throttle reasons now: runs on one card differ by
+    10-15% at large K (NOTES v14), and these tell a throttled run apart."""
+    q = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu," \
+        "clocks_throttle_reasons.active"
+    try:
+        return subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"nvidia-smi unavailable: {e!r}"
+
+
 def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
     """One row of the table: every contender at one K."""
     n = x.shape[0]
@@ -304,6 +317,7 @@ def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
             x16, k, max_iters=1, tol=-1.0, init_centroids=c16))
     r["assign_frac_roofline"] = r["ours_assign"] / r["roofline"]
     r["fp8_frac_roofline"] = r["ours_fp8"] / r["roofline"]
+    r["gpu_after"] = gpu_state()
     print({a: (round(b / 1e6, 2) if isinstance(b, float) and b > 1e3 else b)
            for a, b in r.items()}, flush=True)
     return r
@@ -327,7 +341,8 @@ def main() -> int:
     import triton
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, flash_kmeans=fk_version,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), D=D)
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), D=D,
+                gpu_start=gpu_state())
     rates = [matmul_rate()]
     print(info, "bf16 matmul TFLOP/s (first):", rates[0] / 1e12, flush=True)
 
@@ -439,6 +454,9 @@ def main() -> int:
               "||x||^2); levels " + " / ".join(f"{v:.2f}" for v in g_row["level_ms"])
               + " ms (levels 2-3 reuse level 1's ||x||^2); "
               f"bucketing alone {g_row['work_items_ms']:.3f} ms (idle GPU, launch-bound)"]
+    lines += ["", "GPU (SM clock, max clock, power, limit, temperature, throttle reasons): "
+              f"at start {info['gpu_start']}; "
+              + "; ".join(f"after K={r['K']} {r['gpu_after']}" for r in rows)]
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "bench_kernels.md"), "w") as f:
         f.write(table + "\n")

@@ -36,6 +36,53 @@ def host_after_sync(fn, reps=30):
     return 1e3 * statistics.median(ts)
 
 
+def pieces(x, c) -> dict:
+    """Host time of each step of a plain Gluon-served assign, median of back-to-back
+    repeats while the GPU is busy (no sync in between)."""
+    from mdf_taxonomy.kernels import gluon_kernels as G
+    from mdf_taxonomy.kernels import triton_kernels as T
+
+    n = x.shape[0]
+    xs, cp, cn = T._prep(x, c, "l2")
+    ids, dist, sec = T._empty_out(n, x.device, False, filled=False)
+    xn = torch.empty_like(dist)
+    conf = G.CONFIG
+    bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
+
+    def descs():
+        return (G.TensorDescriptor(xs, [n, 1024], [xs.stride(0), 1], [bm, bk],
+                                   G._smem_layout((bm, bk), xs.dtype)),
+                G.TensorDescriptor(cp, list(cp.shape), [cp.stride(0), 1], [bn, bk],
+                                   G._smem_layout((bn, bk), cp.dtype)))
+
+    steps = {
+        "prep (checks, cached centroids)": lambda: T._prep(x, c, "l2"),
+        "outputs (4 torch.empty)": lambda: (T._empty_out(n, x.device, False, filled=False),
+                                            torch.empty_like(dist)),
+        "2 tensor descriptors": descs,
+        "use_ws": lambda: T._use_ws(xs, cp, "l2", 1024),
+        "assign_ws (descriptors + launch)": lambda: G.assign_ws(
+            xs, cp, cn, ids, dist, None, metric="l2", xn=xn),
+        "whole KR.assign": lambda: KR.assign(x, c, backend="triton"),
+    }
+    big = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    out = {}
+    for name, fn in steps.items():
+        fn()
+        ts = []
+        for _ in range(5):
+            for _ in range(6):
+                big @ big  # keep the GPU busy: launches never wait
+            for _ in range(20):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            torch.cuda.synchronize()
+        out[name] = 1e6 * statistics.median(ts)
+        print(f"   {name:36s} {out[name]:7.1f} us", flush=True)
+    return out
+
+
 def main() -> None:
     x = clustered(1 << 20)
     c = x[torch.randperm(x.shape[0], device=DEV)[:1024]].clone()
@@ -58,6 +105,7 @@ def main() -> None:
         out[name] = dict(event_ms=ev, host_after_sync_ms=host, profile=s.getvalue())
         print(f"== {name}: event {ev:.3f} ms, host after sync {host:.3f} ms")
         print(s.getvalue())
+    out["pieces_us"] = pieces(x, c)
     path = os.path.join(os.environ.get("OUT") or "results", "profile_host.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
