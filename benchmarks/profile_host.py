@@ -87,7 +87,10 @@ def main() -> None:
     x = clustered(1 << 20)
     c = x[torch.randperm(x.shape[0], device=DEV)[:1024]].clone()
     out = {}
+    groups = torch.zeros(x.shape[0], dtype=torch.int64, device=DEV)
+    offs = torch.tensor([0, 1024], device=DEV)
     cases = {"assign K=1024": lambda: KR.assign(x, c, backend="triton"),
+             "grouped, one parent, K=1024": lambda: KR.grouped_assign(x, groups, c, offs),
              "assign K=1024 with_second": lambda: KR.assign(x, c, backend="triton",
                                                              with_second=True)}
     for name, fn in cases.items():
@@ -102,6 +105,7 @@ def main() -> None:
         torch.cuda.synchronize()
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof, stream=s).sort_stats("cumtime").print_stats(25)
         out[name] = dict(event_ms=ev, host_after_sync_ms=host, profile=s.getvalue())
         print(f"== {name}: event {ev:.3f} ms, host after sync {host:.3f} ms")
         print(s.getvalue())
