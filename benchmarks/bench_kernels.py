@@ -133,8 +133,8 @@ def our_assign(x, c):
     return KR.assign(x, c, backend="triton").ids
 
 
-def our_lloyd(x, c):
-    ids = KR.assign(x, c, backend="triton").ids
+def our_lloyd(x, c, fp8_shortlist=False):
+    ids = KR.assign(x, c, backend="triton", fp8_shortlist=fp8_shortlist).ids
     sums, cnt = KR.partial_sums(x, ids, c.shape[0], backend="triton")
     return (KR.from_fixed_point(sums) / cnt.clamp_min(1)[:, None]).to(x.dtype)
 
@@ -299,6 +299,7 @@ def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
     if k <= 4096:  # host time per call is visible here: calls queued back to back hide it
         r["ours_assign_b2b"] = 10 * n / timeit(lambda: [our_assign(x, c) for _ in range(10)])
     r["ours_lloyd"] = n / timeit(lambda: our_lloyd(x, c))
+    r["ours_lloyd_fp8"] = n / timeit(lambda: our_lloyd(x, c, fp8_shortlist=True))
     r["ours_psums_ms"] = 1e3 * timeit(lambda: KR.partial_sums(x, ids_ours, k))
     # diagnostic: cosine skips the ||x||^2 pass (same GEMM and top-2 epilogue otherwise)
     r["ours_assign_cosine"] = n / timeit(lambda: KR.assign(x, c, metric="cosine").ids)
@@ -457,11 +458,14 @@ def main() -> int:
     lines += ["", "fp8 (e4m3) shortlist + exact re-ranking of the top 2 (x quantised per "
               "call, included):", "",
               "| K | ours fp8 shortlist | vs bf16 roofline | vs ours bf16 | ids equal to "
-              "bf16 kernel | quantise x |", "|---|---|---|---|---|---|"]
+              "bf16 kernel | quantise x | Lloyd step with it | its Lloyd vs fk |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        fl = r.get("fk_lloyd")
         lines.append(f"| {r['K']} | {m(r['ours_fp8'])} | {r['fp8_frac_roofline']:.0%} | "
                      f"{r['ours_fp8'] / r['ours_assign']:.2f}x | {r['fp8_agree']:.4%} | "
-                     f"{r['fp8_quantize_x_ms']:.2f} ms |")
+                     f"{r['fp8_quantize_x_ms']:.2f} ms | {m(r['ours_lloyd_fp8'])} | "
+                     + ("-" if fl is None else f"{r['ours_lloyd_fp8'] / fl:.2f}x") + " |")
     lines += ["", f"Grouped 3-level labelling (1024 children per node, N={n}): "
               f"{m(g_row['rows_per_s'])} rows/s (roofline {m(g_row['roofline'])}; "
               f"{m(g_row['rows_per_s_own_norms'])} with every level computing its own "
