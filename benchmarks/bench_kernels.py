@@ -475,7 +475,8 @@ def main() -> int:
     sus = info["bf16_matmul_tflops_sustained"] * 1e12
     lines += ["", f"Against the bf16 matmul under the same power cap ({sus / 1e12:.0f} TFLOP/s "
               "after 3 s of back-to-back matmuls; the roofline above is a short burst at the "
-              "top clock): ours assign " + " / ".join(
+              "top clock; calls short enough to run at the top clock, see the GPU line, are "
+              "not like for like here): ours assign " + " / ".join(
                   f"{r['ours_assign'] / (sus / (2 * r['K'] * D)):.0%}" for r in rows)
               + " at K = " + " / ".join(str(r["K"]) for r in rows) + "."]
     for r in rows:
