@@ -117,8 +117,10 @@ def check_sqnorm_reuse(n, k, d, dtype, seed=6):
     back (x_sqnorm=) changes no bit of any result, plain, split or bucketed."""
     from mdf_taxonomy.kernels import triton_kernels as T
 
+    def same(a, b):
+        return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
     x, c = clustered(n, k, d, "l2", dtype, seed)
-    same = lambda a, b: all(torch.equal(u, v) for u, v in zip(a, b, strict=True))  # noqa: E731
     a = K.assign(x, c, with_second=True)
     ok = same(a, K.assign(x, c, with_second=True, x_sqnorm=a.x_sqnorm))
     T.USE_WS = False

@@ -46,20 +46,10 @@ def pieces(x, c) -> dict:
     xs, cp, cn = T._prep(x, c, "l2")
     ids, dist, sec = T._empty_out(n, x.device, False, filled=False)
     xn = torch.empty_like(dist)
-    conf = G.CONFIG
-    bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
-
-    def descs():
-        return (G.TensorDescriptor(xs, [n, 1024], [xs.stride(0), 1], [bm, bk],
-                                   G._smem_layout((bm, bk), xs.dtype)),
-                G.TensorDescriptor(cp, list(cp.shape), [cp.stride(0), 1], [bn, bk],
-                                   G._smem_layout((bn, bk), cp.dtype)))
-
     steps = {
         "prep (checks, cached centroids)": lambda: T._prep(x, c, "l2"),
         "outputs (4 torch.empty)": lambda: (T._empty_out(n, x.device, False, filled=False),
                                             torch.empty_like(dist)),
-        "2 tensor descriptors": descs,
         "use_ws": lambda: T._use_ws(xs, cp, "l2", 1024),
         "assign_ws (descriptors + launch)": lambda: G.assign_ws(
             xs, cp, cn, ids, dist, None, metric="l2", xn=xn),

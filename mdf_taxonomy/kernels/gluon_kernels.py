@@ -194,10 +194,10 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
     third user of every slot, so a slot is not refilled under it), into a 2-slot shared
     buffer the consumers read at their epilogue. The x chunks come again with every
     centroid tile, so the block's four row quarters are summed during tiles 0..3 (quarter
-    q in tile q % n_tiles): little work per
-    k-step, the slots are released fast. Same 64-column chunks and sum order as the
-    ``tl.*`` kernel's norm pass, hence the same bits. (Summing from global memory
-    instead, in the consumers or in a worker, measured slower: NOTES v11/v12.)"""
+    q in tile q % n_tiles): little work per k-step, the slots are released fast. Same
+    64-column chunks and sum order as the ``tl.*`` kernel's norm pass, hence the same
+    bits. (Summing from global memory instead, in the consumers or in a worker, measured
+    slower: NOTES v11/v12.)"""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     Q: gl.constexpr = BLOCK_M // 2
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
@@ -297,12 +297,12 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
                               _smem_layout((bn, bk), c.dtype))
     n_blocks = triton.cdiv(n, 2 * bm)
     l2 = metric == "l2"
+    xn_in = l2 and xn_given  # else the norm worker sums them (and XN_OUT stores them)
     _ws_assign_kernel[(min(n_blocks, _n_sms(x.device)),)](
         x_desc, c_desc, cn, ids, dist, dist if sec is None else sec,
         dist if xn is None else xn, n, c.shape[0], n_blocks, D=d, L2=l2,
-        WITH_SECOND=sec is not None, XN_IN=l2 and xn is not None and xn_given,
-        XN_OUT=l2 and xn is not None and not xn_given,
-        NORM=l2 and not (xn is not None and xn_given),
+        WITH_SECOND=sec is not None, XN_IN=xn_in, XN_OUT=l2 and not xn_in and xn is not None,
+        NORM=l2 and not xn_in,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"],
         NORM_WARPS=conf["NORM_WARPS"], REGS_CONSUMER=conf["REGS_CONSUMER"],
         REGS_WORKERS=conf["REGS_WORKERS"], num_warps=4)

@@ -540,9 +540,7 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
         ids, dist, sec = _empty_out(n, xs.device, with_second, filled=k == 0)
         if n == 0 or k == 0:
             return ids, dist, sec, xg
-        # l2: the kernel reads the given norms or writes the ones it computes here
-        xn = (xg if xg is not None else torch.empty(n, dtype=torch.float32, device=xs.device)
-              ) if l2 else None
+        xn = _sqnorm_buffer(xg, dist, l2)
         conf = cfg or _OVERRIDE or _config(xs.dtype, d, k, xs.device)
         bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
         row_blocks = triton.cdiv(n, bm)
@@ -584,11 +582,14 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
                 sec = sec + 1.0
         return ids, dist, sec, xn
 
-    return _with_oom_retry(run, x, _checked_sqnorm(x_sqnorm, x) if l2 else None)
+    return _with_oom_retry(run, x, _sqnorm_in(x_sqnorm, x, metric))
 
 
-def _checked_sqnorm(x_sqnorm: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    if x_sqnorm is None:
+def _sqnorm_in(x_sqnorm: torch.Tensor | None, x: torch.Tensor, metric: str
+               ) -> torch.Tensor | None:
+    """The caller's ||x||^2 for these rows, validated; None where there is nothing to read
+    (none given, or cosine, which has no ||x||^2)."""
+    if x_sqnorm is None or metric != "l2":
         return None
     if x_sqnorm.shape != (x.shape[0],) or x_sqnorm.dtype != torch.float32 \
             or x_sqnorm.device != x.device:
@@ -597,6 +598,14 @@ def _checked_sqnorm(x_sqnorm: torch.Tensor | None, x: torch.Tensor) -> torch.Ten
             f"call's Assignment.x_sqnorm for these rows), got {x_sqnorm.dtype} "
             f"{tuple(x_sqnorm.shape)} on {x_sqnorm.device}")
     return x_sqnorm
+
+
+def _sqnorm_buffer(given: torch.Tensor | None, dist: torch.Tensor, l2: bool
+                   ) -> torch.Tensor | None:
+    """Where an l2 kernel reads ||x||^2 (``given``) or writes the values it computes."""
+    if not l2:
+        return None
+    return given if given is not None else torch.empty_like(dist)
 
 
 def assign_triton(
@@ -784,8 +793,7 @@ def grouped_assign_triton(
 
         def run(xs: torch.Tensor, gs: torch.Tensor, xg: torch.Tensor | None):
             ids, dist, sec = _empty_out(xs.shape[0], xs.device, with_second)
-            xn = (xg if xg is not None else torch.empty_like(dist)) if metric == "l2" \
-                else None  # every row is in a work item: the kernel writes all of them
+            xn = _sqnorm_buffer(xg, dist, metric == "l2")  # every row is in a work item
             perm, ip, ipos, iend, _ = _work_items(gs, n_parents, cfg["BLOCK_M"])
             _launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, bucket_cfg,
                            metric=metric, with_second=with_second, k=c.shape[0],
@@ -793,8 +801,7 @@ def grouped_assign_triton(
                            grouped=(perm, ip, ipos, iend, offs))
             return ids, dist, sec, xn
 
-        ids, dist, sec, xn = _with_oom_retry(
-            run, x, groups, _checked_sqnorm(x_sqnorm, x) if metric == "l2" else None)
+        ids, dist, sec, xn = _with_oom_retry(run, x, groups, _sqnorm_in(x_sqnorm, x, metric))
     gmin, gmax = group_range()
     if gmin < 0 or gmax >= n_parents:
         raise ValueError(f"group ids must lie in [0, {n_parents}), got [{gmin}, {gmax}]")
