@@ -7,6 +7,6 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import mdf_taxonomy, pytest, sklearn" 2>/dev/null; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -c scripts/constraints.txt -e ".[test,gpu]"
+  .venv/bin/pip install -q -c scripts/constraints.txt -e ".[test,gpu,mdf]"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
