@@ -8,7 +8,6 @@ the pipeline as written.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any
@@ -47,8 +46,17 @@ def _check_operators(config: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mdf_taxonomy.engine import ensure_ray, fit_pipeline_config, pinned, run_pipeline
+    from mdf_taxonomy import _mdf
+    from mdf_taxonomy.engine import (
+        PipelineFit,
+        ensure_ray,
+        fit_operators,
+        pinned,
+        record_run,
+        run_pipeline,
+    )
 
+    _mdf.load_host_components()
     config = _load_config(args.config)
     if args.max_samples is not None:
         config.executor.max_samples = args.max_samples
@@ -56,29 +64,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.executor.batch_size = args.batch_size
     _check_operators(config)
     ensure_ray(config.executor.num_cpus)
-    tax = fit_pipeline_config(config, progress=not args.quiet)
-    if tax is not None:
-        config = pinned(config, tax.version, fit_pass=False)
+    summary: dict[str, Any] = {"command": "run", "config": args.config,
+                               "runtime": _mdf.MDF_FLAVOUR}
+    fit = PipelineFit(config, progress=not args.quiet) if fit_operators(config) else None
+    if fit is not None:
+        tax = fit.run()
+        summary["fit"] = fit.summary
+        config = pinned(config, tax, fit_pass=False)
         print(f"taxonomy: {tax.n_levels} level(s), snapshot {tax.version}")
     result = run_pipeline(config, progress=not args.quiet)
-    _report(result, config)
+    summary["label"] = {k: result[k] for k in ("rows_in", "rows_out", "seconds", "labelling")}
+    if fit is not None:
+        summary["summary_uri"] = record_run(fit.storage_uri, fit.storage_options, summary)
+    _report(summary, result, config)
     return 0
 
 
-def _report(result: dict[str, Any], config: Any) -> None:
+def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> None:
+    """The run summary: records in/out, what the fit did, what was labelled and rejected."""
     rate = result["rows_in"] / max(result["seconds"], 1e-9)
     print(f"records in: {result['rows_in']}, out: {result['rows_out']}, "
           f"{result['seconds']:.1f}s ({rate:.0f} rows/s)")
+    fit = summary.get("fit")
+    if fit:
+        print(f"fit: {fit['passes_run']} pass(es) run{' (resumed)' if fit['resumed'] else ''}, "
+              f"rows seen {fit['rows_seen']}, fitted {fit['rows_fitted']}, "
+              f"rejected {fit['rejected'] or 0}, {fit['seconds']:.1f}s")
+    lab = result["labelling"]
+    if lab["seen"]:
+        print(f"labelled: {lab['labelled']} of {lab['seen']}, rejected {lab['rejected'] or 0}")
     out = config.data_writer.params.get("output_path")
     if out:
         print(f"labelled records: {out}")
-    for stage in config.stages:
-        for op in stage.operators:
-            uri = op.params.get("storage_uri")
-            if uri:
-                print(f"taxonomy artifact: {uri}")
-                break
-    print("operator stats: " + json.dumps(result["stats"], default=str)[:2000])
+    uris = {op.params["storage_uri"] for stage in config.stages for op in stage.operators
+            if op.enabled and op.params.get("storage_uri")}
+    for uri in sorted(uris):
+        print(f"taxonomy artifact: {uri}")
+    if summary.get("summary_uri"):
+        print(f"run summary: {summary['summary_uri']}")
 
 
 def _engine(args: argparse.Namespace) -> Any:
@@ -96,18 +119,31 @@ def _engine(args: argparse.Namespace) -> Any:
 def cmd_fit(args: argparse.Namespace) -> int:
     engine = _engine(args)
     tax = engine.fit(args.input, output=args.output)
+    fit = engine.last_summary["fit"]
     print(f"taxonomy artifact: {args.storage_uri} (snapshot {tax.version}, "
           f"{[lv.n_nodes for lv in tax.levels]} nodes per level)")
+    print(f"fit: {fit['passes_run']} pass(es) run, rows seen {fit['rows_seen']}, "
+          f"fitted {fit['rows_fitted']}, rejected {fit['rejected'] or 0}, {fit['seconds']:.1f}s")
+    _print_labelling(engine.last_summary)
     if args.output:
         print(f"labelled records: {args.output}")
+    if engine.last_summary.get("summary_uri"):
+        print(f"run summary: {engine.last_summary['summary_uri']}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     engine = _engine(args)
     out = engine.predict(args.input, output=args.output)
+    _print_labelling(engine.last_summary)
     print(f"labelled records: {out}")
     return 0
+
+
+def _print_labelling(summary: dict[str, Any]) -> None:
+    lab = summary.get("label", {}).get("labelling")
+    if lab:
+        print(f"labelled: {lab['labelled']} of {lab['seen']}, rejected {lab['rejected'] or 0}")
 
 
 def build_parser() -> argparse.ArgumentParser:

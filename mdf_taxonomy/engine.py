@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import fsspec
 import numpy as np
 import ray
 import torch
@@ -40,7 +43,6 @@ from mdf_taxonomy.operators import KMeansLevelRefiner, ParquetEmbeddingLoader, p
 log = logging.getLogger(__name__)
 
 
-
 class PassIncomplete(RuntimeError):
     """A pass's totals miss rows: it is re-run from the same snapshot."""
 
@@ -51,7 +53,8 @@ def _is_op(op: Any, class_name: str) -> bool:
     return op.name in keys or op.get_class_name() in keys
 
 
-def _kmeans_ops(config: Any) -> list[Any]:
+def fit_operators(config: Any) -> list[Any]:
+    """The pipeline's enabled kmeans_level_refiners: a pipeline with one is a fit."""
     return [op for stage in config.stages for op in stage.operators
             if op.enabled and _is_op(op, "KMeansLevelRefiner")]
 
@@ -70,7 +73,7 @@ class PipelineFit:
 
     def __init__(self, config: Any, progress: bool = True, max_pass_retries: int = 2,
                  on_pass: Callable[[Taxonomy], None] | None = None):
-        ops = _kmeans_ops(config)
+        ops = fit_operators(config)
         if len(ops) != 1:
             raise ValueError(
                 f"a fit pipeline needs exactly one enabled kmeans_level_refiner, found {len(ops)}"
@@ -92,9 +95,12 @@ class PipelineFit:
         self.on_pass = on_pass
         self.rows_total: int | None = None
         self.pass_log: list[dict[str, Any]] = []
+        self.resumed = False
+        self.summary: dict[str, Any] = {}
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> Taxonomy:
+        started = time.perf_counter()
         tax = self._start_or_resume()
         level_started = time.perf_counter()
         while not tax.state.complete:
@@ -103,15 +109,27 @@ class PipelineFit:
             if tax.state.level != level or tax.state.complete:
                 self._level_summary(tax, level, time.perf_counter() - level_started)
                 level_started = time.perf_counter()
+        self.summary = self._fit_summary(tax, time.perf_counter() - started)
         return tax
+
+    def _fit_summary(self, tax: Taxonomy, seconds: float) -> dict[str, Any]:
+        """The fit's counts for the run summary: passes run now, rows, rejections."""
+        last = self.pass_log[-1] if self.pass_log else {}
+        return {"storage_uri": self.storage_uri, "snapshot": tax.version,
+                "nodes_per_level": [lv.n_nodes for lv in tax.levels],
+                "passes_run": len(self.pass_log), "resumed": self.resumed,
+                "rows_seen": last.get("rows"), "rows_fitted": last.get("fitted"),
+                "rejected": last.get("rejected", {}), "seconds": round(seconds, 3),
+                "passes": self.pass_log}
 
     def _start_or_resume(self) -> Taxonomy:
         loader = _mdf.DataLoaderRegistry.create(self.config.data_loader.type,
                                                 self.config.data_loader.params)
-        items = loader.get_file_list(max_samples=self.config.executor.max_samples)
+        max_samples = self.config.executor.max_samples
+        items = loader.get_file_list(max_samples=max_samples)
         if not items:
             raise ValueError(f"the loader {self.config.data_loader.type} found no input")
-        fingerprint = hashlib.sha256("\n".join(sorted(map(str, items))).encode()).hexdigest()
+        fingerprint = input_fingerprint(loader, items, max_samples)
         if self.store.latest_version() is not None:
             tax = self.store.load()
             wanted = resolve_config(self.fit_config, tax.dim)
@@ -130,6 +148,7 @@ class PipelineFit:
             log.info("resuming fit at %s from snapshot %s (level %d, %s, iteration %d)",
                      self.storage_uri, tax.version, tax.state.level, tax.state.phase,
                      tax.state.iteration)
+            self.resumed = True
             return tax
         dim = self.fit_config.dim or _infer_dim(loader, items, self.fit_config.embedding_field)
         tax = Taxonomy(config=resolve_config(self.fit_config, dim), dim=dim,
@@ -184,7 +203,8 @@ class PipelineFit:
 
     def _stream(self, tax: Taxonomy, n_nodes: int) -> dict[str, Any]:
         st = tax.state
-        cfg = pinned(self.config, tax.version, fit_pass=True)
+        cfg = pinned(self.config, tax, fit_pass=True)
+        ensure_ray(cfg.executor.num_cpus)  # MDF's Executor ended the last pass's Ray session
         self.backend.start_pass(tax.version, n_nodes, tax.dim)
         desc = f"L{st.level} {st.phase}" + (f" it{st.iteration + 1}" if st.phase == "lloyd" else "")
         bar = _progress(self.rows_total, desc, self.progress)
@@ -196,12 +216,12 @@ class PipelineFit:
                 loaded += n_in
                 if bar is not None:
                     bar.update(n_in)
-            stats = executor.get_operator_stats()
+            stats = _mdf.operator_stats(executor)
             result = self.backend.collect(n_nodes, tax.dim)
         except (ray.exceptions.RayError, RuntimeError) as e:
             raise PassIncomplete(str(e)) from e
         finally:
-            executor.shutdown()
+            _mdf.end_run(executor)
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - started
@@ -212,7 +232,8 @@ class PipelineFit:
             raise PassIncomplete(f"backend accounted for {seen} rows, the stage saw {expected}")
         self.rows_total = self.rows_total or loaded
         self.pass_log.append({"snapshot": tax.version, "level": st.level, "phase": st.phase,
-                              "rows": loaded, "seconds": seconds,
+                              "rows": loaded, "fitted": int(totals.get("rows", 0)),
+                              "seconds": round(seconds, 3),
                               "rows_per_s": loaded / seconds if seconds else None,
                               "rejected": result["rejected"],
                               "flushes": totals.get("flushes", 0),
@@ -237,22 +258,56 @@ def _say(line: str, progress: bool) -> None:
         log.info(line)
 
 
-def pinned(config: Any, version: str | None, fit_pass: bool) -> Any:
+_LABELLER_PARAMS = ("storage_uri", "embedding_field", "device", "kernel_backend",
+                    "storage_options", "compute_dtype")
+
+
+def pinned(config: Any, tax: Taxonomy, fit_pass: bool) -> Any:
     """A copy of the pipeline with every taxonomy operator pinned to one snapshot.
 
     In a fit pass the labelling operators are switched off (the tree is not
-    finished) and the records are discarded.
+    finished) and the records are discarded. In the final run the fit is over, so
+    each kmeans_level_refiner gives way to labelling: switched off where the pipeline
+    labels anyway, else replaced by a taxonomy_path_refiner on the same taxonomy, so
+    no row is assigned twice. Labellers get the tree's depth, so their output schema
+    is known even when the store cannot be reached.
     """
     cfg = copy.deepcopy(config)
+    labels = any(op.enabled and _is_op(op, "TaxonomyPathRefiner")
+                 for stage in cfg.stages for op in stage.operators)
     for stage in cfg.stages:
-        for op in stage.operators:
-            if _is_op(op, "KMeansLevelRefiner") or _is_op(op, "TaxonomyPathRefiner"):
-                op.params = {**op.params, "snapshot": version}
-            if fit_pass and _is_op(op, "TaxonomyPathRefiner"):
-                op.enabled = False
+        for i, op in enumerate(stage.operators):
+            if not fit_pass and op.enabled and _is_op(op, "KMeansLevelRefiner"):
+                if labels:
+                    op.enabled = False
+                    continue
+                op = stage.operators[i] = _mdf.OperatorConfig(
+                    name="taxonomy_path_refiner",
+                    params={k: op.params[k] for k in _LABELLER_PARAMS if k in op.params})
+                labels = True
+            if _is_op(op, "KMeansLevelRefiner"):
+                op.params = {**op.params, "snapshot": tax.version}
+            elif _is_op(op, "TaxonomyPathRefiner"):
+                op.params = {**op.params, "snapshot": tax.version, "n_levels": tax.n_levels}
+                if fit_pass:
+                    op.enabled = False
     if fit_pass:
         cfg.data_writer = _mdf.DataWriterConfig(type="DiscardWriter", params={})
     return cfg
+
+
+def input_fingerprint(loader: Any, items: list[str], max_samples: int | None) -> str:
+    """What identifies a fit's input: its content where the loader can describe it.
+
+    ParquetEmbeddingLoader describes its files by content (path within the input,
+    size, rows, footer hash) plus its filter, so the same data read from another
+    folder is the same fit. Other loaders are identified by their sorted work items.
+    """
+    describe = getattr(loader, "describe_input", None)
+    facts = describe(items) if callable(describe) else sorted(map(str, items))
+    text = json.dumps({"input": facts, "max_samples": max_samples}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _expected_rows(config: Any, stats: Any, loaded: int) -> int:
@@ -280,9 +335,11 @@ def _infer_dim(loader: Any, items: list[str], field: str) -> int:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start Ray if no session is running; workers import what this process imports."""
     if not ray.is_initialized():
+        path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+                 configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 class TaxonomyEngine:
@@ -329,6 +386,7 @@ class TaxonomyEngine:
         self.max_pass_retries = max_pass_retries
         self.partition_by = partition_by
         self.last_fit: PipelineFit | None = None
+        self.last_summary: dict[str, Any] = {}
 
     # -- pipelines -------------------------------------------------------------------
     def _loader_params(self, input: str | list[str], **extra: Any) -> dict[str, Any]:
@@ -337,6 +395,7 @@ class TaxonomyEngine:
 
     def _pipeline(self, input: str | list[str], output: str | None, fit: bool,
                   loader_extra: dict[str, Any] | None = None) -> Any:
+        _mdf.load_host_components()
         ensure_ray()
         cpus = ray.cluster_resources().get("CPU", 1)
         per_replica = self.cpus_per_replica or max(
@@ -351,10 +410,8 @@ class TaxonomyEngine:
                 **common, **{k: v for k, v in self.fit_params.items() if k != "embedding_field"},
                 "backend_buckets": self.backend_buckets, "flush_rows": self.flush_rows}))
         ops.append(_mdf.OperatorConfig(name="taxonomy_path_refiner", params=dict(common)))
-        writer_params = {"output_path": output, "partition_by": self.partition_by,
-                         "storage_options": self.storage_options}
-        writer = (_mdf.DataWriterConfig(type="ParquetDataWriter", params={
-            k: v for k, v in writer_params.items() if v is not None})
+        writer = (_mdf.DataWriterConfig(type="ParquetDataWriter",
+                                        params=self._writer_params(output))
                   if output else _mdf.DataWriterConfig(type="DiscardWriter", params={}))
         return _mdf.PipelineConfig(
             data_loader=_mdf.DataLoaderConfig(
@@ -373,6 +430,24 @@ class TaxonomyEngine:
                 metrics=_mdf.MetricsConfig(enabled=False)),
         )
 
+    def _writer_params(self, output: str) -> dict[str, Any]:
+        """ParquetDataWriter's params in the dialect of the runtime's writer."""
+        params: dict[str, Any] = {"output_path": output}
+        if _mdf.WRITER_TAKES_OPTIONS:
+            params.update({k: v for k, v in (("partition_by", self.partition_by),
+                                             ("storage_options", self.storage_options))
+                           if v is not None})
+            return params
+        if self.storage_options:
+            raise ValueError("storage_options: MDF's ParquetDataWriter takes none (it reads "
+                             "credentials from the environment); leave it unset under MDF")
+        if self.partition_by:
+            if len(self.partition_by) != 1:
+                raise ValueError(f"partition_by={self.partition_by!r}: MDF's ParquetDataWriter "
+                                 "partitions by one column")
+            params["partition_by"] = self.partition_by[0]
+        return params
+
     # -- API ----------------------------------------------------------------------
     def fit(self, input: str | list[str], output: str | None = None,
             filter: Any = None) -> Taxonomy:  # noqa: A002 - the user-facing name
@@ -382,10 +457,16 @@ class TaxonomyEngine:
         run = PipelineFit(config, progress=self.progress, max_pass_retries=self.max_pass_retries)
         self.last_fit = run
         tax = run.run()
+        summary: dict[str, Any] = {"command": "fit", "runtime": _mdf.MDF_FLAVOUR,
+                                   "fit": run.summary}
         if output is not None:
             final = pinned(self._pipeline(input, output, fit=False, loader_extra=extra),
-                           tax.version, fit_pass=False)
-            run_pipeline(final, progress=self.progress, desc="label")
+                           tax, fit_pass=False)
+            result = run_pipeline(final, progress=self.progress, desc="label")
+            summary["label"] = {k: result[k] for k in ("rows_in", "rows_out", "seconds",
+                                                       "labelling")}
+        summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
+        self.last_summary = summary
         return tax
 
     def load(self) -> Taxonomy:
@@ -403,8 +484,11 @@ class TaxonomyEngine:
         if isinstance(input, np.ndarray | torch.Tensor):
             return tax.assign_paths(input, backend=self.kernel_backend)[0]
         if output is not None:
-            final = pinned(self._pipeline(input, output, fit=False), tax.version, fit_pass=False)
-            run_pipeline(final, progress=self.progress, desc="label")
+            final = pinned(self._pipeline(input, output, fit=False), tax, fit_pass=False)
+            result = run_pipeline(final, progress=self.progress, desc="label")
+            self.last_summary = {"command": "predict", "runtime": _mdf.MDF_FLAVOUR,
+                                 "label": {k: result[k] for k in ("rows_in", "rows_out",
+                                                                  "seconds", "labelling")}}
             return output
         loader = ParquetEmbeddingLoader(**self._loader_params(input))
         records = list(loader.load_files(loader.get_file_list()))
@@ -416,7 +500,8 @@ class TaxonomyEngine:
 
 
 def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[str, Any]:
-    """One MDF run of `config`: returns rows in/out and the operator stats."""
+    """One MDF run of `config`: rows in/out, every operator's stats, the labellers' counts."""
+    ensure_ray(config.executor.num_cpus)
     executor = _mdf.Executor(config)
     rows_in = rows_out = 0
     bar = _progress(None, desc, progress)
@@ -427,18 +512,44 @@ def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[
             rows_out += n_out
             if bar is not None:
                 bar.update(n_in)
-        stats = executor.get_operator_stats()
+        stats = _mdf.operator_stats(executor)
     finally:
-        executor.shutdown()
+        _mdf.end_run(executor)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
-    return {"rows_in": rows_in, "rows_out": rows_out, "seconds": seconds, "stats": stats}
+    return {"rows_in": rows_in, "rows_out": rows_out, "seconds": round(seconds, 3),
+            "labelling": label_counts(stats), "stats": stats}
 
 
-def fit_pipeline_config(config: Any, progress: bool = True) -> Taxonomy | None:
-    """`mdf-taxonomy run`: fit passes for a kmeans stage (if any), then the pipeline as written."""
-    if not _kmeans_ops(config):
+def label_counts(stats: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Rows the labelling operators saw, labelled and rejected (by reason)."""
+    seen = 0
+    rejected: dict[str, int] = {}
+    for stage_stats in stats.values():
+        for name, op_stats in stage_stats.items():
+            if name in ("TaxonomyPathRefiner", mdf_key("TaxonomyPathRefiner")):
+                seen += int(op_stats.get("input_records", 0))
+                for reason, n in (op_stats.get("rejected") or {}).items():
+                    rejected[reason] = rejected.get(reason, 0) + int(n)
+    return {"seen": seen, "labelled": seen - sum(rejected.values()), "rejected": rejected}
+
+
+def record_run(storage_uri: str, storage_options: dict[str, Any] | None,
+               summary: dict[str, Any]) -> str | None:
+    """Write a run's summary next to the snapshots (`runs/<UTC time>-<pid>.json`).
+
+    Returns its URI, or None (with a warning) where the store cannot take it: a summary
+    never fails a run that did its work.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    uri = f"{storage_uri.rstrip('/')}/runs/{stamp}-{os.getpid()}.json"
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True, default=str)
+    except Exception as e:  # noqa: BLE001 - reported, the run itself succeeded
+        log.warning("could not write the run summary to %s: %s", uri, e)
         return None
-    run = PipelineFit(config, progress=progress)
-    return run.run()
+    return uri

@@ -131,16 +131,23 @@ class FitBackend:
         self.num_buckets = num_buckets
         self.name_prefix = name_prefix
         self._handles: list[Any] | None = None
+        self._session: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"num_buckets": self.num_buckets, "name_prefix": self.name_prefix,
-                "_handles": None}
+                "_handles": None, "_session": None}
 
     def bucket_name(self, i: int) -> str:
         return f"{self.name_prefix}_bucket_{i}"
 
     def _buckets(self, create: bool = False) -> list[Any]:
-        if self._handles is None:
+        """Handles to the bucket actors of the current Ray session.
+
+        Handles are kept per session: MDF's Executor shuts Ray down after every run,
+        and a handle from an ended session points at an actor that no longer exists.
+        """
+        session = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+        if self._handles is None or session != self._session:
             handles = []
             for i in range(self.num_buckets):
                 if create:
@@ -155,6 +162,7 @@ class FitBackend:
                             "must be re-run"
                         ) from e
             self._handles = handles
+            self._session = ray.get_runtime_context().gcs_address
         return self._handles
 
     # -- driver ------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from mdf_taxonomy import _mdf
-from mdf_taxonomy._mdf import Refiner
+from mdf_taxonomy._mdf import BatchResult, Refiner
 from mdf_taxonomy.backend import FitBackend, PartialsCombiner, bottom_k, rows_by_key
 from mdf_taxonomy.kernels import partial_sums
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore, format_path
@@ -96,10 +96,7 @@ class _TaxonomyRefiner(Refiner):
         except Exception as e:  # noqa: BLE001 - MDF would drop the batch: label it instead
             log.exception("%s failed on a batch of %d records", type(self).__name__, len(records))
             reason = f"operator_failed: {type(e).__name__}: {e}"
-            try:  # keep the declared fields present even when the taxonomy is unreachable
-                blank = self._blank_fields()
-            except Exception:  # noqa: BLE001
-                blank = {}
+            blank = self._blank_fields()  # known without the store: the schema never varies
             for rec in records:
                 rec.update(blank)
                 rec[ERROR_FIELD] = reason
@@ -116,6 +113,15 @@ class _TaxonomyRefiner(Refiner):
 
     def _rows(self, tax: Taxonomy, parsed: ParsedBatch) -> torch.Tensor:
         return tax.prepare(parsed.x, self._torch_device(), _DTYPES[self.compute_dtype])
+
+    def _process_batch_with_rejected_impl(self, records: list[dict]) -> BatchResult:
+        """With MDF's rejected-samples collection on, a record that got no label is reported
+        there too, with its reason; it still passes on, so nothing is dropped."""
+        passed = self._process_batch_impl(records)
+        rejected = [{**rec, "_rejection_details": {"reason": rec[ERROR_FIELD],
+                                                   "operator": type(self).__name__}}
+                    for rec in passed if rec.get(ERROR_FIELD)]
+        return BatchResult(passed=passed, rejected=rejected)
 
     def get_stats(self) -> dict:
         """MDF's stats plus rejections by reason and where the operator's time went."""
@@ -138,14 +144,17 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
                  compute_dtype: str = "float32"):
         super().__init__(storage_uri, embedding_field, snapshot, device, kernel_backend,
                          storage_options, compute_dtype)
+        if n_levels is None:  # read in the driver, so the schema never depends on the store
+            manifest = TaxonomyStore(storage_uri, storage_options).manifest(snapshot)
+            if manifest.get("state", {}).get("phase") != "done":
+                raise ValueError(
+                    f"TaxonomyPathRefiner: the taxonomy at {storage_uri!r} (snapshot "
+                    f"{manifest.get('version')}) is not complete: finish the fit first")
+            n_levels = int(manifest["n_levels_stored"])
         self.n_levels = n_levels
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
-        n = self._taxonomy.n_levels if self._taxonomy is not None else self.n_levels
-        if n is None:
-            manifest = TaxonomyStore(self.storage_uri, self.storage_options).manifest(
-                self.snapshot)
-            n = manifest["n_levels_stored"]
+        n = self.n_levels
         schema = {f"{PREFIX}_path": pa.string()}
         schema.update({level_field(i): pa.int32() for i in range(1, n + 1)})
         schema[f"{PREFIX}_distance"] = pa.float32()
@@ -215,7 +224,7 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
 
     def _combining(self) -> bool:
         """Fold batches across flushes only where the runtime tells us the stream ended."""
-        return self.flush_rows > 0 and _mdf.MDF_FLAVOUR == "rust_free_fallback"
+        return self.flush_rows > 0 and _mdf.HAS_END_OF_STREAM
 
     def end_of_stream(self) -> None:
         """Called by rust_free_fallback's Executor after the last batch: flush the rest."""
