@@ -1,7 +1,7 @@
 """The taxonomy as data: config, tree, snapshots on fsspec storage, fit arithmetic."""
 
 from mdf_taxonomy.model.config import TaxonomyConfig
-from mdf_taxonomy.model.store import TaxonomyStore, TaxonomyStoreError
+from mdf_taxonomy.model.store import TaxonomyStore, TaxonomyStoreError, WriterLease
 from mdf_taxonomy.model.taxonomy import FitState, Level, Taxonomy, format_path
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "TaxonomyConfig",
     "TaxonomyStore",
     "TaxonomyStoreError",
+    "WriterLease",
     "format_path",
 ]
