@@ -101,8 +101,10 @@ def end_run(executor: Any) -> None:
     """End one Executor run and keep the Ray session for the next pass of a fit.
 
     MDF's `shutdown()` is `ray.shutdown()`, which would cost every pass a new Ray
-    session (seconds) and end the fit backend's actors; its run's actors are killed
-    here instead, and their names are waited free for the next Executor.
+    session (seconds) and end the fit backend's actors; its run's actors (loaders,
+    stage workers, the dedup backend's buckets) are killed here instead, and their
+    names are waited free, so the next Executor starts from fresh state as it would
+    in a new session rather than finding a dying actor by name.
     """
     if KEEPS_RAY_SESSION:
         executor.shutdown()
@@ -116,6 +118,14 @@ def end_run(executor: Any) -> None:
     for stage, workers in zip(executor.config.stages, executor.stages, strict=True):
         names += [f"pipeline_{stage.name}_{i}" if stage.worker.max_replicas > 1
                   else f"pipeline_{stage.name}" for i in range(len(workers))]
+    dedup = [f"pipeline_dedup_backend_bucket_{i}"
+             for i in range(executor.config.executor.dedup_num_buckets)]
+    for name in dedup:
+        try:
+            actors.append(ray.get_actor(name))
+        except ValueError:
+            continue
+        names.append(name)
     for actor in actors:
         ray.kill(actor)
     deadline = time.monotonic() + 30

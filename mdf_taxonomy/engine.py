@@ -100,15 +100,17 @@ class PipelineFit:
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> Taxonomy:
+        """Fit (or resume) to the end, holding the store's writer lease throughout."""
         started = time.perf_counter()
-        tax = self._start_or_resume()
-        level_started = time.perf_counter()
-        while not tax.state.complete:
-            level = tax.state.level
-            tax = self._one_pass(tax)
-            if tax.state.level != level or tax.state.complete:
-                self._level_summary(tax, level, time.perf_counter() - level_started)
-                level_started = time.perf_counter()
+        with self.store.writer_lease():
+            tax = self._start_or_resume()
+            level_started = time.perf_counter()
+            while not tax.state.complete:
+                level = tax.state.level
+                tax = self._one_pass(tax)
+                if tax.state.level != level or tax.state.complete:
+                    self._level_summary(tax, level, time.perf_counter() - level_started)
+                    level_started = time.perf_counter()
         self.summary = self._fit_summary(tax, time.perf_counter() - started)
         return tax
 

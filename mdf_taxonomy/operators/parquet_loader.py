@@ -8,6 +8,8 @@ which MDF's writers keep as list<float>.
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,6 +89,30 @@ class ParquetEmbeddingLoader(DataLoader):
             for rg in range(frag.metadata.num_row_groups):
                 items.append(f"{frag.path}{_SEP}{rg}")
         return items
+
+    def describe_input(self, items: list[str]) -> dict[str, Any]:
+        """What identifies this input for a fit's fingerprint: its content, not its spelling.
+
+        Per file: its path within the input (so the same data read through another
+        relative path, or copied elsewhere, is the same fit), size, rows and a hash of
+        its Parquet footer (which changes when the file is rewritten); then the filter,
+        the projected columns and the row groups taken.
+        """
+        paths = self.path if isinstance(self.path, list) else [self.path]
+        fs, _ = fsspec.core.url_to_fs(paths[0], **(self.storage_options or {}))
+        files = sorted({item.rsplit(_SEP, 1)[0] for item in items})
+        root = posixpath.dirname(files[0]) if len(files) == 1 else posixpath.commonpath(files)
+        described = []
+        for path in files:
+            size = int(fs.size(path))
+            tail = fs.cat_file(path, start=max(0, size - 8), end=size)
+            footer_len = int.from_bytes(tail[:4], "little") if tail[4:] == b"PAR1" else 0
+            footer = fs.cat_file(path, start=max(0, size - 8 - footer_len), end=size)
+            described.append({"file": posixpath.relpath(path, root), "size": size,
+                              "footer_sha256": hashlib.sha256(footer).hexdigest()})
+        taken = sorted(posixpath.relpath(item, root) for item in items)
+        return {"files": described, "row_groups": taken, "filter": str(self._expression()),
+                "columns": self.columns}
 
     def count_rows(self) -> int:
         return self.dataset().count_rows(filter=self._expression())

@@ -1,0 +1,131 @@
+"""What a pipeline run is made of, checked without running one: the final run's operators,
+the input fingerprint, the labeller's schema without its store, the stats that reach users."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, SAMPLE
+
+from mdf_taxonomy import _mdf
+from mdf_taxonomy.engine import input_fingerprint, label_counts, pinned
+from mdf_taxonomy.model import Level, Taxonomy, TaxonomyConfig, TaxonomyStore
+from mdf_taxonomy.model.taxonomy import FitState
+from mdf_taxonomy.operators import ParquetEmbeddingLoader, TaxonomyPathRefiner
+
+
+def complete_taxonomy(dim: int = 4) -> Taxonomy:
+    rng = np.random.default_rng(0)
+    cfg = TaxonomyConfig(n_levels=2, branching_factor=[3, 2], dim=dim)
+    levels = [Level(rng.normal(size=(3, dim)).astype(np.float32), np.zeros(3, np.int64)),
+              Level(rng.normal(size=(6, dim)).astype(np.float32),
+                    np.repeat(np.arange(3), 2).astype(np.int64))]
+    return Taxonomy(config=cfg, dim=dim, levels=levels, state=FitState(phase="done"),
+                    fingerprint="f")
+
+
+def ops_of(config) -> list[tuple[str, bool, dict]]:
+    return [(op.name, op.enabled, op.params) for st in config.stages for op in st.operators]
+
+
+def test_final_run_of_a_fit_assigns_each_row_once():
+    demo = _mdf.PipelineConfig.from_yaml(str(ROOT / "configs" / "demo.yaml"))
+    tax = complete_taxonomy()
+    tax.version = "000008"
+    ops = ops_of(pinned(demo, tax, fit_pass=False))
+    assert [(name, enabled) for name, enabled, _ in ops] == [
+        ("kmeans_level_refiner", False), ("taxonomy_path_refiner", True)]
+    assert ops[1][2]["snapshot"] == "000008" and ops[1][2]["n_levels"] == 2
+    # in a fit pass the labeller is off and the fitter pinned
+    ops = ops_of(pinned(demo, tax, fit_pass=True))
+    assert [(name, enabled) for name, enabled, _ in ops] == [
+        ("kmeans_level_refiner", True), ("taxonomy_path_refiner", False)]
+    assert ops[0][2]["snapshot"] == "000008"
+
+
+def test_final_run_without_a_labeller_labels_with_the_fitted_tree():
+    demo = _mdf.PipelineConfig.from_yaml(str(ROOT / "configs" / "demo.yaml"))
+    demo.stages[0].operators = demo.stages[0].operators[:1]  # the fitter alone
+    tax = complete_taxonomy()
+    tax.version = "000003"
+    ((name, enabled, params),) = ops_of(pinned(demo, tax, fit_pass=False))
+    assert (name, enabled) == ("taxonomy_path_refiner", True)
+    assert params["storage_uri"] == "./output/demo/taxonomy" and params["embedding_field"] == "emb"
+    assert params["snapshot"] == "000003" and "branching_factor" not in params
+
+
+def fingerprint(path, **loader) -> str:
+    ld = ParquetEmbeddingLoader(str(path), embedding_field="emb", **loader)
+    return input_fingerprint(ld, ld.get_file_list(), None)
+
+
+def test_fingerprint_is_the_content_not_the_spelling(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    shutil.copy(SAMPLE, tmp_path / "a" / "s.parquet")
+    here = fingerprint(tmp_path / "a" / "s.parquet")
+    monkeypatch.chdir(tmp_path / "a")
+    assert fingerprint("s.parquet") == here
+    assert fingerprint("./../a/s.parquet") == here
+    # the same data copied to another folder is the same input
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert fingerprint(tmp_path / "b" / "s.parquet") == here
+    # a different filter, a rewritten file or a row cap are other inputs
+    assert fingerprint("s.parquet", filter=[["kingdom", "==", "Plantae"]]) != here
+    ld = ParquetEmbeddingLoader("s.parquet", embedding_field="emb")
+    assert input_fingerprint(ld, ld.get_file_list(), 100) != here
+    table = pq.read_table("s.parquet")
+    pq.write_table(table.slice(0, 1000), "s.parquet")
+    assert fingerprint("s.parquet") != here
+
+
+def test_labeller_keeps_its_schema_when_the_store_goes_away(tmp_path):
+    store = TaxonomyStore(str(tmp_path / "tax"))
+    store.save(complete_taxonomy())
+    op = TaxonomyPathRefiner(storage_uri=str(tmp_path / "tax"))  # depth read in the driver
+    shutil.rmtree(tmp_path / "tax")
+    records = [{"id": 1, "embedding": np.ones(4, np.float32)}, {"id": 2, "embedding": None}]
+    op.refine_batch(records)
+    for rec in records:
+        assert set(op.get_output_schema()) <= set(rec)
+        assert rec["taxonomy_l1"] == -1 and rec["taxonomy_l2"] == -1 and rec["taxonomy_path"] == ""
+        assert rec["taxonomy_error"].startswith("operator_failed")
+    assert op.get_stats()["rejected"] == {"operator_failed": 2}
+
+
+def test_labeller_refuses_a_missing_or_unfinished_taxonomy_when_built(tmp_path):
+    with pytest.raises(Exception, match="no taxonomy"):
+        TaxonomyPathRefiner(storage_uri=str(tmp_path / "nothing"))
+    unfinished = complete_taxonomy()
+    unfinished.state = FitState(level=2, phase="lloyd")
+    TaxonomyStore(str(tmp_path / "half")).save(unfinished)
+    with pytest.raises(ValueError, match="not complete"):
+        TaxonomyPathRefiner(storage_uri=str(tmp_path / "half"))
+
+
+def test_rejected_rows_are_reported_as_mdf_rejected_samples_and_still_pass(tmp_path):
+    TaxonomyStore(str(tmp_path / "tax")).save(complete_taxonomy())
+    op = TaxonomyPathRefiner(storage_uri=str(tmp_path / "tax"))
+    records = [{"id": 1, "embedding": np.ones(4, np.float32)},
+               {"id": 2, "embedding": [1.0, 2.0]}]
+    result = op.process_batch_with_rejected(records)
+    assert [r["id"] for r in result.passed] == [1, 2]
+    assert [r["id"] for r in result.rejected] == [2]
+    details = result.rejected[0]["_rejection_details"]
+    assert details["operator"] == "TaxonomyPathRefiner"
+    assert details["reason"].startswith("wrong_length")
+
+
+def test_label_counts_and_merged_stats():
+    replicas = [{"rejected": {"wrong_length": 2}, "timings": {"assign_s": 1.5},
+                 "input_records": 10},
+                {"rejected": {"wrong_length": 1, "non_finite": 4}, "timings": {"assign_s": 0.5},
+                 "input_records": 20}]
+    merged = _mdf.merge_counts(replicas)
+    assert merged == {"rejected": {"wrong_length": 3, "non_finite": 4},
+                      "timings": {"assign_s": 2.0}, "input_records": 30}
+    counts = label_counts({"taxonomy": {"TaxonomyPathRefiner": merged, "Other": {"x": 1}}})
+    assert counts == {"seen": 30, "labelled": 23,
+                      "rejected": {"wrong_length": 3, "non_finite": 4}}
