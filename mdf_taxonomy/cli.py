@@ -8,6 +8,7 @@ the pipeline as written.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Any
@@ -102,6 +103,7 @@ def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> Non
         print(f"taxonomy artifact: {uri}")
     if summary.get("summary_uri"):
         print(f"run summary: {summary['summary_uri']}")
+    print("operator stats: " + json.dumps(result["stats"], default=str)[:2000])
 
 
 def _engine(args: argparse.Namespace) -> Any:
