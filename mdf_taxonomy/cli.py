@@ -21,9 +21,14 @@ class CliError(Exception):
 
 
 def _load_config(path: str) -> Any:
+    import yaml
+
     from mdf_taxonomy import _mdf
+    from mdf_taxonomy.engine import check_sections
 
     try:
+        with open(path) as f:
+            check_sections(yaml.safe_load(f), path)
         return _mdf.PipelineConfig.from_yaml(path)
     except FileNotFoundError as e:
         raise CliError(f"config {path!r} not found") from e
@@ -33,28 +38,18 @@ def _load_config(path: str) -> Any:
         raise CliError(f"cannot read config {path}: {type(e).__name__}: {e}") from e
 
 
-def _check_operators(config: Any) -> None:
-    from mdf_taxonomy import _mdf
-
-    known = _mdf.OperatorRegistry.list_operators()
-    for stage in config.stages:
-        for op in stage.operators:
-            if op.enabled and op.get_class_name() not in known and op.name not in known:
-                raise CliError(
-                    f"stage {stage.name!r}: unknown operator {op.name!r} (looked up as "
-                    f"{op.get_class_name()!r}); registered: {sorted(known)}"
-                )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from mdf_taxonomy import _mdf
     from mdf_taxonomy.engine import (
+        NothingLabelled,
         PipelineFit,
+        StagedOutput,
         ensure_ray,
         fit_operators,
         pinned,
         record_run,
-        run_pipeline,
+        staged_run,
+        validate_pipeline,
     )
 
     _mdf.load_host_components()
@@ -63,7 +58,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.executor.max_samples = args.max_samples
     if args.batch_size is not None:
         config.executor.batch_size = args.batch_size
-    _check_operators(config)
+    try:
+        validate_pipeline(config)
+    except ValueError as e:
+        raise CliError(f"bad config {args.config}: {e}") from e
+    writer = config.data_writer
+    staged = (StagedOutput(writer.params["output_path"], writer.params.get("storage_options"),
+                           args.overwrite)
+              if writer.type != "DiscardWriter" and writer.params.get("output_path") else None)
     ensure_ray(config.executor.num_cpus)
     summary: dict[str, Any] = {"command": "run", "config": args.config,
                                "runtime": _mdf.MDF_FLAVOUR}
@@ -73,7 +75,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary["fit"] = fit.summary
         config = pinned(config, tax, fit_pass=False)
         print(f"taxonomy: {tax.n_levels} level(s), snapshot {tax.version}")
-    result = run_pipeline(config, progress=not args.quiet)
+    try:
+        result = staged_run(config, staged, progress=not args.quiet)
+    except NothingLabelled as e:
+        _report(summary, e.result, config)
+        raise
     summary["label"] = {k: result[k] for k in ("rows_in", "rows_out", "seconds", "labelling")}
     if fit is not None:
         summary["summary_uri"] = record_run(fit.storage_uri, fit.storage_options, summary)
@@ -115,12 +121,27 @@ def _engine(args: argparse.Namespace) -> Any:
         storage_uri=args.storage_uri, metric=args.metric, seed=args.seed,
         max_iter=args.max_iter, tol=args.tol, embedding_field=args.embedding_field,
         batch_size=args.batch_size, num_replicas=args.replicas, progress=not args.quiet,
+        storage_options=_storage_options(args.storage_option),
     )
+
+
+def _storage_options(pairs: list[str]) -> dict[str, Any] | None:
+    """KEY=VALUE pairs (VALUE parsed as JSON where it is JSON, e.g. true, 3, {"a": 1})."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options or None
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    tax = engine.fit(args.input, output=args.output)
+    tax = engine.fit(args.input, output=args.output, overwrite=args.overwrite)
     fit = engine.last_summary["fit"]
     print(f"taxonomy artifact: {args.storage_uri} (snapshot {tax.version}, "
           f"{[lv.n_nodes for lv in tax.levels]} nodes per level)")
@@ -135,8 +156,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.output is None:
+        raise CliError("predict needs --output (where the labelled Parquet goes)")
     engine = _engine(args)
-    out = engine.predict(args.input, output=args.output)
+    out = engine.predict(args.input, output=args.output, overwrite=args.overwrite)
     _print_labelling(engine.last_summary)
     print(f"labelled records: {out}")
     return 0
@@ -158,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True)
     run.add_argument("--max-samples", type=int, default=None)
     run.add_argument("--batch-size", type=int, default=None)
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the writer's output if it holds data (else refused)")
     run.set_defaults(func=cmd_run)
 
     for name, func in (("fit", cmd_fit), ("predict", cmd_predict)):
@@ -175,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--embedding-field", default="embedding")
         sp.add_argument("--batch-size", type=int, default=1024)
         sp.add_argument("--replicas", type=int, default=1)
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it holds data (else refused)")
+        sp.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for input, output and taxonomy "
+                             "(repeatable), e.g. client_kwargs='{\"endpoint_url\": \"...\"}'")
         sp.set_defaults(func=func)
     return p
 
@@ -183,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from mdf_taxonomy.engine import NothingLabelled
     from mdf_taxonomy.model import TaxonomyStoreError
     from mdf_taxonomy.operators import InputError
 
     try:
         return args.func(args)
+    except NothingLabelled as e:
+        print(f"mdf-taxonomy: error: {e}", file=sys.stderr)
+        return 1
     except (CliError, InputError, TaxonomyStoreError, ValueError) as e:
         print(f"mdf-taxonomy: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -38,13 +39,106 @@ from mdf_taxonomy.model.fitting import (
     resolve_config,
     start_level,
 )
-from mdf_taxonomy.operators import KMeansLevelRefiner, ParquetEmbeddingLoader, parse_embeddings
+from mdf_taxonomy.operators import (
+    KMeansLevelRefiner,
+    ParquetEmbeddingLoader,
+    TaxonomyPathRefiner,
+    parse_embeddings,
+)
 
 log = logging.getLogger(__name__)
 
 
 class PassIncomplete(RuntimeError):
     """A pass's totals miss rows: it is re-run from the same snapshot."""
+
+
+class NothingLabelled(RuntimeError):
+    """A run was asked to label records and labelled none; `result` has the counts."""
+
+    def __init__(self, message: str, result: dict[str, Any]):
+        super().__init__(message)
+        self.result = result
+
+
+class OutputExists(ValueError):
+    """The output already holds data; replacing it must be asked for (`overwrite`)."""
+
+
+class StagedOutput:
+    """A run's records go to a staging folder beside `uri`, moved there when the run ends.
+
+    So a re-run, or a retry after a crash, never adds rows to an earlier output: an
+    existing non-empty output is refused unless `overwrite`, and a crashed run leaves
+    only its staging folder, which the next run over the same output clears. Checked
+    when built, before any pass: the output's storage must take a file.
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None,
+                 overwrite: bool = False):
+        self.uri = uri.rstrip("/")
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+            if self.fs.exists(self.path) and not overwrite and (
+                    not self.fs.isdir(self.path) or self.fs.ls(self.path)):
+                raise OutputExists(f"output {self.uri!r} exists and is not empty: pass "
+                                   "--overwrite (overwrite=True) to replace it")
+            for stale in self.fs.glob(f"{self.path}.staging-*"):
+                log.warning("removing %s, left by an earlier run that did not finish", stale)
+                self.fs.rm(stale, recursive=True)
+            self.staging = f"{self.path}.staging-{os.getpid()}-{time.time_ns():x}"
+            self.fs.makedirs(self.staging, exist_ok=True)
+            self.fs.pipe_file(f"{self.staging}/.write-test", b"")
+            self.fs.rm(f"{self.staging}/.write-test")
+        except OutputExists:
+            raise
+        except Exception as e:  # noqa: BLE001 - any storage error: one line naming the URI
+            raise OutputExists(f"output {self.uri!r} is not writable: "
+                               f"{type(e).__name__}: {e}") from e
+        self.staging_uri = self.fs.unstrip_protocol(self.staging)
+
+    def commit(self) -> None:
+        """Make the staged records the output (a rename where the storage has one)."""
+        if self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
+        self.fs.mv(self.staging, self.path, recursive=True)
+
+    def abort(self) -> None:
+        try:
+            self.fs.rm(self.staging, recursive=True)
+        except Exception as e:  # noqa: BLE001 - the next run clears it anyway
+            log.warning("could not remove %s: %s", self.staging, e)
+
+
+def check_labelled(result: dict[str, Any]) -> None:
+    """Fail a run that read nothing, or labelled none of the records it was asked to."""
+    lab = result["labelling"]
+    if result["rows_in"] == 0:
+        raise NothingLabelled("the run read no records: check the input path and filter",
+                              result)
+    if lab["seen"] and not lab["labelled"]:
+        raise NothingLabelled(f"labelled none of {lab['seen']} records (rejected "
+                              f"{lab['rejected']}): check embedding_field, dim and the taxonomy",
+                              result)
+
+
+def staged_run(config: Any, staged: StagedOutput | None, progress: bool = True,
+               desc: str = "run") -> dict[str, Any]:
+    """run_pipeline with the writer pointed at `staged`'s folder, committed on success."""
+    if staged is not None:
+        config = copy.deepcopy(config)
+        config.data_writer.params = {**config.data_writer.params,
+                                     "output_path": staged.staging_uri}
+    try:
+        result = run_pipeline(config, progress=progress, desc=desc)
+        check_labelled(result)
+    except BaseException:
+        if staged is not None:
+            staged.abort()
+        raise
+    if staged is not None:
+        staged.commit()
+    return result
 
 
 def _is_op(op: Any, class_name: str) -> bool:
@@ -66,6 +160,60 @@ def _progress(total: int | None, desc: str, enabled: bool):
         return None
     return tqdm(total=total, desc=desc, unit="rows", disable=not enabled, file=sys.stderr,
                 leave=False, dynamic_ncols=True)
+
+
+_SECTIONS = ("data_loader", "stages", "data_writer", "executor", "operators", "workers")
+
+
+def check_sections(raw: Any, where: str) -> None:
+    """MDF ignores an unknown top-level YAML key (`executer:`); we name it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a pipeline config is a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"{where}: unknown top-level section(s) {unknown} "
+                         f"(known: {list(_SECTIONS[:4])})")
+
+
+def validate_pipeline(config: Any) -> None:
+    """Check everything that can be checked before the first pass, so a typo costs
+    seconds, not a fit: every component is registered and takes its params, and our
+    own operators accept their values (a fit's labeller is built with the fit's depth,
+    since its taxonomy does not exist yet)."""
+    checks = [("data_loader", _mdf.DataLoaderRegistry._loaders, config.data_loader.type,
+               config.data_loader.params),
+              ("data_writer", _mdf.DataWriterRegistry._writers, config.data_writer.type,
+               config.data_writer.params)]
+    for stage in config.stages:
+        for op in stage.operators:
+            if op.enabled:
+                checks.append((f"stage {stage.name!r}", _mdf.OperatorRegistry._operators,
+                               op.get_class_name(), op.params, op.name))
+    for where, registry, key, params, *spelled in checks:
+        cls = registry.get(key)
+        if cls is None:
+            name = f"{spelled[0]!r} (looked up as {key!r})" if spelled else repr(key)
+            raise ValueError(f"{where}: unknown component {name}; registered: {sorted(registry)}")
+        try:
+            inspect.signature(cls).bind(**(params or {}))
+        except TypeError as e:
+            accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+            raise ValueError(f"{where}: {cls.__name__}: {e} (accepted: {accepted})") from e
+    fits = fit_operators(config)
+    depth = None
+    for op in fits:
+        try:
+            depth = KMeansLevelRefiner(**op.params).config.n_levels
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"kmeans_level_refiner params: {e}") from e
+    for stage in config.stages:
+        for op in stage.operators:
+            if op.enabled and _is_op(op, "TaxonomyPathRefiner"):
+                params = {**op.params, "n_levels": op.params.get("n_levels") or depth}
+                try:
+                    TaxonomyPathRefiner(**{k: v for k, v in params.items() if v is not None})
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"stage {stage.name!r}: taxonomy_path_refiner: {e}") from e
 
 
 class PipelineFit:
@@ -452,9 +600,12 @@ class TaxonomyEngine:
 
     # -- API ----------------------------------------------------------------------
     def fit(self, input: str | list[str], output: str | None = None,
-            filter: Any = None) -> Taxonomy:  # noqa: A002 - the user-facing name
-        """Fit (or resume) the taxonomy on `input`; write labelled records to `output`."""
+            filter: Any = None, overwrite: bool = False) -> Taxonomy:  # noqa: A002
+        """Fit (or resume) the taxonomy on `input`; write labelled records to `output`
+        (refused if it holds data, unless `overwrite`)."""
         extra = {"filter": filter} if filter is not None else {}
+        staged = (StagedOutput(output, self.storage_options, overwrite)
+                  if output is not None else None)
         config = self._pipeline(input, None, fit=True, loader_extra=extra)
         run = PipelineFit(config, progress=self.progress, max_pass_retries=self.max_pass_retries)
         self.last_fit = run
@@ -464,7 +615,7 @@ class TaxonomyEngine:
         if output is not None:
             final = pinned(self._pipeline(input, output, fit=False, loader_extra=extra),
                            tax, fit_pass=False)
-            result = run_pipeline(final, progress=self.progress, desc="label")
+            result = staged_run(final, staged, progress=self.progress, desc="label")
             summary["label"] = {k: result[k] for k in ("rows_in", "rows_out", "seconds",
                                                        "labelling")}
         summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
@@ -475,19 +626,20 @@ class TaxonomyEngine:
         return TaxonomyStore(self.storage_uri, self.storage_options).load()
 
     def predict(self, input: str | list[str] | np.ndarray | torch.Tensor,
-                output: str | None = None) -> np.ndarray | str:
+                output: str | None = None, overwrite: bool = False) -> np.ndarray | str:
         """Paths of `input` rows: an array in, (N, n_levels) int32 node ids out.
 
-        A URI with `output` runs the labelling pipeline and returns `output`; a URI
-        without it is read in this process and labelled in memory (-1 rows for
-        records with a rejected embedding).
+        A URI with `output` runs the labelling pipeline and returns `output` (refused if
+        it holds data, unless `overwrite`); a URI without it is read in this process and
+        labelled in memory (-1 rows for records with a rejected embedding).
         """
         tax = self.load()
         if isinstance(input, np.ndarray | torch.Tensor):
             return tax.assign_paths(input, backend=self.kernel_backend)[0]
         if output is not None:
+            staged = StagedOutput(output, self.storage_options, overwrite)
             final = pinned(self._pipeline(input, output, fit=False), tax, fit_pass=False)
-            result = run_pipeline(final, progress=self.progress, desc="label")
+            result = staged_run(final, staged, progress=self.progress, desc="label")
             self.last_summary = {"command": "predict", "runtime": _mdf.MDF_FLAVOUR,
                                  "label": {k: result[k] for k in ("rows_in", "rows_out",
                                                                   "seconds", "labelling")}}

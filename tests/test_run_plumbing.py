@@ -3,6 +3,8 @@ the input fingerprint, the labeller's schema without its store, the stats that r
 
 from __future__ import annotations
 
+import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -129,3 +131,71 @@ def test_label_counts_and_merged_stats():
     counts = label_counts({"taxonomy": {"TaxonomyPathRefiner": merged, "Other": {"x": 1}}})
     assert counts == {"seen": 30, "labelled": 23,
                       "rejected": {"wrong_length": 3, "non_finite": 4}}
+
+
+def test_output_is_staged_refused_when_full_and_committed_whole(tmp_path):
+    from mdf_taxonomy.engine import OutputExists, StagedOutput
+
+    out = tmp_path / "out"
+    staged = StagedOutput(str(out))
+    (pathlib.Path(staged.staging) / "part-0.parquet").write_bytes(b"rows")
+    assert not out.exists()  # nothing visible until the run ends
+    staged.commit()
+    assert [p.name for p in out.iterdir()] == ["part-0.parquet"]
+    with pytest.raises(OutputExists, match="exists and is not empty.*--overwrite"):
+        StagedOutput(str(out))
+    # a crashed run leaves its staging folder; the next run clears it, and overwrite replaces
+    crashed = StagedOutput(str(out), overwrite=True)
+    again = StagedOutput(str(out), overwrite=True)
+    assert not pathlib.Path(crashed.staging).exists()
+    (pathlib.Path(again.staging) / "part-1.parquet").write_bytes(b"new")
+    again.commit()
+    assert [p.name for p in out.iterdir()] == ["part-1.parquet"]
+
+
+def test_unwritable_output_is_named_before_any_work(tmp_path):
+    from mdf_taxonomy.engine import OutputExists, StagedOutput
+
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(OutputExists, match="a_file/out' is not writable"):
+        StagedOutput(str(tmp_path / "a_file" / "out"))
+
+
+def _config_text(**overrides) -> str:
+    text = (ROOT / "configs" / "demo.yaml").read_text()
+    for old, new in overrides.items():
+        assert old in text
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("executor:", "executer:", r"unknown top-level section\(s\) \['executer'\]"),
+    ("      - name: taxonomy_path_refiner\n        params:\n",
+     "      - name: taxonomy_path_refiner\n        params:\n          embeding_field: emb\n",
+     "unexpected keyword argument 'embeding_field'"),
+    ("name: kmeans_level_refiner", "name: kmeans_levels_refiner", "unknown component"),
+    ("          seed: 0\n", "          seed: 0\n          kernel_backend: trtion\n",
+     "kernel_backend='trtion'"),
+    ("  type: ParquetEmbeddingLoader\n", "  type: ParquetEmbeddingLoadr\n",
+     "data_loader: unknown component 'ParquetEmbeddingLoadr'"),
+])
+def test_config_mistakes_are_named_before_the_first_pass(tmp_path, capsys, old, new, message):
+    from mdf_taxonomy import cli
+
+    path = tmp_path / "p.yaml"
+    path.write_text(_config_text(**{old: new}))
+    assert cli.main(["-q", "run", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (ROOT / "output" / "demo" / "taxonomy" / "LOCK").exists()
+
+
+def test_cli_storage_options_parse():
+    from mdf_taxonomy import cli
+
+    opts = cli._storage_options(['anon=true', 'client_kwargs={"endpoint_url": "http://x"}',
+                                 "key=abc"])
+    assert opts == {"anon": True, "client_kwargs": {"endpoint_url": "http://x"}, "key": "abc"}
+    with pytest.raises(cli.CliError, match="KEY=VALUE"):
+        cli._storage_options(["novalue"])

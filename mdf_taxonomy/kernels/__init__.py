@@ -22,6 +22,7 @@ from .reference import (
 )
 
 __all__ = [
+    "KERNEL_BACKENDS",
     "FIXED_POINT_BITS",
     "Assignment",
     "assign",
@@ -60,9 +61,12 @@ def triton_available() -> bool:
     return True
 
 
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """'auto' -> 'triton' on CUDA tensors (if Triton imports), else 'torch'."""
-    if backend not in ("auto", "torch", "triton"):
+    if backend not in KERNEL_BACKENDS:
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend != "auto":
         if backend == "triton" and not triton_available():

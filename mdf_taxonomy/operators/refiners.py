@@ -24,7 +24,7 @@ import torch
 from mdf_taxonomy import _mdf
 from mdf_taxonomy._mdf import BatchResult, Refiner
 from mdf_taxonomy.backend import FitBackend, PartialsCombiner, bottom_k, rows_by_key
-from mdf_taxonomy.kernels import partial_sums
+from mdf_taxonomy.kernels import KERNEL_BACKENDS, partial_sums
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore, format_path
 from mdf_taxonomy.model.fitting import inertia_to_fixed, sample_priorities
 from mdf_taxonomy.operators.records import ERROR_FIELD, ParsedBatch, parse_embeddings
@@ -47,6 +47,15 @@ class _TaxonomyRefiner(Refiner):
         super().__init__()
         if compute_dtype not in _DTYPES:
             raise ValueError(f"compute_dtype={compute_dtype!r}: must be one of {list(_DTYPES)}")
+        if kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend={kernel_backend!r}: must be one of "
+                             f"{list(KERNEL_BACKENDS)}")
+        try:
+            if device != "auto":
+                torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r}: must be 'auto', 'cpu', 'cuda' or "
+                             "'cuda:N'") from e
         self.compute_dtype = compute_dtype
         self.timings = {"parse_s": 0.0, "assign_s": 0.0, "flush_s": 0.0}
         if not storage_uri:
