@@ -163,7 +163,7 @@ def test_add_to_existing_pipeline_with_mdf_operators(real_env, ray_session, samp
     assert_same_tree(TaxonomyStore(str(tmp / "taxonomy")).load(), want)
 
 
-FIT_ARGS = {"n_levels": 2, "branching_factor": [4, 2], "metric": "cosine", "seed": 3,
+FIT_ARGS = {"n_levels": 1, "branching_factor": 6, "metric": "cosine", "seed": 3,
             "max_iter": 2, "embedding_field": "emb"}
 
 
@@ -177,7 +177,7 @@ def test_engine_fit_and_cli_fit_under_real_mdf(real_env, ray_session, sample, tm
               str(tmp_path / "engine_out")], real_env, tmp_path)
     out = run_real([str(BIN / "mdf-taxonomy"), "-q", "fit", "--input", str(SAMPLE),
                     "--storage-uri", str(tmp_path / "cli"), "--output", str(tmp_path / "cli_out"),
-                    "--n-levels", "2", "--branching-factor", "4,2", "--metric", "cosine",
+                    "--n-levels", "1", "--branching-factor", "6", "--metric", "cosine",
                     "--seed", "3", "--max-iter", "2", "--embedding-field", "emb"],
                    real_env, tmp_path)
     assert "labelled: 1030 of 1030" in out and "run summary:" in out
