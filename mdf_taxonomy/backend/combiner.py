@@ -4,6 +4,10 @@ Traffic to the bucket actors is then proportional to the clusters touched per
 `flush_rows` rows rather than per batch. The fold is int64, so it changes no bit
 of the result; the flush id is derived from the ids of the folded batches, so a
 retried flush is still recognised.
+
+The fold cannot wrap: the running sums are checked against FIXED_SUM_LIMIT at
+least every MAX_ROWS_PER_SUM rows and when flushed, and a sum that reached it is
+sent as SUM_OVERFLOWED, which the driver refuses (see model/fitting.py).
 """
 
 from __future__ import annotations
@@ -13,6 +17,12 @@ import hashlib
 import torch
 
 from mdf_taxonomy.backend.fit_backend import FitBackend
+from mdf_taxonomy.model.fitting import (
+    MAX_ROWS_PER_SUM,
+    SUM_OVERFLOWED,
+    add_fixed_sums,
+    mark_overflowed,
+)
 
 
 class PartialsCombiner:
@@ -23,6 +33,7 @@ class PartialsCombiner:
         self.totals: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.flush_ids: list[str] = []
+        self._unchecked_rows = 0  # rows added since the sums were last checked
 
     @property
     def rows(self) -> int:
@@ -30,7 +41,19 @@ class PartialsCombiner:
 
     def add(self, flush_id: str, sums: torch.Tensor, counts: torch.Tensor,
             totals: dict[str, int], rejected: dict[str, int]) -> None:
-        self.sums += sums
+        """Fold one batch; `totals["rows"]` bounds the rows behind `sums`."""
+        rows = int(totals.get("rows", 0))
+        if rows > MAX_ROWS_PER_SUM:  # a node's batch sum may have wrapped: refuse it
+            sums = sums.clone()
+            sums[counts > MAX_ROWS_PER_SUM] = SUM_OVERFLOWED
+            add_fixed_sums(self.sums, sums)
+            self._unchecked_rows = 0
+        else:
+            if self._unchecked_rows + rows > MAX_ROWS_PER_SUM:
+                mark_overflowed(self.sums)
+                self._unchecked_rows = 0
+            self.sums += sums  # exact: in-range sums plus fewer than MAX_ROWS_PER_SUM rows
+            self._unchecked_rows += rows
         self.counts += counts
         for target, new in ((self.totals, totals), (self.rejected, rejected)):
             for k, v in new.items():
@@ -42,14 +65,17 @@ class PartialsCombiner:
         if not self.flush_ids:
             return 0
         nodes = torch.nonzero(self.counts).flatten()
+        sums = self.sums[nodes]
+        mark_overflowed(sums)
         sent = int(len(nodes) * (self.sums.shape[1] + 2) * 8)
         flush_id = hashlib.blake2b("\n".join(sorted(self.flush_ids)).encode(),
                                    digest_size=16).hexdigest()
         backend.add_partials(
-            self.pass_id, flush_id, nodes.cpu().numpy(), self.sums[nodes].cpu().numpy(),
+            self.pass_id, flush_id, nodes.cpu().numpy(), sums.cpu().numpy(),
             self.counts[nodes].cpu().numpy(), {**self.totals, "flush_bytes": sent},
             self.rejected)
         self.sums.zero_()
         self.counts.zero_()
         self.totals, self.rejected, self.flush_ids = {}, {}, []
+        self._unchecked_rows = 0
         return sent

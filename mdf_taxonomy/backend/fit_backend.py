@@ -5,6 +5,7 @@ the backend object itself is small and pickled into every worker. Sums are
 int64 fixed point, so the order in which flushes arrive changes nothing. Every
 flush carries an id; a bucket ignores an id it has seen in this pass, so a
 retried task is never counted twice. Flushes from another pass are refused.
+A sum that would pass int64's headroom is marked SUM_OVERFLOWED, never wrapped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import ray
+
+from mdf_taxonomy.model.fitting import add_fixed_sums
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -60,7 +63,9 @@ class FitBucket:
         if not self._accept(pass_id, flush_id):
             return False
         local = nodes // self.n_buckets  # nodes are unique within a flush
-        self.sums[local] += sums
+        block = self.sums[local]
+        add_fixed_sums(block, sums)
+        self.sums[local] = block
         self.counts[local] += counts
         self._count(totals, rejected)
         return True

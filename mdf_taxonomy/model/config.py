@@ -1,12 +1,116 @@
-"""The fit's parameters, validated once, in the spirit of scikit-learn's KMeans."""
+"""The fit's parameters, validated once, in the spirit of scikit-learn's KMeans.
+
+Every parameter has one constraint in `PARAMETER_CONSTRAINTS` (as scikit-learn's
+`_parameter_constraints`): a config that would fail at run time, after minutes of
+streaming, is refused when it is built, with the parameter and its range named.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 METRICS = ("l2", "cosine")
+MAX_LEVELS = 64
+MAX_BRANCHING = 2**24
+MAX_ITER = 10**6
+#: Sample rows per node; under fitting.MAX_ROWS_PER_SUM, so in-memory sums of a sample are
+#: exact, and small enough to hold on the driver.
+MAX_SAMPLE = 2**20
+MAX_DIM = 2**24
+SEED_LIMIT = 2**63  # seeds feed numpy's and torch's generators, which take [0, 2**63)
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer (not a bool) in [lo, hi]."""
+
+    lo: int
+    hi: int
+
+    def ok(self, v: Any) -> bool:
+        return _is_int(v) and self.lo <= v <= self.hi
+
+    def __str__(self) -> str:
+        if _pow2(self.hi + 1) and self.hi > 1024:
+            return f"must be an integer in [{self.lo}, {_num(self.hi + 1)})"
+        return f"must be an integer in [{self.lo}, {_num(self.hi)}]"
+
+
+@dataclass(frozen=True)
+class PerLevel:
+    """One `inner` for every level, or a list of them (its length is checked against n_levels)."""
+
+    inner: Int
+
+    def ok(self, v: Any) -> bool:
+        return self.inner.ok(v) or (isinstance(v, tuple) and all(self.inner.ok(b) for b in v))
+
+    def __str__(self) -> str:
+        return f"{self.inner}, or a list of such integers, one per level"
+
+
+@dataclass(frozen=True)
+class OrNone:
+    inner: Int
+
+    def ok(self, v: Any) -> bool:
+        return v is None or self.inner.ok(v)
+
+    def __str__(self) -> str:
+        return f"{self.inner}, or null"
+
+
+@dataclass(frozen=True)
+class FiniteAtLeast:
+    """A finite real number (not a bool) >= lo."""
+
+    lo: float
+
+    def ok(self, v: Any) -> bool:
+        real = isinstance(v, int | float) and not isinstance(v, bool)
+        return real and math.isfinite(v) and v >= self.lo
+
+    def __str__(self) -> str:
+        return f"must be a finite number >= {self.lo:g}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    options: tuple[str, ...]
+
+    def ok(self, v: Any) -> bool:
+        return isinstance(v, str) and v in self.options
+
+    def __str__(self) -> str:
+        return f"must be one of {self.options}"
+
+
+@dataclass(frozen=True)
+class NonEmptyStr:
+    def ok(self, v: Any) -> bool:
+        return isinstance(v, str) and bool(v)
+
+    def __str__(self) -> str:
+        return "must be a non-empty string"
+
+
+Constraint = Int | PerLevel | OrNone | FiniteAtLeast | OneOf | NonEmptyStr
+PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
+    "n_levels": Int(1, MAX_LEVELS),
+    "branching_factor": PerLevel(Int(1, MAX_BRANCHING)),
+    "dim": OrNone(Int(1, MAX_DIM)),
+    "metric": OneOf(METRICS),
+    "seed": Int(0, SEED_LIMIT - 1),
+    "max_iter": Int(1, MAX_ITER),
+    "tol": FiniteAtLeast(0.0),
+    "sample_per_child": Int(1, MAX_SAMPLE),
+    "max_sample_per_node": Int(1, MAX_SAMPLE),
+    "init_iters": Int(0, MAX_ITER),
+    "embedding_field": NonEmptyStr(),
+}
 
 
 @dataclass(frozen=True)
@@ -40,35 +144,15 @@ class TaxonomyConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(ok: bool, name: str, value: Any, rule: str) -> None:
-            if not ok:
+        """Raise ValueError naming the first parameter outside its constraint."""
+        for name, rule in PARAMETER_CONSTRAINTS.items():
+            value = getattr(self, name)
+            if not rule.ok(value):
                 raise ValueError(f"TaxonomyConfig.{name}={value!r}: {rule}")
-
-        need(_is_int(self.n_levels) and self.n_levels >= 1, "n_levels", self.n_levels,
-             "must be an integer >= 1")
         bf = self.branching_factor
-        if isinstance(bf, tuple):
-            need(len(bf) == self.n_levels, "branching_factor", bf,
-                 f"a list must have one entry per level ({self.n_levels})")
-            need(all(_is_int(b) and b >= 1 for b in bf), "branching_factor", bf,
-                 "entries must be integers >= 1")
-        else:
-            need(_is_int(bf) and bf >= 1, "branching_factor", bf, "must be an integer >= 1")
-        need(self.dim is None or (_is_int(self.dim) and self.dim >= 1), "dim", self.dim,
-             "must be a positive integer or null")
-        need(self.metric in METRICS, "metric", self.metric, f"must be one of {METRICS}")
-        need(_is_int(self.seed), "seed", self.seed, "must be an integer")
-        need(_is_int(self.max_iter) and self.max_iter >= 1, "max_iter", self.max_iter,
-             "must be an integer >= 1")
-        need(isinstance(self.tol, int | float) and self.tol >= 0, "tol", self.tol, "must be >= 0")
-        need(_is_int(self.sample_per_child) and self.sample_per_child >= 1, "sample_per_child",
-             self.sample_per_child, "must be an integer >= 1")
-        need(_is_int(self.max_sample_per_node) and self.max_sample_per_node >= 1,
-             "max_sample_per_node", self.max_sample_per_node, "must be an integer >= 1")
-        need(_is_int(self.init_iters) and self.init_iters >= 0, "init_iters", self.init_iters,
-             "must be an integer >= 0")
-        need(isinstance(self.embedding_field, str) and bool(self.embedding_field),
-             "embedding_field", self.embedding_field, "must be a non-empty string")
+        if isinstance(bf, tuple) and len(bf) != self.n_levels:
+            raise ValueError(f"TaxonomyConfig.branching_factor={bf!r}: a list must have one "
+                             f"entry per level ({self.n_levels})")
 
     def branching(self, level: int) -> int:
         """Children per node at `level` (1-based)."""
@@ -100,3 +184,11 @@ class TaxonomyConfig:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _num(n: int) -> str:
+    return f"2**{n.bit_length() - 1}" if n > 1024 and _pow2(n) else str(n)

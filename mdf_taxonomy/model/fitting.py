@@ -9,17 +9,25 @@ Rules, stated plainly (after FAISS's Clustering):
   or file order.
 - Init: greedy k-means++ on the parent's sample (generator seeded by seed,
   level, parent), then `init_iters` Lloyd iterations on the sample in memory.
-- A parent with fewer rows than children gets as many children as it has rows
-  (at least one; a parent with no rows gets one child equal to itself).
+- A parent gets at most as many children as it has rows, and at most as many as
+  its sample holds distinct rows (so no two children start on one point and every
+  row has one nearest child); at least one; a parent with no rows gets one child
+  equal to itself. Capped parents are counted in the level's history entry and
+  logged once per level.
 - Empty cluster repair: an empty child takes the place of half of its largest
   sibling (ties: lowest id). Both centroids are the large one's, scaled by
   (1 +/- eps) on alternating coordinates, and the count is split in two.
 - Convergence: a level stops when (previous inertia - inertia) / previous
   inertia < tol, or after max_iter Lloyd passes.
+- Range: sums are int64 fixed point, exact and order-free while they stay under
+  FIXED_SUM_LIMIT; rows beyond MAX_ABS_VALUE are rejected when parsed, and a sum
+  that reaches the limit is marked SUM_OVERFLOWED (never wrapped) and refused by
+  the driver.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,8 +37,32 @@ from mdf_taxonomy import kernels
 from mdf_taxonomy.model.config import TaxonomyConfig
 from mdf_taxonomy.model.taxonomy import FitState, Level, Taxonomy
 
+log = logging.getLogger(__name__)
+
 REPAIR_EPS = 1.0 / 1024
 INERTIA_FIXED_POINT_BITS = 16  # inertia is summed as int64 too, so convergence is order-free
+
+MAX_ABS_VALUE: float = 2.0**15
+"""The fit's range: parse_embeddings rejects a row holding a |value| above it.
+
+A value in range is < 2**39 in fixed point (x 2**FIXED_POINT_BITS), so MAX_ROWS_PER_SUM
+rows of any values in range sum exactly under FIXED_SUM_LIMIT; it also stays finite
+in float16 compute (max 65504) and its squares in float32 distances.
+"""
+
+FIXED_SUM_LIMIT: int = 2**62
+"""Fixed-point sums are kept below this magnitude: two such sums add exactly in int64
+(|a + b| < 2**63), and a sum that reaches it is marked SUM_OVERFLOWED, never wrapped."""
+
+SUM_OVERFLOWED: int = -(2**63)
+"""The mark of an overflowed sum. Adding anything below FIXED_SUM_LIMIT to it leaves it
+at or past the limit (-2**63 + a stays below -2**62, or wraps above 2**62), so the mark
+survives to the driver, which refuses it."""
+
+MAX_ROWS_PER_SUM: int = (FIXED_SUM_LIMIT - 1) // (
+    int(MAX_ABS_VALUE) * 2**kernels.FIXED_POINT_BITS + 1)
+"""Rows (8388607) whose sum is exact whatever their values in range: a node fed more
+rows than this in one pass can be refused. Rows of |value| <= 1 allow 2**38 rows."""
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -54,8 +86,8 @@ def sample_priorities(x: np.ndarray, seed: int, level: int) -> np.ndarray:
 
 
 def node_seed(seed: int, level: int, node: int) -> int:
-    return int(_splitmix64(np.array([seed * 1_000_003 + level * 7919 + node], dtype=np.uint64))[0]
-               >> np.uint64(1))
+    z = (seed * 1_000_003 + level * 7919 + node) & 0xFFFFFFFFFFFFFFFF  # any seed < 2**63
+    return int(_splitmix64(np.array([z], dtype=np.uint64))[0] >> np.uint64(1))
 
 
 def kmeans_plus_plus(sample: torch.Tensor, k: int, seed: int, metric: str = "l2") -> torch.Tensor:
@@ -71,6 +103,9 @@ def kmeans_plus_plus(sample: torch.Tensor, k: int, seed: int, metric: str = "l2"
     best = _distance_to(sample, sample[chosen[0]], metric)
     for _ in range(1, k):
         total = float(best.sum())
+        if not np.isfinite(total):
+            raise OverflowError("k-means++ distances overflowed: rows beyond "
+                                f"+/-{MAX_ABS_VALUE:g} (MAX_ABS_VALUE) reached the fit")
         if total <= 0:  # every row sits on a chosen centre: take unchosen rows in order
             free = torch.ones(n, dtype=torch.bool)
             free[chosen] = False
@@ -94,6 +129,7 @@ def _distance_to(sample: torch.Tensor, centre: torch.Tensor, metric: str) -> tor
 def update_centroids(sums: torch.Tensor, counts: torch.Tensor, previous: np.ndarray,
                      parents: np.ndarray, metric: str) -> tuple[np.ndarray, int]:
     """New centroids from fixed-point sums; empty children repaired within their parent."""
+    check_fixed_sums(sums)
     counts_np = counts.cpu().numpy().astype(np.int64).copy()
     mean = kernels.from_fixed_point(sums.cpu()).numpy()
     new = previous.astype(np.float64).copy()
@@ -128,17 +164,27 @@ def lloyd_on_sample(sample: torch.Tensor, centroids: np.ndarray, iters: int, met
     return centroids
 
 
+def distinct_rows(sample: np.ndarray) -> int:
+    """Rows of `sample` that are distinct points (-0.0 equals 0.0)."""
+    if len(sample) == 0:
+        return 0
+    s = np.ascontiguousarray(sample, dtype=np.float32) + np.float32(0.0)  # -0.0 -> 0.0
+    return len(np.unique(s.view(np.dtype((np.void, s.shape[1] * 4))).ravel()))
+
+
 def init_children(sample: np.ndarray, rows: int, k_max: int, seed: int, metric: str,
-                  init_iters: int, fallback: np.ndarray | None) -> np.ndarray:
-    """Children centroids of one parent from its sample (see the module rules)."""
-    k = min(k_max, rows, len(sample))
+                  init_iters: int, fallback: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Children centroids of one parent from its sample (see the module rules), and the
+    number of distinct rows in the sample."""
+    distinct = distinct_rows(sample)
+    k = min(k_max, rows, distinct)
     if k == 0:
         if fallback is None:
             raise ValueError("no valid rows reached the top level: nothing to fit")
-        return fallback[None].astype(np.float32)
+        return fallback[None].astype(np.float32), distinct
     t = torch.from_numpy(np.array(sample, dtype=np.float32))  # writable copy
     centroids = kmeans_plus_plus(t, k, seed, metric).numpy()
-    return lloyd_on_sample(t, centroids, init_iters, metric)
+    return lloyd_on_sample(t, centroids, init_iters, metric), distinct
 
 
 @dataclass
@@ -160,23 +206,46 @@ class LloydResult:
 
 
 def start_level(tax: Taxonomy, result: SampleResult) -> Taxonomy:
-    """After a sampling pass: initial children for every parent of the new level."""
+    """After a sampling pass: initial children for every parent of the new level.
+
+    The history entry counts the parents that got fewer children than the branching
+    factor: `empty_parents` (no rows), `few_rows` (fewer rows than the branching
+    factor), `few_distinct` (fewer distinct sample rows than min(branching, rows));
+    `capped_parents` is their union and `capped_children` the children not made.
+    `distinct_rows` is the number of distinct rows over the level's samples.
+    """
     cfg, level = tax.config, tax.state.level
     n_parents = 1 if level == 1 else tax.levels[level - 2].n_nodes
+    b = cfg.branching(level)
     blocks, parents = [], []
+    seen = {"distinct_rows": 0, "capped_parents": 0, "capped_children": 0, "empty_parents": 0,
+            "few_rows": 0, "few_distinct": 0}
     for p in range(n_parents):
         fallback = None if level == 1 else tax.levels[level - 2].centroids[p]
-        block = init_children(
-            result.samples.get(p, np.zeros((0, tax.dim), np.float32)), result.rows.get(p, 0),
-            cfg.branching(level), node_seed(cfg.seed, level, p), cfg.metric, cfg.init_iters,
-            fallback,
+        rows = result.rows.get(p, 0)
+        block, distinct = init_children(
+            result.samples.get(p, np.zeros((0, tax.dim), np.float32)), rows, b,
+            node_seed(cfg.seed, level, p), cfg.metric, cfg.init_iters, fallback,
         )
         blocks.append(block)
         parents.append(np.full(len(block), p, dtype=np.int64))
+        seen["distinct_rows"] += distinct
+        if len(block) < b:
+            seen["capped_parents"] += 1
+            seen["capped_children"] += b - len(block)
+            seen["empty_parents"] += rows == 0
+            seen["few_rows"] += 0 < rows < b
+            seen["few_distinct"] += 0 < rows and distinct < min(b, rows)
+    if seen["capped_parents"]:
+        log.warning(
+            "level %d: %d of %d parents got fewer than %d children (%d without rows, %d with "
+            "fewer rows, %d with fewer distinct rows in their sample); %d children not made",
+            level, seen["capped_parents"], n_parents, b, seen["empty_parents"], seen["few_rows"],
+            seen["few_distinct"], seen["capped_children"])
     new_level = Level(np.concatenate(blocks), np.concatenate(parents))
     history = tax.state.history + [
         {"level": level, "phase": "sample", "rows": int(sum(result.rows.values())),
-         "nodes": new_level.n_nodes}
+         "nodes": new_level.n_nodes, **seen}
     ]
     state = FitState(level=level, phase="lloyd", iteration=0, inertia=None, history=history)
     return replace(tax, levels=tax.levels[: level - 1] + [new_level], state=state, version=None)
@@ -213,9 +282,51 @@ def finish_pass(tax: Taxonomy, result: LloydResult) -> Taxonomy:
 
 
 def inertia_to_fixed(distance: torch.Tensor) -> int:
-    """Sum of distances as an exact int64 (order-free)."""
-    return int(torch.round(distance.double().clamp_min(0) * 2**INERTIA_FIXED_POINT_BITS)
-               .to(torch.int64).sum())
+    """Sum of distances in fixed point, exact (order-free) for any finite distances: summed
+    in int64 chunks that cannot overflow, the chunks as Python ints."""
+    q = torch.round(distance.double().clamp_min(0) * 2**INERTIA_FIXED_POINT_BITS).flatten()
+    if q.numel() == 0:
+        return 0
+    peak = float(q.max())
+    if not np.isfinite(peak):
+        raise OverflowError("a distance is not finite: inertia cannot be summed")
+    if peak >= FIXED_SUM_LIMIT:  # a single row past int64 headroom: Python ints, exactly
+        return sum(int(v) for v in q.tolist())
+    step = max(1, int(FIXED_SUM_LIMIT // max(peak, 1.0)))
+    ints = q.to(torch.int64)
+    return sum(int(ints[i:i + step].sum()) for i in range(0, len(ints), step))
+
+
+def out_of_range(sums: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Where fixed-point sums are at or past FIXED_SUM_LIMIT (SUM_OVERFLOWED included)."""
+    return (sums >= FIXED_SUM_LIMIT) | (sums <= -FIXED_SUM_LIMIT)
+
+
+def mark_overflowed(sums: np.ndarray | torch.Tensor) -> None:
+    """In place: every sum at or past FIXED_SUM_LIMIT becomes SUM_OVERFLOWED."""
+    sums[out_of_range(sums)] = SUM_OVERFLOWED
+
+
+def add_fixed_sums(total: np.ndarray | torch.Tensor, part: np.ndarray | torch.Tensor) -> None:
+    """total += part in place, never wrapping: an element out of range in either, or in the
+    result, becomes SUM_OVERFLOWED."""
+    bad = out_of_range(total) | out_of_range(part)
+    total += part
+    bad |= out_of_range(total)
+    total[bad] = SUM_OVERFLOWED
+
+
+def check_fixed_sums(sums: np.ndarray | torch.Tensor) -> None:
+    """Raise OverflowError if any node's sum reached FIXED_SUM_LIMIT (driver side)."""
+    bad = out_of_range(sums)
+    if bool(bad.any()):
+        bad = bad.cpu().numpy() if isinstance(bad, torch.Tensor) else bad
+        nodes = np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))
+        raise OverflowError(
+            f"fixed-point sums of {len(nodes)} node(s) (first {nodes[:5].tolist()}) reached "
+            f"2**62 and would overflow int64: a node may take at most {MAX_ROWS_PER_SUM} rows "
+            f"per pass of values up to +/-{MAX_ABS_VALUE:g} (rows of smaller values: "
+            f"proportionally more); use more branching at this level or rescale the data")
 
 
 def resolve_config(cfg: TaxonomyConfig, dim: int) -> TaxonomyConfig:
