@@ -45,6 +45,7 @@ from mdf_taxonomy.operators import (
     TaxonomyPathRefiner,
     parse_embeddings,
 )
+from mdf_taxonomy.operators.records import infer_dim
 
 log = logging.getLogger(__name__)
 
@@ -477,11 +478,12 @@ def _expected_rows(config: Any, stats: Any, loaded: int) -> int:
 
 
 def _infer_dim(loader: Any, items: list[str], field: str) -> int:
-    for rec in loader.load_files(items[:4]):
-        parsed = parse_embeddings([rec], field, None)
-        if len(parsed.valid):
-            return int(parsed.x.shape[1])
-    raise ValueError(f"no valid {field!r} embedding in the first input files: cannot infer dim")
+    """The fit's dim when none was given: the majority length of the first rows read."""
+    dim, others = infer_dim(loader.load_files(items), field)
+    if others:
+        log.warning("inferred dim %d for %r from the majority of rows; rows of other lengths "
+                    "(length: rows) %s will be rejected as wrong_length", dim, field, others)
+    return dim
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -646,7 +648,8 @@ class TaxonomyEngine:
             return output
         loader = ParquetEmbeddingLoader(**self._loader_params(input))
         records = list(loader.load_files(loader.get_file_list()))
-        parsed = parse_embeddings(records, self.fit_params["embedding_field"], tax.dim)
+        parsed = parse_embeddings(records, self.fit_params["embedding_field"], tax.dim,
+                                  metric=tax.config.metric)
         paths = np.full((len(records), tax.n_levels), -1, dtype=np.int32)
         if len(parsed.valid):
             paths[parsed.valid] = tax.assign_paths(parsed.x, backend=self.kernel_backend)[0]

@@ -95,7 +95,8 @@ class _TaxonomyRefiner(Refiner):
             blank = self._blank_fields()
             for rec in records:
                 rec.update(blank)
-            parsed = parse_embeddings(records, self.embedding_field, tax.dim)
+            parsed = parse_embeddings(records, self.embedding_field, tax.dim,
+                                      metric=tax.config.metric)
             self.timings["parse_s"] += time.perf_counter() - started
             for i, reason in parsed.errors.items():
                 records[i][ERROR_FIELD] = reason
