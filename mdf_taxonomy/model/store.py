@@ -62,6 +62,39 @@ class TaxonomyStoreError(RuntimeError):
     """A snapshot is missing, unreadable, corrupt, foreign or too new, or a writer conflicts."""
 
 
+# Connection failures of the clients fsspec uses (botocore, urllib3, aiohttp), by name so
+# that none of them has to be installed.
+_UNREACHABLE = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+    "ReadTimeoutError", "NewConnectionError", "MaxRetryError", "ProxyConnectionError",
+    "ClientConnectorError", "ServerTimeoutError", "ServerDisconnectedError",
+})
+
+
+def storage_unreachable(e: BaseException) -> bool:
+    """True when `e`, or an exception that led to it, says the storage cannot be reached
+    (refused, timed out, unknown host) rather than that a file is missing or bad."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if (isinstance(cur, ConnectionError | TimeoutError | socket.gaierror)
+                or type(cur).__name__ in _UNREACHABLE):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """`e` as one short line for an error message: never a traceback (pyarrow puts the
+    Python traceback of a failed filesystem call into its own message)."""
+    text = str(e).split("Traceback (most recent call last)")[0]
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 @dataclasses.dataclass
 class WriterLease:
     """The single-writer lock held on one store; see `TaxonomyStore.writer_lease`."""
@@ -100,6 +133,33 @@ class TaxonomyStore:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    @contextlib.contextmanager
+    def _reach(self) -> Iterator[None]:
+        """Around storage calls: an unreachable endpoint is one line naming the URI."""
+        try:
+            yield
+        except TaxonomyStoreError:
+            raise
+        except Exception as e:
+            if storage_unreachable(e):
+                raise self._unreachable(e) from e
+            raise
+
+    def _unreachable(self, e: BaseException) -> TaxonomyStoreError:
+        return TaxonomyStoreError(f"cannot reach the storage of {self.uri!r}: {one_line(e)}")
+
+    def _check_reachable(self) -> None:
+        """Raise if the storage cannot be reached; any other answer (even "missing") is fine.
+        Some fsspec layers report an unreachable store as a missing file, which must not
+        read as "no taxonomy"."""
+        if self._local:
+            return
+        try:
+            self.fs.info(self.root)
+        except Exception as e:  # noqa: BLE001 - only an unreachable store matters here
+            if storage_unreachable(e):
+                raise self._unreachable(e) from e
+
     # -- reading ---------------------------------------------------------------
     def latest_version(self) -> str | None:
         """The version LATEST names, or None when there is no LATEST yet."""
@@ -107,6 +167,7 @@ class TaxonomyStore:
         try:
             raw = self._read_small(self._path("LATEST"), _MAX_LATEST_BYTES, where)
         except FileNotFoundError:
+            self._check_reachable()
             return None
         except OSError as e:
             raise TaxonomyStoreError(f"cannot read {where}: {e}") from e
@@ -177,11 +238,12 @@ class TaxonomyStore:
 
     def _read_small(self, path: str, limit: int, where: str) -> bytes:
         """A small file, refused without reading it when it is larger than `limit`."""
-        self.fs.invalidate_cache(path)
         too_big = TaxonomyStoreError(f"{where}: more than {limit} bytes, not a file of this store")
-        if self.fs.size(path) > limit:
-            raise too_big
-        raw = self.fs.cat_file(path)
+        with self._reach():
+            self.fs.invalidate_cache(path)
+            if self.fs.size(path) > limit:
+                raise too_big
+            raw = self.fs.cat_file(path)
         if len(raw) > limit:  # replaced by a larger file since
             raise too_big
         return raw
@@ -191,9 +253,11 @@ class TaxonomyStore:
         path = self._path("snapshots", version, meta["file"])
         where = f"{self.uri}/snapshots/{version}/{meta['file']}"
         try:
-            self.fs.invalidate_cache(path)
-            size = self.fs.size(path)
-            head = self.fs.cat_file(path, start=0, end=min(size, _NPY_HEAD_BYTES)) if size else b""
+            with self._reach():
+                self.fs.invalidate_cache(path)
+                size = self.fs.size(path)
+                head = (self.fs.cat_file(path, start=0, end=min(size, _NPY_HEAD_BYTES))
+                        if size else b"")
         except OSError as e:
             raise TaxonomyStoreError(f"{where}: cannot read ({e})") from e
         shape, dtype, offset = _npy_header(head, where)
@@ -209,7 +273,8 @@ class TaxonomyStore:
                 f"{'truncated' if size < want else 'padded'}, the snapshot is corrupt"
             )
         try:
-            raw = self.fs.cat_file(path)
+            with self._reach():
+                raw = self.fs.cat_file(path)
         except OSError as e:
             raise TaxonomyStoreError(f"{where}: cannot read ({e})") from e
         if len(raw) != size:
@@ -239,7 +304,8 @@ class TaxonomyStore:
             arrays[f"level_{i}_parents"] = lv.parents
         meta = {}
         try:
-            self.fs.makedirs(self._path("snapshots", version), exist_ok=True)
+            with self._reach():
+                self.fs.makedirs(self._path("snapshots", version), exist_ok=True)
             for name, arr in arrays.items():
                 buf = io.BytesIO()
                 np.save(buf, arr, allow_pickle=False)
@@ -285,8 +351,9 @@ class TaxonomyStore:
         part: under a temporary name, then renamed (local) or moved (s3 and others)."""
         tmp = f"{path}.{secrets.token_hex(6)}.tmp"
         if not self._local:
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
+            with self._reach():
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, path)
             return
         try:
             _write_durably(tmp, data)
@@ -366,7 +433,8 @@ class TaxonomyStore:
         }
         raw = json.dumps(record, sort_keys=True).encode()
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            with self._reach():
+                self.fs.makedirs(self.root, exist_ok=True)
             for _ in range(3):  # a lock seen but gone on the next read: try again
                 if self._create_lock(raw):
                     return lease
@@ -417,7 +485,8 @@ class TaxonomyStore:
             held = self._read_lock()
             if held is None or not ours(held[0]):
                 return False
-            self.fs.rm(self._lock)
+            with self._reach():
+                self.fs.rm(self._lock)
             return True
         aside = f"{self._lock}.{secrets.token_hex(6)}.aside"
         try:
