@@ -1,6 +1,13 @@
 """MDF faces of the taxonomy: the two refiners, the Parquet loader, a discard writer."""
 
-from mdf_taxonomy.operators.parquet_loader import InputError, ParquetEmbeddingLoader
+from mdf_taxonomy.operators.input_report import (
+    InputReport,
+    close_input_report,
+    open_input_report,
+    read_input_failures,
+    read_input_report,
+)
+from mdf_taxonomy.operators.parquet_loader import ON_BAD_FILE, InputError, ParquetEmbeddingLoader
 from mdf_taxonomy.operators.records import ERROR_FIELD, parse_embeddings
 from mdf_taxonomy.operators.refiners import KMeansLevelRefiner, TaxonomyPathRefiner, level_field
 from mdf_taxonomy.operators.synthetic_loader import SyntheticEmbeddingLoader
@@ -8,12 +15,18 @@ from mdf_taxonomy.operators.writers import DiscardWriter
 
 __all__ = [
     "ERROR_FIELD",
+    "ON_BAD_FILE",
     "DiscardWriter",
     "InputError",
+    "InputReport",
     "KMeansLevelRefiner",
     "ParquetEmbeddingLoader",
     "SyntheticEmbeddingLoader",
     "TaxonomyPathRefiner",
+    "close_input_report",
     "level_field",
+    "open_input_report",
     "parse_embeddings",
+    "read_input_failures",
+    "read_input_report",
 ]
