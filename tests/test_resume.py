@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.dataset as ds
 import pytest
 from conftest import ROOT, blobs, write_embeddings
 from taxonomy_toys import KillingLoader, assert_same_tree
@@ -189,3 +190,36 @@ def test_resume_on_other_data_is_refused(reference, data):
     with pytest.raises(ValueError, match="other input data"):
         engine.fit(str(data / "part-0.parquet"))
     assert TaxonomyStore(ref_uri).latest_version() == ref.version
+
+
+def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(data, tmp_path):
+    """Labelled records are staged beside the output and moved there at the end, so a
+    run killed while writing leaves no partial output and its rerun adds no duplicates."""
+    uri, out = tmp_path / "tax", tmp_path / "out"
+    cmd = [*_fit_cmd(data, uri), "--output", str(out), "--batch-size", "8"]
+    with open(tmp_path / "run.log", "wb") as log:
+        victim = _start(cmd, log)
+        try:
+            deadline = time.monotonic() + 300
+            while not list(tmp_path.glob("out.staging-*/**/*.parquet")):
+                assert victim.poll() is None, \
+                    f"the run ended (rc {victim.returncode}) before it was killed: " \
+                    + (tmp_path / "run.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "labelling never started within 300s"
+                time.sleep(0.02)
+            _kill_group(victim)
+        finally:
+            if victim.poll() is None:
+                _kill_group(victim)
+    assert not out.exists(), "a killed run must not leave a partial output"
+    rerun = subprocess.run(cmd, cwd=ROOT, env=_cli_env(), capture_output=True, text=True,
+                           timeout=300, start_new_session=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "labelled: 300 of 300" in rerun.stdout
+    assert not list(tmp_path.glob("out.staging-*")), "the crashed run's staging was not cleared"
+    table = ds.dataset(str(out), format="parquet").to_table()
+    assert sorted(table["id"].to_pylist()) == list(range(300))
+    # and a third run refuses to append to the finished output
+    again = subprocess.run(cmd, cwd=ROOT, env=_cli_env(), capture_output=True, text=True,
+                           timeout=300, start_new_session=True)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
