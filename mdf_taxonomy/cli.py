@@ -46,6 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         StagedOutput,
         ensure_ray,
         fit_operators,
+        label_summary,
         pinned,
         record_run,
         staged_run,
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except NothingLabelled as e:
         _report(summary, e.result, config)
         raise
-    summary["label"] = {k: result[k] for k in ("rows_in", "rows_out", "seconds", "labelling")}
+    summary["label"] = label_summary(result)
     if fit is not None:
         summary["summary_uri"] = record_run(fit.storage_uri, fit.storage_options, summary)
     _report(summary, result, config)
@@ -100,6 +101,7 @@ def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> Non
     lab = result["labelling"]
     if lab["seen"]:
         print(f"labelled: {lab['labelled']} of {lab['seen']}, rejected {lab['rejected'] or 0}")
+    _print_skipped(result.get("skipped"))
     out = config.data_writer.params.get("output_path")
     if out:
         print(f"labelled records: {out}")
@@ -121,7 +123,7 @@ def _engine(args: argparse.Namespace) -> Any:
         storage_uri=args.storage_uri, metric=args.metric, seed=args.seed,
         max_iter=args.max_iter, tol=args.tol, embedding_field=args.embedding_field,
         batch_size=args.batch_size, num_replicas=args.replicas, progress=not args.quiet,
-        storage_options=_storage_options(args.storage_option),
+        storage_options=_storage_options(args.storage_option), on_bad_file=args.on_bad_file,
     )
 
 
@@ -169,6 +171,13 @@ def _print_labelling(summary: dict[str, Any]) -> None:
     lab = summary.get("label", {}).get("labelling")
     if lab:
         print(f"labelled: {lab['labelled']} of {lab['seen']}, rejected {lab['rejected'] or 0}")
+    _print_skipped(summary.get("label", {}).get("skipped"))
+
+
+def _print_skipped(skipped: list[dict[str, Any]] | None) -> None:
+    """Input items skipped under on_bad_file=skip: never silent."""
+    for entry in skipped or []:
+        print(f"skipped input: {entry['item']} ({entry['rows']} rows): {entry['reason']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--replicas", type=int, default=1)
         sp.add_argument("--overwrite", action="store_true",
                         help="replace --output if it holds data (else refused)")
+        sp.add_argument("--on-bad-file", default="fail", choices=["fail", "skip"],
+                        help="an unreadable input file or row group fails the run, or is "
+                             "skipped, counted and named in the summary")
         sp.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for input, output and taxonomy "
                              "(repeatable), e.g. client_kwargs='{\"endpoint_url\": \"...\"}'")
@@ -213,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from mdf_taxonomy.engine import NothingLabelled
+    from mdf_taxonomy.engine import NothingLabelled, PassIncomplete
     from mdf_taxonomy.model import TaxonomyStoreError
     from mdf_taxonomy.operators import InputError
 
     try:
         return args.func(args)
-    except NothingLabelled as e:
+    except (NothingLabelled, PassIncomplete) as e:
         print(f"mdf-taxonomy: error: {e}", file=sys.stderr)
         return 1
     except (CliError, InputError, TaxonomyStoreError, ValueError) as e:

@@ -28,6 +28,7 @@ import fsspec
 import numpy as np
 import ray
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from mdf_taxonomy import _mdf, mdf_key
 from mdf_taxonomy.backend import FitBackend
@@ -40,10 +41,17 @@ from mdf_taxonomy.model.fitting import (
     start_level,
 )
 from mdf_taxonomy.operators import (
+    InputError,
     KMeansLevelRefiner,
     ParquetEmbeddingLoader,
     TaxonomyPathRefiner,
     parse_embeddings,
+)
+from mdf_taxonomy.operators.input_report import (
+    close_input_report,
+    open_input_report,
+    read_input_failures,
+    read_input_report,
 )
 from mdf_taxonomy.operators.records import infer_dim
 
@@ -99,10 +107,16 @@ class StagedOutput:
         self.staging_uri = self.fs.unstrip_protocol(self.staging)
 
     def commit(self) -> None:
-        """Make the staged records the output (a rename where the storage has one)."""
+        """Make the staged records the output: one rename on a local disk; on object
+        stores, which have no rename, a copy of each file, then the staging removed."""
         if self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
-        self.fs.mv(self.staging, self.path, recursive=True)
+        if isinstance(self.fs, LocalFileSystem):
+            os.replace(self.staging, self.path)
+            return
+        for src in self.fs.find(self.staging):
+            self.fs.copy(src, self.path + src[len(self.staging):])
+        self.fs.rm(self.staging, recursive=True)
 
     def abort(self) -> None:
         try:
@@ -161,6 +175,66 @@ def _progress(total: int | None, desc: str, enabled: bool):
         return None
     return tqdm(total=total, desc=desc, unit="rows", disable=not enabled, file=sys.stderr,
                 leave=False, dynamic_ncols=True)
+
+
+class InputAccount:
+    """Rows in = rows read, checked per run against the input's own row counts.
+
+    A loader that can count its input (ParquetEmbeddingLoader: the Parquet footers)
+    and report what it skipped or failed on (to a named InputReport actor the driver
+    opens, since loaders run in other processes) is held to it: a loader that died
+    or lost rows fails the pass, a bad file fails the run naming it (on_bad_file:
+    fail), or is counted and named (skip). Other loaders are taken at their word.
+    """
+
+    def __init__(self, config: Any, loader: Any | None = None, items: list[str] | None = None):
+        self.loader = loader or _mdf.DataLoaderRegistry.create(config.data_loader.type,
+                                                               config.data_loader.params)
+        self.max_samples = config.executor.max_samples
+        self.items = items if items is not None else self.loader.get_file_list(
+            max_samples=self.max_samples)
+        self.counts = callable(getattr(self.loader, "expected_rows", None))
+        reports = "report_name" in inspect.signature(type(self.loader)).parameters
+        self.name = f"run-{os.getpid()}-{time.time_ns():x}" if reports else None
+        self.listing_skipped: list[dict[str, Any]] = list(
+            getattr(self.loader, "listing_skipped", []))
+
+    def pin(self, config: Any) -> Any:
+        """The config with its loader reporting to this account's report."""
+        if self.name is None:
+            return config
+        cfg = copy.copy(config)
+        cfg.data_loader = copy.deepcopy(config.data_loader)
+        cfg.data_loader.params = {**cfg.data_loader.params, "report_name": self.name}
+        return cfg
+
+    def open(self) -> None:
+        if self.name is not None:
+            open_input_report(self.name)
+
+    def check(self, loaded: int) -> list[dict[str, Any]]:
+        """After a run: raise on a failed item or missing rows; returns the items skipped."""
+        if self.name is None:
+            return []
+        failures = read_input_failures(self.name)
+        if failures:
+            raise InputError(failures[0]["reason"])
+        skipped = read_input_report(self.name)
+        if self.counts:
+            lost = {e["item"] for e in skipped if e["stage"] == "load"}
+            want = self.loader.expected_rows([i for i in self.items if i not in lost])
+            if self.max_samples is not None:  # loaders split the cap: at most it
+                ok, want = loaded <= min(want, self.max_samples), min(want, self.max_samples)
+            else:
+                ok = loaded == want
+            if not ok:
+                raise PassIncomplete(f"the loaders gave {loaded} rows, the input holds {want}"
+                                     + (f" ({len(lost)} item(s) skipped)" if lost else ""))
+        return [*self.listing_skipped, *skipped]
+
+    def close(self) -> None:
+        if self.name is not None:
+            close_input_report(self.name)
 
 
 _SECTIONS = ("data_loader", "stages", "data_writer", "executor", "operators", "workers")
@@ -246,6 +320,7 @@ class PipelineFit:
         self.pass_log: list[dict[str, Any]] = []
         self.resumed = False
         self.summary: dict[str, Any] = {}
+        self.account: InputAccount
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> Taxonomy:
@@ -254,12 +329,15 @@ class PipelineFit:
         with self.store.writer_lease():
             tax = self._start_or_resume()
             level_started = time.perf_counter()
-            while not tax.state.complete:
-                level = tax.state.level
-                tax = self._one_pass(tax)
-                if tax.state.level != level or tax.state.complete:
-                    self._level_summary(tax, level, time.perf_counter() - level_started)
-                    level_started = time.perf_counter()
+            try:
+                while not tax.state.complete:
+                    level = tax.state.level
+                    tax = self._one_pass(tax)
+                    if tax.state.level != level or tax.state.complete:
+                        self._level_summary(tax, level, time.perf_counter() - level_started)
+                        level_started = time.perf_counter()
+            finally:
+                self.account.close()
         self.summary = self._fit_summary(tax, time.perf_counter() - started)
         return tax
 
@@ -270,7 +348,8 @@ class PipelineFit:
                 "nodes_per_level": [lv.n_nodes for lv in tax.levels],
                 "passes_run": len(self.pass_log), "resumed": self.resumed,
                 "rows_seen": last.get("rows"), "rows_fitted": last.get("fitted"),
-                "rejected": last.get("rejected", {}), "seconds": round(seconds, 3),
+                "rejected": last.get("rejected", {}), "skipped": last.get("skipped", []),
+                "seconds": round(seconds, 3),
                 "passes": self.pass_log}
 
     def _start_or_resume(self) -> Taxonomy:
@@ -280,6 +359,7 @@ class PipelineFit:
         items = loader.get_file_list(max_samples=max_samples)
         if not items:
             raise ValueError(f"the loader {self.config.data_loader.type} found no input")
+        self.account = InputAccount(self.config, loader, items)
         fingerprint = input_fingerprint(loader, items, max_samples)
         if self.store.latest_version() is not None:
             tax = self.store.load()
@@ -354,9 +434,10 @@ class PipelineFit:
 
     def _stream(self, tax: Taxonomy, n_nodes: int) -> dict[str, Any]:
         st = tax.state
-        cfg = pinned(self.config, tax, fit_pass=True)
+        cfg = self.account.pin(pinned(self.config, tax, fit_pass=True))
         ensure_ray(cfg.executor.num_cpus)  # MDF's Executor ended the last pass's Ray session
         self.backend.start_pass(tax.version, n_nodes, tax.dim)
+        self.account.open()
         desc = f"L{st.level} {st.phase}" + (f" it{st.iteration + 1}" if st.phase == "lloyd" else "")
         bar = _progress(self.rows_total, desc, self.progress)
         started = time.perf_counter()
@@ -376,6 +457,7 @@ class PipelineFit:
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - started
+        skipped = self.account.check(loaded)
         totals = result["totals"]
         seen = totals.get("rows", 0) + totals.get("rows_rejected", 0)
         expected = _expected_rows(cfg, stats, loaded)
@@ -388,7 +470,8 @@ class PipelineFit:
                               "rows_per_s": loaded / seconds if seconds else None,
                               "rejected": result["rejected"],
                               "flushes": totals.get("flushes", 0),
-                              "flush_bytes": totals.get("flush_bytes", 0)})
+                              "flush_bytes": totals.get("flush_bytes", 0),
+                              "skipped": skipped})
         return result
 
     def _level_summary(self, tax: Taxonomy, level: int, seconds: float) -> None:
@@ -513,7 +596,7 @@ class TaxonomyEngine:
                  kernel_backend: str = "auto",
                  compute_dtype: str = "float32", storage_options: dict[str, Any] | None = None,
                  progress: bool = True, max_pass_retries: int = 2,
-                 partition_by: list[str] | None = None):
+                 partition_by: list[str] | None = None, on_bad_file: str = "fail"):
         self.fit_params = TaxonomyConfig(
             n_levels=n_levels, branching_factor=branching_factor, dim=dim, metric=metric,
             seed=seed, max_iter=max_iter, tol=tol, sample_per_child=sample_per_child,
@@ -537,13 +620,15 @@ class TaxonomyEngine:
         self.progress = progress
         self.max_pass_retries = max_pass_retries
         self.partition_by = partition_by
+        self.on_bad_file = on_bad_file
         self.last_fit: PipelineFit | None = None
         self.last_summary: dict[str, Any] = {}
 
     # -- pipelines -------------------------------------------------------------------
     def _loader_params(self, input: str | list[str], **extra: Any) -> dict[str, Any]:
         return {"path": input, "embedding_field": self.fit_params["embedding_field"],
-                "storage_options": self.storage_options, **extra}
+                "storage_options": self.storage_options, "on_bad_file": self.on_bad_file,
+                **extra}
 
     def _pipeline(self, input: str | list[str], output: str | None, fit: bool,
                   loader_extra: dict[str, Any] | None = None) -> Any:
@@ -618,8 +703,7 @@ class TaxonomyEngine:
             final = pinned(self._pipeline(input, output, fit=False, loader_extra=extra),
                            tax, fit_pass=False)
             result = staged_run(final, staged, progress=self.progress, desc="label")
-            summary["label"] = {k: result[k] for k in ("rows_in", "rows_out", "seconds",
-                                                       "labelling")}
+            summary["label"] = label_summary(result)
         summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
         self.last_summary = summary
         return tax
@@ -643,8 +727,7 @@ class TaxonomyEngine:
             final = pinned(self._pipeline(input, output, fit=False), tax, fit_pass=False)
             result = staged_run(final, staged, progress=self.progress, desc="label")
             self.last_summary = {"command": "predict", "runtime": _mdf.MDF_FLAVOUR,
-                                 "label": {k: result[k] for k in ("rows_in", "rows_out",
-                                                                  "seconds", "labelling")}}
+                                 "label": label_summary(result)}
             return output
         loader = ParquetEmbeddingLoader(**self._loader_params(input))
         records = list(loader.load_files(loader.get_file_list()))
@@ -657,8 +740,21 @@ class TaxonomyEngine:
 
 
 def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[str, Any]:
-    """One MDF run of `config`: rows in/out, every operator's stats, the labellers' counts."""
+    """One MDF run of `config`: rows in/out, every operator's stats, the labellers' counts,
+    the input items skipped; rows read are checked against the input's own counts."""
+    account = InputAccount(config)
+    config = account.pin(config)
     ensure_ray(config.executor.num_cpus)
+    account.open()
+    try:
+        result = _run_once(config, progress, desc)
+        result["skipped"] = account.check(result["rows_in"])
+    finally:
+        account.close()
+    return result
+
+
+def _run_once(config: Any, progress: bool, desc: str) -> dict[str, Any]:
     executor = _mdf.Executor(config)
     rows_in = rows_out = 0
     bar = _progress(None, desc, progress)
@@ -677,6 +773,11 @@ def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[
     seconds = time.perf_counter() - started
     return {"rows_in": rows_in, "rows_out": rows_out, "seconds": round(seconds, 3),
             "labelling": label_counts(stats), "stats": stats}
+
+
+def label_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """What a run summary keeps of a labelling run."""
+    return {k: result[k] for k in ("rows_in", "rows_out", "seconds", "labelling", "skipped")}
 
 
 def label_counts(stats: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
