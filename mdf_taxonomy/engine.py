@@ -194,7 +194,7 @@ class InputAccount:
         self.items = items if items is not None else self.loader.get_file_list(
             max_samples=self.max_samples)
         self.counts = callable(getattr(self.loader, "expected_rows", None))
-        reports = "report_name" in inspect.signature(type(self.loader)).parameters
+        reports = hasattr(self.loader, "report_name")
         self.name = f"run-{os.getpid()}-{time.time_ns():x}" if reports else None
         self.listing_skipped: list[dict[str, Any]] = list(
             getattr(self.loader, "listing_skipped", []))

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 from conftest import ROOT, blobs, write_embeddings
-from taxonomy_toys import KillingLoader, assert_same_tree
+from taxonomy_toys import FIT_BUCKET_0, KillingLoader, assert_same_tree
 
 from mdf_taxonomy import _mdf
 from mdf_taxonomy.engine import PipelineFit, TaxonomyEngine
@@ -53,14 +53,20 @@ def reference(ray_session, data, tmp_path_factory):
 
 # -- (a) a backend bucket actor dies mid-pass -------------------------------------------
 
-def test_backend_actor_killed_mid_pass_is_rerun(reference, data, tmp_path, caplog):
+@pytest.mark.parametrize("victim", [
+    FIT_BUCKET_0,  # a backend bucket
+    "pipeline_loader_0",  # the loader itself, mid-stream: its rows are missing from the pass
+    "pipeline_stage_taxonomy_0",  # the stage worker: its batches are lost
+])
+def test_actor_killed_mid_pass_is_rerun(reference, data, tmp_path, caplog, victim):
     _, ref = reference
     marker = tmp_path / "killed"
     _mdf.DataLoaderRegistry.register("KillingLoader", KillingLoader)
     engine = TaxonomyEngine(storage_uri=str(tmp_path / "tax"), **PARAMS)
     config = engine._pipeline(str(data), None, fit=True)
     config.data_loader.type = "KillingLoader"
-    config.data_loader.params = {**config.data_loader.params, "marker": str(marker)}
+    config.data_loader.params = {**config.data_loader.params, "marker": str(marker),
+                                 "actor_name": victim}
     with caplog.at_level(logging.WARNING, logger="mdf_taxonomy.engine"):
         tax = PipelineFit(config, progress=False).run()
     assert marker.exists(), "the loader never reached its 2nd work item: nothing was killed"
