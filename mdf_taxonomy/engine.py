@@ -360,7 +360,8 @@ class PipelineFit:
         if not items:
             raise ValueError(f"the loader {self.config.data_loader.type} found no input")
         self.account = InputAccount(self.config, loader, items)
-        fingerprint = input_fingerprint(loader, items, max_samples)
+        description = describe_input(loader, items, max_samples)
+        fingerprint = fingerprint_of(description)
         if self.store.latest_version() is not None:
             tax = self.store.load()
             wanted = resolve_config(self.fit_config, tax.dim)
@@ -372,9 +373,12 @@ class PipelineFit:
                     "(new, stored): use another storage_uri to fit anew"
                 )
             if tax.fingerprint != fingerprint:
+                stored = self._stored_input()
+                what = input_differences(stored, description) if stored else "unrecorded"
                 raise ValueError(
-                    f"{self.storage_uri} holds a fit of other input data (fingerprint "
-                    f"{tax.fingerprint[:12]} != {fingerprint[:12]}): use another storage_uri"
+                    f"{self.storage_uri} holds a fit of other input data ({what}; "
+                    f"fingerprint {tax.fingerprint[:12]} != {fingerprint[:12]}): use another "
+                    "storage_uri, or the same input"
                 )
             log.info("resuming fit at %s from snapshot %s (level %d, %s, iteration %d)",
                      self.storage_uri, tax.version, tax.state.level, tax.state.phase,
@@ -385,7 +389,23 @@ class PipelineFit:
         tax = Taxonomy(config=resolve_config(self.fit_config, dim), dim=dim,
                        fingerprint=fingerprint)
         self.store.save(tax)
+        self._record_input(description)
         return tax
+
+    def _input_uri(self) -> str:
+        return f"{self.storage_uri.rstrip('/')}/input.json"
+
+    def _record_input(self, description: dict[str, Any]) -> None:
+        """The fit's input description, kept so a refused resume can say what differs."""
+        with fsspec.open(self._input_uri(), "w", **(self.storage_options or {})) as f:
+            json.dump(description, f, sort_keys=True)
+
+    def _stored_input(self) -> dict[str, Any] | None:
+        try:
+            with fsspec.open(self._input_uri(), "r", **(self.storage_options or {})) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
     def _one_pass(self, tax: Taxonomy) -> Taxonomy:
         st = tax.state
@@ -530,18 +550,50 @@ def pinned(config: Any, tax: Taxonomy, fit_pass: bool) -> Any:
     return cfg
 
 
-def input_fingerprint(loader: Any, items: list[str], max_samples: int | None) -> str:
+def describe_input(loader: Any, items: list[str], max_samples: int | None) -> dict[str, Any]:
     """What identifies a fit's input: its content where the loader can describe it.
 
     ParquetEmbeddingLoader describes its files by content (path within the input,
-    size, rows, footer hash) plus its filter, so the same data read from another
-    folder is the same fit. Other loaders are identified by their sorted work items.
+    size, footer hash) plus its filter, so the same data read from another folder is
+    the same fit. Other loaders are identified by their sorted work items.
     """
     describe = getattr(loader, "describe_input", None)
     facts = describe(items) if callable(describe) else sorted(map(str, items))
-    text = json.dumps({"input": facts, "max_samples": max_samples}, sort_keys=True,
-                      default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json.loads(json.dumps({"input": facts, "max_samples": max_samples},
+                                 sort_keys=True, default=str))
+
+
+def input_fingerprint(loader: Any, items: list[str], max_samples: int | None) -> str:
+    return fingerprint_of(describe_input(loader, items, max_samples))
+
+
+def fingerprint_of(description: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def input_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two input descriptions, in words (for a refused resume)."""
+    said = []
+    for key in ("max_samples",):
+        if old.get(key) != new.get(key):
+            said.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    was, now = old.get("input"), new.get("input")
+    if isinstance(was, dict) and isinstance(now, dict):
+        for key in ("filter", "columns"):
+            if was.get(key) != now.get(key):
+                said.append(f"{key} {was.get(key)!r} -> {now.get(key)!r}")
+        files_was = {f["file"]: f for f in was.get("files", [])}
+        files_now = {f["file"]: f for f in now.get("files", [])}
+        for name in sorted(set(files_was) | set(files_now)):
+            if name not in files_now:
+                said.append(f"file {name} gone")
+            elif name not in files_was:
+                said.append(f"file {name} new")
+            elif files_was[name] != files_now[name]:
+                said.append(f"file {name} rewritten")
+    elif was != now:
+        said.append("other work items")
+    return "; ".join(said[:10]) + (f"; and {len(said) - 10} more" if len(said) > 10 else "")
 
 
 def _expected_rows(config: Any, stats: Any, loaded: int) -> int:

@@ -199,3 +199,24 @@ def test_cli_storage_options_parse():
     assert opts == {"anon": True, "client_kwargs": {"endpoint_url": "http://x"}, "key": "abc"}
     with pytest.raises(cli.CliError, match="KEY=VALUE"):
         cli._storage_options(["novalue"])
+
+
+def test_a_refused_resume_says_what_differs(tmp_path):
+    from mdf_taxonomy.engine import describe_input, input_differences
+
+    shutil.copy(SAMPLE, tmp_path / "a.parquet")
+    shutil.copy(SAMPLE, tmp_path / "b.parquet")
+
+    def described(**loader):
+        ld = ParquetEmbeddingLoader(str(tmp_path), embedding_field="emb", **loader)
+        return describe_input(ld, ld.get_file_list(), None)
+
+    before = described()
+    table = pq.read_table(tmp_path / "b.parquet")
+    pq.write_table(table.slice(0, 10), tmp_path / "b.parquet")
+    shutil.copy(SAMPLE, tmp_path / "c.parquet")
+    (tmp_path / "a.parquet").unlink()
+    said = input_differences(before, described(filter=[["kingdom", "==", "Plantae"]]))
+    assert "filter 'None' -> '(kingdom == \"Plantae\")'" in said
+    assert "file a.parquet gone" in said and "file b.parquet rewritten" in said
+    assert "file c.parquet new" in said
