@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Creates .venv once and installs the project with its test extras. Sourced by demo.sh and test.sh.
-# torch is pinned to the CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
+# Creates .venv and installs the project with its test extras, pinned by scripts/constraints.txt;
+# installs again when that file or pyproject.toml changed. Sourced by demo.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import mdf_taxonomy, pytest, sklearn" 2>/dev/null; then
+STAMP=$(cat scripts/constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.installed 2>/dev/null)" != "$STAMP" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -c scripts/constraints.txt -e ".[test,gpu,mdf]"
+  echo "$STAMP" > .venv/.installed
 fi
 export PATH="$PWD/.venv/bin:$PATH"
