@@ -12,6 +12,7 @@ import weakref
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -28,6 +29,24 @@ from mdf_taxonomy.kernels import triton_kernels as T  # noqa: E402
 
 if not T._INTERPRET:
     pytest.skip("triton kernels not in interpreter mode", allow_module_level=True)
+
+# triton 3.6's interpreter (the GPU target's version, pinned in scripts/constraints.txt)
+# turns 1-element arrays into scalars, deprecated by numpy 1.25 and an error from 2.4 on
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+
+def dot_rows_alike(m=16, n=16, k=16) -> bool:
+    """Whether the interpreter's tl.dot (numpy's float32 matmul, i.e. the BLAS) rounds a row
+    alike at every position of an (m, k) block. OpenBLAS's AVX2 (Haswell) kernel does not:
+    it sums rows 6-11 of 16 in another order than the others."""
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((n, k), dtype=np.float32)
+    for _ in range(4):
+        a = np.repeat(rng.standard_normal((1, k), dtype=np.float32), m, axis=0)
+        out = np.matmul(a, c.T, dtype=np.float32)
+        if not (out == out[0]).all():
+            return False
+    return True
 
 
 def make(n, k, d, metric="l2", dtype=torch.float32, seed=0):
@@ -258,13 +277,22 @@ def test_grouped_fast_paths(monkeypatch, tma):
         assert torch.equal(fin, ~torch.isinf(out.distance))
         assert torch.allclose(out.distance[fin], ref.distance[fin], rtol=1e-5, atol=1e-4)
         assert torch.equal(torch.isinf(out.second), torch.isinf(ref.second))
-    # the same rows give bit-identical results whichever path labels them
+    # The same rows give bit-identical results whichever path labels them. A row's position
+    # in its 16-row block depends on the batch (the bucket sort is not stable); the GPU's MMA
+    # rounds every position alike (benchmarks/check_kernels_gpu.py checks the bits there),
+    # but the interpreter's tl.dot is numpy's matmul, whose BLAS may not (dot_rows_alike).
     mixed = cases[4]
     out = K.grouped_assign(x, mixed, c, offs, backend="triton", with_second=True)
     rows = (mixed == 3).nonzero()[:, 0]
     one = K.grouped_assign(x[rows], mixed[rows], c, offs, backend="triton", with_second=True)
-    assert torch.equal(one.ids, out.ids[rows]) and torch.equal(one.distance, out.distance[rows])
-    assert torch.equal(one.second, out.second[rows])
+    assert torch.equal(one.ids, out.ids[rows])
+    cfg = T._OVERRIDE
+    if dot_rows_alike(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]):
+        assert torch.equal(one.distance, out.distance[rows])
+        assert torch.equal(one.second, out.second[rows])
+    else:
+        assert torch.allclose(one.distance, out.distance[rows], rtol=1e-6, atol=1e-5)
+        assert torch.allclose(one.second, out.second[rows], rtol=1e-6, atol=1e-5)
 
 
 def test_grouped_offsets_read_once_per_tensor_and_refreshed_in_place():
