@@ -88,8 +88,10 @@ def read_output(tmp_path: pathlib.Path, table: str = "t") -> pa.Table:
 # -- no Ray needed -----------------------------------------------------------
 
 def test_surface_matches_mdf():
+    checker = ROOT.parent / "shared" / "tools" / "check_mdf_surface.py"  # shared/ beside the clone
+    assert checker.is_file(), f"MDF surface checker not found at {checker}"
     proc = subprocess.run(
-        [sys.executable, "/work/shared/tools/check_mdf_surface.py", "rust_free_fallback.framework"],
+        [sys.executable, str(checker), "rust_free_fallback.framework"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 differences" in proc.stdout
