@@ -45,25 +45,43 @@ def fallback_ray():
     started = not ray.is_initialized()
     if started:
         path = os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
     yield ray
     if started:
         ray.shutdown()
 
 
-def pipeline_yaml(tmp_path: pathlib.Path, stages: list[dict], *, num_files: int = 4,
-                  records_per_file: int = 25, num_workers: int = 1, batch_size: int = 7,
-                  executor: dict | None = None) -> pathlib.Path:
+def pipeline_yaml(
+    tmp_path: pathlib.Path,
+    stages: list[dict],
+    *,
+    num_files: int = 4,
+    records_per_file: int = 25,
+    num_workers: int = 1,
+    batch_size: int = 7,
+    executor: dict | None = None,
+) -> pathlib.Path:
     cfg = {
-        "data_loader": {"type": "ToyLoader", "num_workers": num_workers,
-                        "params": {"num_files": num_files, "records_per_file": records_per_file}},
+        "data_loader": {
+            "type": "ToyLoader",
+            "num_workers": num_workers,
+            "params": {"num_files": num_files, "records_per_file": records_per_file},
+        },
         "stages": stages,
-        "data_writer": {"type": "ParquetDataWriter",
-                        "params": {"output_path": str(tmp_path / "out"), "table_name": "t"}},
-        "executor": {"batch_size": batch_size,
-                     "metrics": {"enabled": True, "output_path": str(tmp_path / "metrics")},
-                     **(executor or {})},
+        "data_writer": {
+            "type": "ParquetDataWriter",
+            "params": {"output_path": str(tmp_path / "out"), "table_name": "t"},
+        },
+        "executor": {
+            "batch_size": batch_size,
+            "metrics": {"enabled": True, "output_path": str(tmp_path / "metrics")},
+            **(executor or {}),
+        },
         "some_other_tool": {"ignored": True},  # unknown top-level keys are ignored
     }
     path = tmp_path / "pipeline.yaml"
@@ -87,12 +105,17 @@ def read_output(tmp_path: pathlib.Path, table: str = "t") -> pa.Table:
 
 # -- no Ray needed -----------------------------------------------------------
 
+
 def test_surface_matches_mdf():
     checker = ROOT.parent / "shared" / "tools" / "check_mdf_surface.py"  # shared/ beside the clone
     assert checker.is_file(), f"MDF surface checker not found at {checker}"
     proc = subprocess.run(
         [sys.executable, str(checker), "rust_free_fallback.framework"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 differences" in proc.stdout
 
@@ -107,8 +130,16 @@ def test_operators_stats_and_chaining():
     assert stats["AddSquare"]["input_records"] == 10
     assert stats["KeepEven"]["output_records"] == 5
     assert stats["KeepEven"]["pass_rate"] == pytest.approx(50.0)
-    assert set(stats["KeepEven"]) >= {"total_time", "avg_latency", "min_latency", "max_latency",
-                                      "p50_latency", "p95_latency", "p99_latency", "throughput"}
+    assert set(stats["KeepEven"]) >= {
+        "total_time",
+        "avg_latency",
+        "min_latency",
+        "max_latency",
+        "p50_latency",
+        "p95_latency",
+        "p99_latency",
+        "throughput",
+    }
     res = toys.KeepEven().process_batch_with_rejected([{"value": 1}, {"value": 2}])
     assert res.passed == [{"value": 2}]
     assert res.rejected[0]["_rejection_details"]["reason"] == "filtered"
@@ -120,9 +151,11 @@ def test_operators_stats_and_chaining():
 
 def test_config_errors_and_name_rule(tmp_path):
     assert OperatorConfig(name="kmeans_level_refiner").get_class_name() == "KmeansLevelRefiner"
-    good = {"data_loader": {"type": "ToyLoader"},
-            "stages": [{"name": "s", "operators": [{"name": "add_square"}]}],
-            "data_writer": {"type": "ParquetDataWriter", "params": {"output_path": "x"}}}
+    good = {
+        "data_loader": {"type": "ToyLoader"},
+        "stages": [{"name": "s", "operators": [{"name": "add_square"}]}],
+        "data_writer": {"type": "ParquetDataWriter", "params": {"output_path": "x"}},
+    }
     cfg = PipelineConfig.from_dict({**good, "unknown_top": 1})
     assert cfg.data_loader.num_workers == 8 and cfg.executor.batch_size == 100
     assert cfg.executor.metrics.output_path == "./output/metrics"
@@ -146,8 +179,10 @@ def test_unknown_operator_lists_registered():
         OperatorRegistry.create("NoSuchOperator", {})
     assert "NoSuchOperator" in str(info.value) and "AddSquare" in str(info.value)
     assert "AddSquare" in OperatorRegistry.list_operators()
-    assert isinstance(DataWriterRegistry.create("ParquetDataWriter", {"output_path": "memory://x"}),
-                      ParquetDataWriter)
+    assert isinstance(
+        DataWriterRegistry.create("ParquetDataWriter", {"output_path": "memory://x"}),
+        ParquetDataWriter,
+    )
 
 
 def test_parquet_writer_partitions_float32_and_fsspec():
@@ -155,8 +190,9 @@ def test_parquet_writer_partitions_float32_and_fsspec():
     import numpy as np
 
     writer = ParquetDataWriter("memory://fallback-writer", table_name="emb", partition_by="part")
-    batch = [{"id": i, "part": f"p/{i % 2}", "emb": np.arange(3, dtype=np.float32)}
-             for i in range(6)]
+    batch = [
+        {"id": i, "part": f"p/{i % 2}", "emb": np.arange(3, dtype=np.float32)} for i in range(6)
+    ]
     writer.write(batch)
     writer.write(batch[:2])
     writer.close()
@@ -164,14 +200,16 @@ def test_parquet_writer_partitions_float32_and_fsspec():
     files = sorted(fs.find("/fallback-writer/emb"))
     assert len(files) == 4 and len(set(files)) == 4
     assert {f.split("/")[-2] for f in files} == {"part=p%2F0", "part=p%2F1"}
-    table = ds.dataset("/fallback-writer/emb", filesystem=fs, format="parquet",
-                       partitioning="hive").to_table()
+    table = ds.dataset(
+        "/fallback-writer/emb", filesystem=fs, format="parquet", partitioning="hive"
+    ).to_table()
     assert table.num_rows == 8
     assert table.schema.field("emb").type == pa.list_(pa.float32())
     assert sorted(table.column("part").to_pylist()) == ["p/0"] * 4 + ["p/1"] * 4
 
 
 # -- Ray ---------------------------------------------------------------------
+
 
 def test_dedup_backend_across_calls_and_reset(fallback_ray):
     backend = DedupBackend(num_buckets=3, name_prefix="test_fallback_dedup")
@@ -199,12 +237,21 @@ def test_dedup_backend_across_calls_and_reset(fallback_ray):
 
 
 def test_executor_two_replicas_every_record_once(fallback_ray, tmp_path):
-    path = pipeline_yaml(tmp_path, [{
-        "name": "enrich",
-        "operators": [{"name": "add_square"}, {"name": "keep_even"},
-                      {"name": "explode_on", "params": {"bad_value": -1}, "enabled": False}],
-        "worker": {"min_replicas": 2, "max_replicas": 2, "resources": {"cpu": 0.5}},
-    }], executor={"max_in_flight": 2})
+    path = pipeline_yaml(
+        tmp_path,
+        [
+            {
+                "name": "enrich",
+                "operators": [
+                    {"name": "add_square"},
+                    {"name": "keep_even"},
+                    {"name": "explode_on", "params": {"bad_value": -1}, "enabled": False},
+                ],
+                "worker": {"min_replicas": 2, "max_replicas": 2, "resources": {"cpu": 0.5}},
+            }
+        ],
+        executor={"max_in_flight": 2},
+    )
     executor, batches = run(path)
     try:
         assert sum(n for n, _ in batches) == 100 and sum(k for _, k in batches) == 50
@@ -228,11 +275,20 @@ def test_executor_two_replicas_every_record_once(fallback_ray, tmp_path):
 
 
 def test_operator_exception_drops_only_its_batch(fallback_ray, tmp_path, caplog):
-    path = pipeline_yaml(tmp_path, [{
-        "name": "boom",
-        "operators": [{"name": "add_square"}, {"name": "explode_on", "params": {"bad_value": 13}}],
-        "worker": {"num_replicas": 1, "resources": {"cpu": 1}},
-    }], batch_size=10)
+    path = pipeline_yaml(
+        tmp_path,
+        [
+            {
+                "name": "boom",
+                "operators": [
+                    {"name": "add_square"},
+                    {"name": "explode_on", "params": {"bad_value": 13}},
+                ],
+                "worker": {"num_replicas": 1, "resources": {"cpu": 1}},
+            }
+        ],
+        batch_size=10,
+    )
     with caplog.at_level(logging.WARNING):
         executor, batches = run(path)
     try:
@@ -248,18 +304,26 @@ def test_operator_exception_drops_only_its_batch(fallback_ray, tmp_path, caplog)
 
 def test_dedup_stage_shared_backend_rejected_and_max_samples(fallback_ray, tmp_path):
     rejected_dir = tmp_path / "rejected"
-    path = pipeline_yaml(tmp_path, [{
-        "name": "dedup",
-        "operators": [{"name": "group_dedup"}],
-        "worker": {"num_replicas": 2, "resources": {"cpu": 0}},
-    }], num_workers=2, batch_size=5, executor={
-        "max_samples": 41, "rejected_samples": {"enabled": True,
-                                                "output_path": str(rejected_dir)}})
+    path = pipeline_yaml(
+        tmp_path,
+        [
+            {
+                "name": "dedup",
+                "operators": [{"name": "group_dedup"}],
+                "worker": {"num_replicas": 2, "resources": {"cpu": 0}},
+            }
+        ],
+        num_workers=2,
+        batch_size=5,
+        executor={
+            "max_samples": 41,
+            "rejected_samples": {"enabled": True, "output_path": str(rejected_dir)},
+        },
+    )
     executor, batches = run(path)
     try:
         assert sum(n for n, _ in batches) == 41
-        assert executor.get_pipeline_stats()["rejected_records"] == 41 - sum(
-            k for _, k in batches)
+        assert executor.get_pipeline_stats()["rejected_records"] == 41 - sum(k for _, k in batches)
     finally:
         executor.shutdown()
     out = read_output(tmp_path)
@@ -273,10 +337,17 @@ def test_dedup_stage_shared_backend_rejected_and_max_samples(fallback_ray, tmp_p
 
 
 def test_oversubscription_raises_before_starting(fallback_ray, tmp_path):
-    path = pipeline_yaml(tmp_path, [{
-        "name": "heavy", "operators": [{"name": "add_square"}],
-        "worker": {"num_replicas": 1, "resources": {"cpu": 1}},
-    }], num_workers=2)
+    path = pipeline_yaml(
+        tmp_path,
+        [
+            {
+                "name": "heavy",
+                "operators": [{"name": "add_square"}],
+                "worker": {"num_replicas": 1, "resources": {"cpu": 1}},
+            }
+        ],
+        num_workers=2,
+    )
     executor = Executor(PipelineConfig.from_yaml(str(path)))
     try:
         with pytest.raises(InsufficientResourcesError, match=r"needs 3 CPUs.*has 2 CPUs"):

@@ -74,8 +74,9 @@ def check(x, c, out, ref, tol):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
-                                       (torch.float16, 2e-3)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
+)
 @pytest.mark.parametrize("shape", [(37, 21, 19), (40, 50, 32), (1, 3, 7), (32, 48, 32)])
 def test_assign_interpreted(metric, dtype, tol, shape):
     n, k, d = shape
@@ -94,8 +95,9 @@ def test_assign_split_centroids():
     out = K.assign(x, c, backend="triton", with_second=True)
     ref = K.assign(x, c, backend="torch", with_second=True)
     check(x, c, out, ref, 1e-5)
-    whole = K.assign(torch.cat([x, make(300, 200, 16, seed=2)[0]]), c, backend="triton",
-                     with_second=True)  # no split: same per-row result
+    whole = K.assign(
+        torch.cat([x, make(300, 200, 16, seed=2)[0]]), c, backend="triton", with_second=True
+    )  # no split: same per-row result
     assert torch.equal(whole.ids[:5], out.ids)
     assert torch.equal(whole.distance[:5], out.distance)
     assert torch.equal(whole.second[:5], out.second)
@@ -148,9 +150,30 @@ def test_partial_sums_interpreted(dtype):
 def test_partial_sums_rounding_edges():
     """Exact halves, negatives, tiny and large values round exactly like the fp64 reference."""
     s = 2.0**-24
-    vals = torch.tensor([0.5 * s, -0.5 * s, 1.5 * s, -1.5 * s, 2.5 * s, -2.5 * s, 0.3 * s,
-                         -0.3 * s, -0.7 * s, 0.7 * s, -0.5, 0.5, -1.0 - 0.5 * s, 3.75,
-                         -1234.5678, 2.0**20 + 0.5, -(2.0**27), 1e-30, -1e-30, 0.0])
+    vals = torch.tensor(
+        [
+            0.5 * s,
+            -0.5 * s,
+            1.5 * s,
+            -1.5 * s,
+            2.5 * s,
+            -2.5 * s,
+            0.3 * s,
+            -0.3 * s,
+            -0.7 * s,
+            0.7 * s,
+            -0.5,
+            0.5,
+            -1.0 - 0.5 * s,
+            3.75,
+            -1234.5678,
+            2.0**20 + 0.5,
+            -(2.0**27),
+            1e-30,
+            -1e-30,
+            0.0,
+        ]
+    )
     x = vals[:, None].repeat(1, 3)
     x[:, 1] *= 3.0
     ids = torch.arange(vals.numel()) % 4
@@ -229,8 +252,7 @@ def test_fp8_shortlist_reranks_exactly(metric, shape):
     assert bool((out.ids[in_top2] == exact.ids[in_top2]).all())
     assert in_top2.float().mean() > 0.9
     assert bool((out.ids >= 0).all() and (out.ids < k).all())
-    d_chosen = ((x - c[out.ids]).pow(2).sum(1) if metric == "l2"
-                else 1 - (x * c[out.ids]).sum(1))
+    d_chosen = (x - c[out.ids]).pow(2).sum(1) if metric == "l2" else 1 - (x * c[out.ids]).sum(1)
     assert torch.allclose(out.distance, d_chosen, rtol=1e-5, atol=1e-4)
     assert bool((out.second >= out.distance).all())
     if k == 1:
@@ -258,17 +280,22 @@ def test_fp8_shortlist_batch_independent():
 def test_grouped_fast_paths(monkeypatch, tma):
     """One parent (plain kernel on the children block), rows pre-sorted by parent (no
     sort) and the general sorted-bucket path agree with the torch reference."""
-    monkeypatch.setattr(T, "_OVERRIDE", dict(T._config(torch.float32, 32, 1, torch.device("cpu")),
-                                                 TMA=tma))
+    monkeypatch.setattr(
+        T, "_OVERRIDE", dict(T._config(torch.float32, 32, 1, torch.device("cpu")), TMA=tma)
+    )
     g = torch.Generator().manual_seed(11)
     sizes = torch.tensor([5, 0, 1, 40, 17])
     offs = torch.zeros(6, dtype=torch.int64)
     offs[1:] = sizes.cumsum(0)
     c = torch.randn(int(offs[-1]), 32, generator=g)
     x = torch.randn(90, 32, generator=g)
-    cases = [torch.full((90,), 3), torch.full((90,), 1), torch.full((90,), 2),
-             torch.sort(torch.randint(0, 5, (90,), generator=g)).values,
-             torch.randint(0, 5, (90,), generator=g)]
+    cases = [
+        torch.full((90,), 3),
+        torch.full((90,), 1),
+        torch.full((90,), 2),
+        torch.sort(torch.randint(0, 5, (90,), generator=g)).values,
+        torch.randint(0, 5, (90,), generator=g),
+    ]
     for groups in cases:
         out = K.grouped_assign(x, groups, c, offs, backend="triton", with_second=True)
         ref = K.grouped_assign(x, groups, c, offs, backend="torch", with_second=True)
@@ -330,14 +357,29 @@ def test_invalid_ids_raise():
     with pytest.raises(ValueError):
         K.partial_sums(x, torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 99]), 5, backend="triton")
     with pytest.raises(ValueError):
-        K.grouped_assign(x, torch.tensor([0, 1, 2] * 3 + [3]), torch.randn(6, 8),
-                         torch.tensor([0, 2, 4, 6]), backend="triton")
+        K.grouped_assign(
+            x,
+            torch.tensor([0, 1, 2] * 3 + [3]),
+            torch.randn(6, 8),
+            torch.tensor([0, 2, 4, 6]),
+            backend="triton",
+        )
     with pytest.raises(ValueError):
-        K.grouped_assign(x, torch.tensor([-1] + [0] * 9), torch.randn(6, 8),
-                         torch.tensor([0, 6]), backend="triton")
+        K.grouped_assign(
+            x,
+            torch.tensor([-1] + [0] * 9),
+            torch.randn(6, 8),
+            torch.tensor([0, 6]),
+            backend="triton",
+        )
     with pytest.raises(ValueError):  # past int32: must not wrap into a valid parent
-        K.grouped_assign(x, torch.tensor([2**32 + 1] + [0] * 9), torch.randn(6, 8),
-                         torch.tensor([0, 2, 4, 6]), backend="triton")
+        K.grouped_assign(
+            x,
+            torch.tensor([2**32 + 1] + [0] * 9),
+            torch.randn(6, 8),
+            torch.tensor([0, 2, 4, 6]),
+            backend="triton",
+        )
 
 
 @pytest.mark.parametrize("xn_block,xn_unroll", [(64, 1), (16, 4), (16, 2)])
@@ -365,8 +407,11 @@ def test_norm_pass_order_is_bit_identical(monkeypatch, grouped):
     outs = []
     for first in (False, True):
         monkeypatch.setattr(T, "_OVERRIDE", dict(base, XN_FIRST=first))
-        outs.append(K.grouped_assign(x, groups, c, offs, backend="triton", with_second=True)
-                    if grouped else K.assign(x, c, backend="triton", with_second=True))
+        outs.append(
+            K.grouped_assign(x, groups, c, offs, backend="triton", with_second=True)
+            if grouped
+            else K.assign(x, c, backend="triton", with_second=True)
+        )
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
 
 
@@ -401,22 +446,26 @@ def test_x_sqnorm_is_returned_and_reused_bit_identically(dtype, shape):
     for g, o in ((torch.zeros_like(groups), torch.tensor([0, k])), (groups, offs)):
         ga = K.grouped_assign(x, g, c, o, backend="triton", with_second=True)
         assert torch.equal(ga.x_sqnorm, a.x_sqnorm)  # one norm, whichever path ran
-        gb = K.grouped_assign(x, g, c, o, backend="triton", with_second=True,
-                              x_sqnorm=a.x_sqnorm)
+        gb = K.grouped_assign(x, g, c, o, backend="triton", with_second=True, x_sqnorm=a.x_sqnorm)
         assert all(torch.equal(u, v) for u, v in zip(ga, gb, strict=True))
 
 
 def test_x_sqnorm_absent_for_cosine_and_torch_and_checked():
     x, c = make(20, 6, 16, seed=32)
     assert K.assign(x, c, backend="torch").x_sqnorm is None
-    cos = K.assign(torch.nn.functional.normalize(x, dim=1), c, metric="cosine",
-                   backend="triton")
+    cos = K.assign(torch.nn.functional.normalize(x, dim=1), c, metric="cosine", backend="triton")
     assert cos.x_sqnorm is None
     with pytest.raises(ValueError, match="x_sqnorm"):
         K.assign(x, c, backend="triton", x_sqnorm=torch.ones(19))
     with pytest.raises(ValueError, match="x_sqnorm"):
-        K.grouped_assign(x, torch.zeros(20, dtype=torch.int64), c, torch.tensor([0, 6]),
-                         backend="triton", x_sqnorm=torch.ones(20, dtype=torch.float64))
+        K.grouped_assign(
+            x,
+            torch.zeros(20, dtype=torch.int64),
+            c,
+            torch.tensor([0, 6]),
+            backend="triton",
+            x_sqnorm=torch.ones(20, dtype=torch.float64),
+        )
 
 
 def test_walk_reuses_the_first_levels_norms():
@@ -426,11 +475,15 @@ def test_walk_reuses_the_first_levels_norms():
 
     g = torch.Generator().manual_seed(33)
     cfg = TaxonomyConfig(n_levels=3, branching_factor=[4, 3, 2], dim=16)
-    levels = [Level(torch.randn(4, 16, generator=g).numpy(), torch.zeros(4).numpy()),
-              Level(torch.randn(12, 16, generator=g).numpy(),
-                    torch.arange(4).repeat_interleave(3).numpy()),
-              Level(torch.randn(24, 16, generator=g).numpy(),
-                    torch.arange(12).repeat_interleave(2).numpy())]
+    levels = [
+        Level(torch.randn(4, 16, generator=g).numpy(), torch.zeros(4).numpy()),
+        Level(
+            torch.randn(12, 16, generator=g).numpy(), torch.arange(4).repeat_interleave(3).numpy()
+        ),
+        Level(
+            torch.randn(24, 16, generator=g).numpy(), torch.arange(12).repeat_interleave(2).numpy()
+        ),
+    ]
     tax = Taxonomy(config=cfg, dim=16, levels=levels)
     x = tax.prepare(torch.randn(50, 16, generator=g))
     paths, ids, dist = tax.walk(x, 3, backend="triton")
