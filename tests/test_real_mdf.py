@@ -164,7 +164,7 @@ def test_add_to_existing_pipeline_with_mdf_operators(real_env, ray_session, samp
 
 
 FIT_ARGS = {"n_levels": 1, "branching_factor": 6, "metric": "cosine", "seed": 3,
-            "max_iter": 2, "embedding_field": "emb"}
+            "max_iter": 1, "embedding_field": "emb"}
 
 
 def test_engine_fit_and_cli_fit_under_real_mdf(real_env, ray_session, sample, tmp_path):
@@ -178,7 +178,7 @@ def test_engine_fit_and_cli_fit_under_real_mdf(real_env, ray_session, sample, tm
     out = run_real([str(BIN / "mdf-taxonomy"), "-q", "fit", "--input", str(SAMPLE),
                     "--storage-uri", str(tmp_path / "cli"), "--output", str(tmp_path / "cli_out"),
                     "--n-levels", "1", "--branching-factor", "6", "--metric", "cosine",
-                    "--seed", "3", "--max-iter", "2", "--embedding-field", "emb"],
+                    "--seed", "3", "--max-iter", "1", "--embedding-field", "emb"],
                    real_env, tmp_path)
     assert "labelled: 1030 of 1030" in out and "run summary:" in out
     for name in ("engine_out", "cli_out"):
