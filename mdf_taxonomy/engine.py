@@ -118,6 +118,11 @@ class StagedOutput:
             self.fs.copy(src, self.path + src[len(self.staging):])
         self.fs.rm(self.staging, recursive=True)
 
+    def reset(self) -> None:
+        """Empty the staging folder (a run is about to be repeated)."""
+        self.fs.rm(self.staging, recursive=True)
+        self.fs.makedirs(self.staging, exist_ok=True)
+
     def abort(self) -> None:
         try:
             self.fs.rm(self.staging, recursive=True)
@@ -138,14 +143,28 @@ def check_labelled(result: dict[str, Any]) -> None:
 
 
 def staged_run(config: Any, staged: StagedOutput | None, progress: bool = True,
-               desc: str = "run") -> dict[str, Any]:
-    """run_pipeline with the writer pointed at `staged`'s folder, committed on success."""
+               desc: str = "run", retries: int = 2) -> dict[str, Any]:
+    """run_pipeline with the writer pointed at `staged`'s folder, committed on success.
+
+    A run that lost rows (a loader or worker died) is run again from an empty staging
+    folder, so the committed output holds every row once.
+    """
     if staged is not None:
         config = copy.deepcopy(config)
         config.data_writer.params = {**config.data_writer.params,
                                      "output_path": staged.staging_uri}
     try:
-        result = run_pipeline(config, progress=progress, desc=desc)
+        for attempt in range(retries + 1):
+            try:
+                result = run_pipeline(config, progress=progress, desc=desc)
+                break
+            except PassIncomplete as e:
+                log.warning("%s run incomplete (%s); attempt %d of %d", desc, e, attempt + 1,
+                            retries + 1)
+                if attempt == retries:
+                    raise
+                if staged is not None:
+                    staged.reset()
         check_labelled(result)
     except BaseException:
         if staged is not None:
@@ -803,6 +822,11 @@ def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[
         result["skipped"] = account.check(result["rows_in"])
     finally:
         account.close()
+    first = next((op for st in config.stages for op in st.operators if op.enabled), None)
+    seen = result["labelling"]["seen"]
+    if first is not None and _is_op(first, "TaxonomyPathRefiner") and seen != result["rows_in"]:
+        raise PassIncomplete(f"the labeller saw {seen} of the {result['rows_in']} rows read "
+                             "(a batch was lost)")
     return result
 
 
@@ -818,6 +842,8 @@ def _run_once(config: Any, progress: bool, desc: str) -> dict[str, Any]:
             if bar is not None:
                 bar.update(n_in)
         stats = _mdf.operator_stats(executor)
+    except ray.exceptions.RayError as e:  # a worker died: its batches and stats are lost
+        raise PassIncomplete(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
     finally:
         _mdf.end_run(executor)
         if bar is not None:

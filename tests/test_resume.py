@@ -229,3 +229,25 @@ def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(data, tmp_
     again = subprocess.run(cmd, cwd=ROOT, env=_cli_env(), capture_output=True, text=True,
                            timeout=300, start_new_session=True)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+@pytest.mark.parametrize("victim", ["pipeline_loader_0", "pipeline_stage_taxonomy_0"])
+def test_actor_killed_mid_labelling_is_rerun_and_every_row_written_once(
+        reference, data, tmp_path, caplog, victim):
+    from mdf_taxonomy.engine import StagedOutput, pinned, staged_run
+
+    ref_uri, ref = reference
+    marker, out = tmp_path / "killed", tmp_path / "out"
+    _mdf.DataLoaderRegistry.register("KillingLoader", KillingLoader)
+    engine = TaxonomyEngine(storage_uri=ref_uri, **PARAMS)
+    config = pinned(engine._pipeline(str(data), str(out), fit=False), ref, fit_pass=False)
+    config.data_loader.type = "KillingLoader"
+    config.data_loader.params = {**config.data_loader.params, "marker": str(marker),
+                                 "actor_name": victim}
+    with caplog.at_level(logging.WARNING, logger="mdf_taxonomy.engine"):
+        result = staged_run(config, StagedOutput(str(out)), progress=False, desc="label")
+    assert marker.exists(), "nothing was killed"
+    assert "incomplete" in caplog.text, "the lost rows were not detected"
+    assert result["labelling"] == {"seen": 300, "labelled": 300, "rejected": {}}
+    table = ds.dataset(str(out), format="parquet").to_table()
+    assert sorted(table["id"].to_pylist()) == list(range(300))

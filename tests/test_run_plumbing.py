@@ -220,3 +220,16 @@ def test_a_refused_resume_says_what_differs(tmp_path):
     assert "filter 'None' -> '(kingdom == \"Plantae\")'" in said
     assert "file a.parquet gone" in said and "file b.parquet rewritten" in said
     assert "file c.parquet new" in said
+
+
+def test_unwritable_storage_is_refused_before_the_first_pass(ray_session, tmp_path):
+    from mdf_taxonomy.engine import TaxonomyEngine
+    from mdf_taxonomy.model import TaxonomyStoreError
+
+    (tmp_path / "a_file").write_text("not a folder")
+    uri = str(tmp_path / "a_file" / "tax")
+    engine = TaxonomyEngine(n_levels=1, branching_factor=2, embedding_field="emb",
+                            storage_uri=uri, progress=False)
+    with pytest.raises(TaxonomyStoreError, match="a_file/tax"):
+        engine.fit(str(SAMPLE))
+    assert engine.last_fit is not None and engine.last_fit.pass_log == []
