@@ -18,32 +18,38 @@ FIT_BUCKET_0 = "mdf_taxonomy_fit_bucket_0"
 
 
 class KillingLoader(ParquetEmbeddingLoader):
-    """A ParquetEmbeddingLoader that kills a FitBackend bucket actor once, mid-pass.
+    """A ParquetEmbeddingLoader that kills actors mid-pass: one per pass attempt.
 
-    On starting its 2nd work item, if `marker` does not exist yet, it creates it
-    (atomically, so only one loader ever fires) and ray.kill()s `actor_name`.
+    On starting its 2nd work item it kills the first of `actor_name` (a name or a list
+    of names) not killed yet; a marker file per victim (`marker`, then `marker.1`, ...,
+    created atomically, so only one loader ever fires per victim) records the kills.
     """
 
-    def __init__(self, *args: Any, marker: str, actor_name: str = FIT_BUCKET_0,
+    def __init__(self, *args: Any, marker: str, actor_name: str | list[str] = FIT_BUCKET_0,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.marker = marker
-        self.actor_name = actor_name
+        self.victims = [actor_name] if isinstance(actor_name, str) else list(actor_name)
+
+    def markers(self) -> list[str]:
+        return [self.marker if i == 0 else f"{self.marker}.{i}" for i in range(len(self.victims))]
 
     def _fire_once(self) -> None:
-        try:
-            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        import ray
+        for name, marker in zip(self.victims, self.markers(), strict=True):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.close(fd)
+            import ray
 
-        ray.kill(ray.get_actor(self.actor_name), no_restart=True)
+            ray.kill(ray.get_actor(name), no_restart=True)
+            return
 
     def load_files(self, file_list: list[str], worker_id: int | None = None,
                    checkpoint: dict | None = None) -> Iterator[dict]:
         for n, item in enumerate(file_list, start=1):
-            if n == 2 and not os.path.exists(self.marker):
+            if n == 2 and not all(os.path.exists(m) for m in self.markers()):
                 self._fire_once()
             yield from super().load_files([item], worker_id, checkpoint)
 

@@ -222,11 +222,18 @@ def test_label_only_config_and_stock_mdf_cli(real_env, demo_real, crawl_with_bad
               "--site-packages", str(site)], real_env, ROOT)
     stock = rewrite(ROOT / "configs" / "label_new_crawl.yaml", tmp_path / "stock",
                     data=str(crawl_with_bad_rows), storage=storage)
+    cfg = yaml.safe_load(stock.read_text())  # and MDF's own rejected-samples output on
+    cfg["executor"]["rejected_samples"] = {"enabled": True,
+                                           "output_path": str(tmp_path / "rejected")}
+    stock.write_text(yaml.safe_dump(cfg, sort_keys=False))
     code = ("import site, sys, runpy; site.addsitedir(sys.argv.pop(1)); "
             "sys.argv[0] = 'mdf'; runpy.run_module('mega_data_factory.cli', run_name='__main__')")
     out = run_real([sys.executable, "-c", code, str(site), "run", "-c", str(stock)],
                    real_env, ROOT)
     assert "Input samples: 1033" in out and "Output samples: 1033" in out
+    rejected = labelled(tmp_path / "rejected").to_pylist()  # counted where MDF counts them
+    assert sorted(r["uuid"] for r in rejected) == ["bad-nan", "bad-null", "bad-short"]
+    assert {r["_rejection_details"]["reason"].split(":")[0] for r in rejected} == set(reasons)
     tax = TaxonomyStore(storage).load()
     rows = sample.to_pylist()
     want = tax.assign_paths(np.stack([np.asarray(r["emb"], np.float32) for r in rows]))[0]
