@@ -233,3 +233,18 @@ def test_unwritable_storage_is_refused_before_the_first_pass(ray_session, tmp_pa
     with pytest.raises(TaxonomyStoreError, match="a_file/tax"):
         engine.fit(str(SAMPLE))
     assert engine.last_fit is not None and engine.last_fit.pass_log == []
+
+
+def test_a_run_that_labels_nothing_exits_1_with_its_counts(ray_session, tmp_path, capsys):
+    from conftest import write_embeddings
+
+    from mdf_taxonomy import cli
+
+    TaxonomyStore(str(tmp_path / "tax")).save(complete_taxonomy(dim=4))
+    write_embeddings(tmp_path / "in" / "x.parquet", np.ones((20, 5), np.float32))  # dim 5
+    rc = cli.main(["-q", "predict", "--input", str(tmp_path / "in"), "--storage-uri",
+                   str(tmp_path / "tax"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "labelled none of 20 records (rejected {'wrong_length': 20})" in err
+    assert not (tmp_path / "out").exists()
