@@ -10,8 +10,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow.dataset as ds
 
+from mdf_taxonomy.model import Level, Taxonomy, TaxonomyConfig
 from mdf_taxonomy.operators import ParquetEmbeddingLoader
 
 FIT_BUCKET_0 = "mdf_taxonomy_fit_bucket_0"
@@ -52,6 +54,15 @@ class KillingLoader(ParquetEmbeddingLoader):
             if n == 2 and not all(os.path.exists(m) for m in self.markers()):
                 self._fire_once()
             yield from super().load_files([item], worker_id, checkpoint)
+
+
+def small_taxonomy() -> Taxonomy:
+    """A 2-level tree (3 x 2 children, dim 4) for the artifact tests."""
+    rng = np.random.default_rng(0)
+    cfg = TaxonomyConfig(n_levels=2, branching_factor=[3, 2], dim=4)
+    l1 = Level(rng.normal(size=(3, 4)), np.zeros(3))
+    l2 = Level(rng.normal(size=(6, 4)), np.repeat(np.arange(3), 2))
+    return Taxonomy(config=cfg, dim=4, levels=[l1, l2], fingerprint="abc")
 
 
 def tree_arrays(tax: Any) -> list[tuple[bytes, bytes]]:

@@ -6,16 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from taxonomy_toys import small_taxonomy
 
-from mdf_taxonomy.model import Level, Taxonomy, TaxonomyConfig, TaxonomyStore, TaxonomyStoreError
-
-
-def small_taxonomy() -> Taxonomy:
-    rng = np.random.default_rng(0)
-    cfg = TaxonomyConfig(n_levels=2, branching_factor=[3, 2], dim=4)
-    l1 = Level(rng.normal(size=(3, 4)), np.zeros(3))
-    l2 = Level(rng.normal(size=(6, 4)), np.repeat(np.arange(3), 2))
-    return Taxonomy(config=cfg, dim=4, levels=[l1, l2], fingerprint="abc")
+from mdf_taxonomy.model import TaxonomyConfig, TaxonomyStore, TaxonomyStoreError
 
 
 @pytest.mark.parametrize(

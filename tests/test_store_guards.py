@@ -26,20 +26,13 @@ from types import SimpleNamespace
 import fsspec
 import numpy as np
 import pytest
+from taxonomy_toys import small_taxonomy
 
 import mdf_taxonomy.model.store as store_mod
-from mdf_taxonomy.model import Level, Taxonomy, TaxonomyConfig, TaxonomyStore, TaxonomyStoreError
+from mdf_taxonomy.model import TaxonomyStore, TaxonomyStoreError
 
 ARRAYS = ["level_1_centroids", "level_1_parents", "level_2_centroids", "level_2_parents"]
 COMMIT_ORDER = [f"{a}.npy" for a in ARRAYS] + ["manifest.json", "LATEST"]
-
-
-def small_taxonomy() -> Taxonomy:
-    rng = np.random.default_rng(0)
-    cfg = TaxonomyConfig(n_levels=2, branching_factor=[3, 2], dim=4)
-    l1 = Level(rng.normal(size=(3, 4)), np.zeros(3))
-    l2 = Level(rng.normal(size=(6, 4)), np.repeat(np.arange(3), 2))
-    return Taxonomy(config=cfg, dim=4, levels=[l1, l2], fingerprint="abc")
 
 
 @pytest.fixture
@@ -245,17 +238,22 @@ def test_size_must_match_the_claim(saved, make, words):
     assert "level_2_centroids.npy" in msg and all(w in msg for w in words), msg
 
 
+def refusal_and_peak(store: TaxonomyStore) -> tuple[str, int]:
+    """The refusal's message and the peak bytes allocated while refusing."""
+    tracemalloc.start()
+    try:
+        msg = refusal(store)
+        return msg, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_petabyte_claim_is_refused_without_allocating(saved):
     store, snap = saved
     n = 2**48  # 2**48 x 4 float32 = 4 PiB, consistent in header and manifest
     put_file(snap, "level_1_centroids", forged_npy((n, 4), "<f4", b"\0" * 64), shape=[n, 4])
     put_file(snap, "level_1_parents", forged_npy((n,), "<i8", b"\0" * 64), shape=[n])
-    tracemalloc.start()
-    try:
-        msg = refusal(store)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    msg, peak = refusal_and_peak(store)
     assert "level_1_centroids.npy" in msg and "truncated" in msg and str(n) in msg
     assert peak < 16 << 20  # nothing near the claimed size was allocated
 
@@ -266,12 +264,7 @@ def test_oversized_latest_or_manifest_is_refused_unread(saved, name, size):
     path = snap.parent.parent / "LATEST" if name == "LATEST" else snap / name
     with open(path, "r+b") as f:
         f.truncate(size)  # sparse: nothing is written, the claimed size is what counts
-    tracemalloc.start()
-    try:
-        msg = refusal(store)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    msg, peak = refusal_and_peak(store)
     assert name in msg and "more than" in msg and peak < 1 << 20
 
 
