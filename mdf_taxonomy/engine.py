@@ -210,8 +210,10 @@ class InputAccount:
         self.loader = loader or _mdf.DataLoaderRegistry.create(config.data_loader.type,
                                                                config.data_loader.params)
         self.max_samples = config.executor.max_samples
-        self.items = items if items is not None else self.loader.get_file_list(
-            max_samples=self.max_samples)
+        if items is None:  # MDF's loaders may stream without a file list
+            lister = getattr(self.loader, "get_file_list", None)
+            items = lister(max_samples=self.max_samples) if callable(lister) else []
+        self.items = items
         self.counts = callable(getattr(self.loader, "expected_rows", None))
         reports = hasattr(self.loader, "report_name")
         self.name = f"run-{os.getpid()}-{time.time_ns():x}" if reports else None
