@@ -181,6 +181,13 @@ def _is_op(op: Any, class_name: str) -> bool:
     return op.name in keys or op.get_class_name() in keys
 
 
+def _runs_first(config: Any, class_name: str) -> bool:
+    """True when `class_name` is the pipeline's first enabled operator: then it must see
+    every row the loaders read."""
+    first = next((op for st in config.stages for op in st.operators if op.enabled), None)
+    return first is not None and _is_op(first, class_name)
+
+
 def fit_operators(config: Any) -> list[Any]:
     """The pipeline's enabled kmeans_level_refiners: a pipeline with one is a fit."""
     return [op for stage in config.stages for op in stage.operators
@@ -623,8 +630,7 @@ def _expected_rows(config: Any, stats: Any, loaded: int) -> int:
     When it is the pipeline's first operator that is every row the loaders read
     (so a lost batch is caught); after other operators it is what it was given.
     """
-    first = next((op for st in config.stages for op in st.operators if op.enabled), None)
-    if first is not None and _is_op(first, "KMeansLevelRefiner"):
+    if _runs_first(config, "KMeansLevelRefiner"):
         return loaded
     for stage_stats in (stats or {}).values():
         for name, op_stats in (stage_stats or {}).items():
@@ -824,9 +830,8 @@ def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[
         result["skipped"] = account.check(result["rows_in"])
     finally:
         account.close()
-    first = next((op for st in config.stages for op in st.operators if op.enabled), None)
     seen = result["labelling"]["seen"]
-    if first is not None and _is_op(first, "TaxonomyPathRefiner") and seen != result["rows_in"]:
+    if _runs_first(config, "TaxonomyPathRefiner") and seen != result["rows_in"]:
         raise PassIncomplete(f"the labeller saw {seen} of the {result['rows_in']} rows read "
                              "(a batch was lost)")
     return result
