@@ -47,13 +47,13 @@ from mdf_taxonomy.operators import (
     TaxonomyPathRefiner,
     parse_embeddings,
 )
-from mdf_taxonomy.operators.input_report import (
+from mdf_taxonomy.passes.input_report import (
     close_input_report,
     open_input_report,
     read_input_failures,
     read_input_report,
 )
-from mdf_taxonomy.operators.records import infer_dim
+from mdf_taxonomy.passes.records import infer_dim
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from mdf_taxonomy.backend import FitBackend, PartialsCombiner, bottom_k, rows_by
 from mdf_taxonomy.kernels import KERNEL_BACKENDS, partial_sums
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore, format_path
 from mdf_taxonomy.model.fitting import inertia_to_fixed, sample_priorities
-from mdf_taxonomy.operators.records import ERROR_FIELD, ParsedBatch, parse_embeddings
+from mdf_taxonomy.passes.records import ERROR_FIELD, ParsedBatch, parse_embeddings
 
 log = logging.getLogger(__name__)
 PREFIX = "taxonomy"
