@@ -7,7 +7,7 @@ import torch
 from conftest import blobs
 
 from mdf_taxonomy import kernels
-from mdf_taxonomy.backend import bottom_k
+from mdf_taxonomy.backend import BottomK
 from mdf_taxonomy.model.fitting import (
     REPAIR_EPS,
     kmeans_plus_plus,
@@ -19,14 +19,14 @@ from mdf_taxonomy.model.fitting import (
 def test_sample_is_independent_of_row_order_and_batching():
     x, _ = blobs(1000, 8, 4)
     prio = sample_priorities(x, seed=3, level=1)
-    chosen = set(bottom_k(prio, 100).tolist())
+    chosen = set(BottomK.smallest(prio, 100).tolist())
     perm = np.random.default_rng(1).permutation(len(x))
     prio_p = sample_priorities(x[perm], seed=3, level=1)
-    assert set(perm[bottom_k(prio_p, 100)].tolist()) == chosen
+    assert set(perm[BottomK.smallest(prio_p, 100)].tolist()) == chosen
     # merging per-batch bottom-k lists gives the global bottom-k
     parts = np.array_split(perm, 7)
-    cand = np.concatenate([p[bottom_k(sample_priorities(x[p], 3, 1), 100)] for p in parts])
-    merged = cand[bottom_k(sample_priorities(x[cand], 3, 1), 100)]
+    cand = np.concatenate([p[BottomK.smallest(sample_priorities(x[p], 3, 1), 100)] for p in parts])
+    merged = cand[BottomK.smallest(sample_priorities(x[cand], 3, 1), 100)]
     assert set(merged.tolist()) == chosen
     assert not np.array_equal(sample_priorities(x, 4, 1), prio)
 

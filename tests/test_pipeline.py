@@ -201,7 +201,7 @@ def test_unreachable_taxonomy_labels_records_instead_of_dropping(tmp_path):
 
 
 def test_sample_pass_prunes_rows_yet_keeps_the_global_bottom_k(ray_session, tmp_path):
-    from mdf_taxonomy.backend import bottom_k
+    from mdf_taxonomy.backend import BottomK
     from mdf_taxonomy.model import Taxonomy, TaxonomyConfig
     from mdf_taxonomy.model.fitting import sample_priorities
     from mdf_taxonomy.operators import KMeansLevelRefiner
@@ -224,7 +224,7 @@ def test_sample_pass_prunes_rows_yet_keeps_the_global_bottom_k(ray_session, tmp_
     for start in range(0, 2000, 100):
         op.process_batch([{"embedding": row} for row in x[start:start + 100]])
     got = op.backend.collect(0, 8)
-    want = x[bottom_k(sample_priorities(x, cfg.seed, 1), 10)]
+    want = x[BottomK.smallest(sample_priorities(x, cfg.seed, 1), 10)]
     assert np.array_equal(got["samples"][0], want)
     assert got["parent_rows"] == {0: 2000}
     assert sum(sent) < 20 * 10 / 2  # later batches send (almost) nothing

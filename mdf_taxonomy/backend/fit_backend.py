@@ -35,7 +35,7 @@ class FitBucket:
         self.seen: set[str] = set()
         self.totals = {"rows": 0, "inertia_fixed": 0, "flushes": 0, "duplicate_flushes": 0}
         self.rejected: dict[str, int] = {}
-        self.samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.samples = BottomK()
         self.parent_rows: dict[int, int] = {}
         return True
 
@@ -78,18 +78,9 @@ class FitBucket:
         whose sample is full, the k-th priority: rows above it can never enter."""
         if not self._accept(pass_id, flush_id):
             return {}
-        cut: dict[int, int] = {}
         for p, n in parent_rows.items():
             self.parent_rows[int(p)] = self.parent_rows.get(int(p), 0) + int(n)
-        for p, mine in rows_by_key(parents):
-            prio, vec = priorities[mine], vectors[mine]
-            if p in self.samples:
-                old_prio, old_vec = self.samples[p]
-                prio, vec = np.concatenate([old_prio, prio]), np.concatenate([old_vec, vec])
-            keep = bottom_k(prio, k)
-            self.samples[p] = (prio[keep], vec[keep])
-            if len(keep) == k:
-                cut[p] = int(prio[keep[-1]])
+        cut = self.samples.offer(parents, priorities, vectors, k)
         self._count(totals, rejected)
         return cut
 
@@ -100,7 +91,7 @@ class FitBucket:
             "counts": self.counts,
             "totals": dict(self.totals),
             "rejected": dict(self.rejected),
-            "samples": {p: v[1] for p, v in self.samples.items()},
+            "samples": self.samples.vectors(),
             "parent_rows": dict(self.parent_rows),
         }
 
@@ -116,10 +107,41 @@ def rows_by_key(keys: np.ndarray):
         yield int(key), idx
 
 
-def bottom_k(priorities: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k smallest priorities, in priority order (equal priorities mean
-    equal rows, so which of them is kept changes nothing)."""
-    return np.argsort(priorities, kind="stable")[:k]
+class BottomK:
+    """Per parent, the rows of the k smallest priorities seen so far (the fit's sample).
+
+    The union of bottom-k sets is order-free, so buckets, workers and the driver can each
+    keep one and merge them in any order (equal priorities mean equal rows, so which of
+    them is kept changes nothing).
+    """
+
+    def __init__(self) -> None:
+        self.kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @staticmethod
+    def smallest(priorities: np.ndarray, k: int) -> np.ndarray:
+        """Indices of the k smallest priorities, in priority order."""
+        return np.argsort(priorities, kind="stable")[:k]
+
+    def offer(self, parents: np.ndarray, priorities: np.ndarray, vectors: np.ndarray,
+              k: int) -> dict[int, int]:
+        """Merge candidates; returns the k-th priority of every touched parent whose
+        sample is full: rows above it can never enter."""
+        cut: dict[int, int] = {}
+        for p, mine in rows_by_key(parents):
+            prio, vec = priorities[mine], vectors[mine]
+            if p in self.kept:
+                old_prio, old_vec = self.kept[p]
+                prio, vec = np.concatenate([old_prio, prio]), np.concatenate([old_vec, vec])
+            keep = self.smallest(prio, k)
+            self.kept[p] = (prio[keep], vec[keep])
+            if len(keep) == k:
+                cut[p] = int(prio[keep[-1]])
+        return cut
+
+    def vectors(self) -> dict[int, np.ndarray]:
+        """parent -> its sample rows, in priority order."""
+        return {p: v for p, (_, v) in self.kept.items()}
 
 
 class FitBackend:

@@ -1,9 +1,10 @@
 """MDF faces of the taxonomy: the two refiners, the Parquet loader, a discard writer."""
 
 from mdf_taxonomy.operators.parquet_loader import ParquetEmbeddingLoader
-from mdf_taxonomy.operators.refiners import KMeansLevelRefiner, TaxonomyPathRefiner, level_field
+from mdf_taxonomy.operators.refiners import KMeansLevelRefiner, TaxonomyPathRefiner
 from mdf_taxonomy.operators.synthetic_loader import SyntheticEmbeddingLoader
 from mdf_taxonomy.operators.writers import DiscardWriter
+from mdf_taxonomy.passes.batch import level_field
 from mdf_taxonomy.passes.input_report import (
     InputReport,
     close_input_report,

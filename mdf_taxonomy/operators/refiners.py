@@ -23,19 +23,28 @@ import torch
 
 from mdf_taxonomy import _mdf
 from mdf_taxonomy._mdf import BatchResult, Refiner
-from mdf_taxonomy.backend import FitBackend, PartialsCombiner, bottom_k, rows_by_key
-from mdf_taxonomy.kernels import KERNEL_BACKENDS, partial_sums
-from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore, format_path
-from mdf_taxonomy.model.fitting import inertia_to_fixed, sample_priorities
+from mdf_taxonomy.backend import FitBackend, PartialsCombiner
+from mdf_taxonomy.kernels import KERNEL_BACKENDS
+from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
+from mdf_taxonomy.passes import batch
+from mdf_taxonomy.passes.batch import COMPUTE_DTYPES
 from mdf_taxonomy.passes.records import ERROR_FIELD, ParsedBatch, parse_embeddings
 
 log = logging.getLogger(__name__)
-PREFIX = "taxonomy"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def level_field(level: int) -> str:
-    return f"{PREFIX}_l{level}"
+def _values(column: pa.Array) -> Any:
+    """An Arrow column as per-record values: numpy scalars for numbers, str for text."""
+    if pa.types.is_string(column.type):
+        return column.to_pylist()
+    return column.to_numpy(zero_copy_only=False)
+
+
+def write_fields(records: list[dict], columns: dict[str, pa.Array]) -> None:
+    """Column-wise results into the records, one field at a time."""
+    for name, column in columns.items():
+        for rec, value in zip(records, _values(column), strict=True):
+            rec[name] = value
 
 
 class _TaxonomyRefiner(Refiner):
@@ -45,8 +54,9 @@ class _TaxonomyRefiner(Refiner):
                  snapshot: str | None = None, device: str = "auto", kernel_backend: str = "auto",
                  storage_options: dict[str, Any] | None = None, compute_dtype: str = "float32"):
         super().__init__()
-        if compute_dtype not in _DTYPES:
-            raise ValueError(f"compute_dtype={compute_dtype!r}: must be one of {list(_DTYPES)}")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={compute_dtype!r}: must be one of "
+                             f"{list(COMPUTE_DTYPES)}")
         if kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend={kernel_backend!r}: must be one of "
                              f"{list(KERNEL_BACKENDS)}")
@@ -92,37 +102,33 @@ class _TaxonomyRefiner(Refiner):
         try:
             started = time.perf_counter()
             tax = self.taxonomy
-            blank = self._blank_fields()
-            for rec in records:
-                rec.update(blank)
             parsed = parse_embeddings(records, self.embedding_field, tax.dim,
                                       metric=tax.config.metric)
             self.timings["parse_s"] += time.perf_counter() - started
-            for i, reason in parsed.errors.items():
-                records[i][ERROR_FIELD] = reason
             for kind, n in parsed.reasons().items():
                 self.rejected[kind] = self.rejected.get(kind, 0) + n
-            self._refine(records, parsed, tax)
+            columns = self._refine(parsed, tax, len(records))
         except Exception as e:  # noqa: BLE001 - MDF would drop the batch: label it instead
             log.exception("%s failed on a batch of %d records", type(self).__name__, len(records))
             reason = f"operator_failed: {type(e).__name__}: {e}"
-            blank = self._blank_fields()  # known without the store: the schema never varies
-            for rec in records:
-                rec.update(blank)
-                rec[ERROR_FIELD] = reason
+            columns = self._blank_columns(len(records), reason)  # needs no store
             self.rejected["operator_failed"] = self.rejected.get("operator_failed", 0) + len(
                 records)
+        write_fields(records, columns)
 
-    def _refine(self, records: list[dict], parsed: ParsedBatch, tax: Taxonomy) -> None:
+    def _refine(self, parsed: ParsedBatch, tax: Taxonomy, n_rows: int) -> dict[str, pa.Array]:
         raise NotImplementedError
 
-    def _blank_fields(self) -> dict[str, Any]:
-        """The output fields of a record that gets no label."""
-        blank = {"string": "", "int32": np.int32(-1), "float": np.float32("nan")}
-        return {name: blank[str(t)] for name, t in self.get_output_schema().items()}
+    def _blank_columns(self, n_rows: int, reason: str) -> dict[str, pa.Array]:
+        """The output fields of records that get no label, with the reason."""
+        blank = {"string": "", "int32": -1, "float": float("nan")}
+        columns = {name: pa.array([blank[str(t)]] * n_rows, t)
+                   for name, t in self.get_output_schema().items()}
+        columns[ERROR_FIELD] = pa.array([reason] * n_rows, pa.string())
+        return columns
 
     def _rows(self, tax: Taxonomy, parsed: ParsedBatch) -> torch.Tensor:
-        return tax.prepare(parsed.x, self._torch_device(), _DTYPES[self.compute_dtype])
+        return tax.prepare(parsed.x, self._torch_device(), COMPUTE_DTYPES[self.compute_dtype])
 
     def _process_batch_with_rejected_impl(self, records: list[dict]) -> BatchResult:
         """With MDF's rejected-samples collection on, a record that got no label is reported
@@ -164,31 +170,22 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         self.n_levels = n_levels
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
-        n = self.n_levels
-        schema = {f"{PREFIX}_path": pa.string()}
-        schema.update({level_field(i): pa.int32() for i in range(1, n + 1)})
-        schema[f"{PREFIX}_distance"] = pa.float32()
-        schema[ERROR_FIELD] = pa.string()
-        return schema
+        return batch.label_schema(self.n_levels)
 
-    def _refine(self, records: list[dict], parsed: ParsedBatch, tax: Taxonomy) -> None:
+    def _refine(self, parsed: ParsedBatch, tax: Taxonomy, n_rows: int) -> dict[str, pa.Array]:
         if not tax.state.complete:
             raise RuntimeError(
                 f"taxonomy at {self.storage_uri} is not complete (level {tax.state.level}, "
                 f"{tax.state.phase}): finish the fit before labelling"
             )
         if not len(parsed.valid):
-            return
+            return batch.label_columns(tax, n_rows, parsed,
+                                       np.zeros((0, tax.n_levels), np.int32), np.zeros(0))
         started = time.perf_counter()
         paths, dist = tax.assign_paths(self._rows(tax, parsed), backend=self.kernel_backend,
                                        prepared=True)
         self.timings["assign_s"] += time.perf_counter() - started
-        for row, i in enumerate(parsed.valid):
-            rec = records[i]
-            rec[f"{PREFIX}_path"] = format_path(paths[row])
-            rec[f"{PREFIX}_distance"] = dist[row]
-            for lv in range(tax.n_levels):
-                rec[level_field(lv + 1)] = paths[row, lv]
+        return batch.label_columns(tax, n_rows, parsed, paths, dist)
 
 
 class KMeansLevelRefiner(_TaxonomyRefiner):
@@ -249,37 +246,38 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
                 self.timings["flush_s"] += time.perf_counter() - started
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
-        schema = {level_field(i): pa.int32() for i in range(1, self.config.n_levels + 1)}
-        schema[ERROR_FIELD] = pa.string()
-        return schema
+        return batch.fit_schema(self.config.n_levels)
 
-    def _refine(self, records: list[dict], parsed: ParsedBatch, tax: Taxonomy) -> None:
+    def _refine(self, parsed: ParsedBatch, tax: Taxonomy, n_rows: int) -> dict[str, pa.Array]:
         st = tax.state
-        upto = tax.n_levels if st.phase != "sample" else st.level - 1
         started = time.perf_counter()
         x = self._rows(tax, parsed)
-        paths, parents, distance = tax.walk(x, upto, self.kernel_backend)
-        for row, i in enumerate(parsed.valid):
-            for lv in range(upto):
-                records[i][level_field(lv + 1)] = paths[row, lv]
+        paths, nodes, distance = batch.walk(tax, x, self.kernel_backend)
+        columns = batch.fit_columns(self.config.n_levels, n_rows, parsed, paths)
         if st.complete:
             self.timings["assign_s"] += time.perf_counter() - started
-            return
+            return columns
         pass_id = tax.version or "unversioned"
         flush_id = parsed.flush_id(pass_id)
         totals = {"rows": len(parsed.valid), "rows_rejected": len(parsed.errors)}
         try:
             if st.phase == "sample":
-                self._offer_samples(tax, x, parents, pass_id, flush_id, totals, parsed)
+                if self._sample_cut[0] != pass_id:
+                    self._sample_cut = (pass_id, {})
+                cut = self._sample_cut[1]
+                offer = batch.sample_offer(tax, x, nodes, cut)
+                cut.update(self.backend.offer_samples(
+                    pass_id, flush_id, offer.parents, offer.priorities, offer.vectors,
+                    tax.config.sample_size(st.level), offer.parent_rows, totals,
+                    parsed.reasons()))
             else:
-                n_nodes = tax.levels[st.level - 1].n_nodes
-                sums, counts = partial_sums(x, parents, n_nodes, backend=self.kernel_backend)
-                totals["inertia_fixed"] = inertia_to_fixed(distance)
+                sums, counts, totals["inertia_fixed"] = batch.lloyd_partials(
+                    tax, x, nodes, distance, self.kernel_backend)
                 self.timings["assign_s"] += time.perf_counter() - started
                 started = time.perf_counter()
                 combiner = self._combiner
                 if combiner is None or combiner.pass_id != pass_id:
-                    self._combiner = combiner = PartialsCombiner(pass_id, n_nodes, tax.dim,
+                    self._combiner = combiner = PartialsCombiner(pass_id, len(counts), tax.dim,
                                                                  x.device)
                 combiner.add(flush_id, sums, counts, totals, parsed.reasons())
                 if not self._combining() or combiner.rows >= self.flush_rows:
@@ -288,34 +286,14 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         except Exception as e:  # noqa: BLE001 - counted; the driver's row check re-runs the pass
             self.flush_failures += 1
             log.error("backend flush failed (%s); the driver will see the missing rows", e)
+            reason = f"backend_flush_failed: {type(e).__name__}: {e}"
+            errors = columns[ERROR_FIELD].to_pylist()
             for i in parsed.valid:
-                records[i][ERROR_FIELD] = f"backend_flush_failed: {type(e).__name__}: {e}"
-
-    def _offer_samples(self, tax: Taxonomy, x: torch.Tensor, parents: torch.Tensor,
-                       pass_id: str, flush_id: str, totals: dict[str, int],
-                       parsed: ParsedBatch) -> None:
-        cfg, level = tax.config, tax.state.level
-        rows = x.float().cpu().numpy()
-        prio = sample_priorities(rows, cfg.seed, level)
-        par = parents.cpu().numpy()
-        k = cfg.sample_size(level)
-        if self._sample_cut[0] != pass_id:
-            self._sample_cut = (pass_id, {})
-        cut = self._sample_cut[1]
-        keep = []  # only rows that can still enter a parent's bottom-k travel
-        parent_rows = {}
-        for p, idx in rows_by_key(par):
-            parent_rows[p] = len(idx)
-            if p in cut:
-                idx = idx[prio[idx] < np.uint64(cut[p])]
-            keep.append(idx[bottom_k(prio[idx], k)])
-        keep_idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
-        cut.update(self.backend.offer_samples(
-            pass_id, flush_id, par[keep_idx], prio[keep_idx], rows[keep_idx], k,
-            parent_rows, totals, parsed.reasons()))
+                errors[i] = reason
+            columns[ERROR_FIELD] = pa.array(errors, pa.string())
+        return columns
 
     def get_stats(self) -> dict:
         stats = super().get_stats()
         stats["flush_failures"] = self.flush_failures
         return stats
-
