@@ -32,7 +32,7 @@ from mdf_taxonomy.model.fitting import (
     start_level,
     update_centroids,
 )
-from mdf_taxonomy.operators.records import infer_dim, parse_embeddings
+from mdf_taxonomy.passes.records import infer_dim, parse_embeddings
 
 NAN, INF = float("nan"), float("inf")
 
