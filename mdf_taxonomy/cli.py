@@ -114,17 +114,64 @@ def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> Non
     print("operator stats: " + json.dumps(result["stats"], default=str)[:2000])
 
 
+#: The fit and run parameters `fit` and `predict` take as flags (--n-levels, ...).
+CLI_FIT_PARAMETERS = ("n_levels", "branching_factor", "dim", "metric", "seed", "max_iter", "tol",
+                      "sample_per_child", "init_iters", "embedding_field")
+CLI_RUN_PARAMETERS = ("batch_size", "num_replicas", "device", "kernel_backend", "compute_dtype",
+                      "cache_bytes", "columnar", "on_bad_file")
+
+
+def _per_level(text: str) -> int | list[int]:
+    values = [int(b) for b in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _add_parameter_flags(sp: argparse.ArgumentParser) -> None:
+    """One flag per table entry, its type, choices, default and help from model/config."""
+    from mdf_taxonomy.model.config import (
+        PARAMETER_CONSTRAINTS,
+        RUN_PARAMETER_CONSTRAINTS,
+        Bool,
+        FiniteAtLeast,
+        OneOf,
+        OrNone,
+        PerLevel,
+        RunConfig,
+        TaxonomyConfig,
+        parameter_help,
+    )
+
+    for names, cls, table in ((CLI_FIT_PARAMETERS, TaxonomyConfig, PARAMETER_CONSTRAINTS),
+                              (CLI_RUN_PARAMETERS, RunConfig, RUN_PARAMETER_CONSTRAINTS)):
+        helps = parameter_help(cls)
+        for name in names:
+            rule = table[name]
+            default = cls.__dataclass_fields__[name].default
+            flags = ["--" + name.replace("_", "-")] + (["--replicas"] if name == "num_replicas"
+                                                         else [])
+            kw: dict[str, Any] = {"dest": name, "default": None,
+                                  "help": f"{helps.get(name, '')} (default: {default})"}
+            inner = rule.inner if isinstance(rule, OrNone) else rule
+            if isinstance(rule, Bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            elif isinstance(rule, OneOf):
+                kw["choices"] = list(rule.options)
+            elif isinstance(rule, PerLevel):
+                kw["type"] = _per_level
+            elif isinstance(inner, FiniteAtLeast):
+                kw["type"] = float
+            elif hasattr(inner, "lo"):
+                kw["type"] = int
+            sp.add_argument(*flags, **kw)
+
+
 def _engine(args: argparse.Namespace) -> Any:
     from mdf_taxonomy.engine import TaxonomyEngine
 
-    bf = [int(b) for b in str(args.branching_factor).split(",")]
-    return TaxonomyEngine(
-        n_levels=args.n_levels, branching_factor=bf[0] if len(bf) == 1 else bf, dim=args.dim,
-        storage_uri=args.storage_uri, metric=args.metric, seed=args.seed,
-        max_iter=args.max_iter, tol=args.tol, embedding_field=args.embedding_field,
-        batch_size=args.batch_size, num_replicas=args.replicas, progress=not args.quiet,
-        storage_options=_storage_options(args.storage_option), on_bad_file=args.on_bad_file,
-    )
+    params = {name: getattr(args, name) for name in CLI_FIT_PARAMETERS + CLI_RUN_PARAMETERS
+              if getattr(args, name) is not None}
+    return TaxonomyEngine(storage_uri=args.storage_uri, progress=not args.quiet,
+                          storage_options=_storage_options(args.storage_option), **params)
 
 
 def _storage_options(pairs: list[str]) -> dict[str, Any] | None:
@@ -199,21 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--input", required=True, help="file, glob or directory (any fsspec URI)")
         sp.add_argument("--storage-uri", required=True, help="where the taxonomy lives")
         sp.add_argument("--output", default=None, help="where labelled Parquet goes")
-        sp.add_argument("--n-levels", type=int, default=1)
-        sp.add_argument("--branching-factor", default="16", help="N, or N1,N2,... per level")
-        sp.add_argument("--dim", type=int, default=None)
-        sp.add_argument("--metric", default="l2", choices=["l2", "cosine"])
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--max-iter", type=int, default=20)
-        sp.add_argument("--tol", type=float, default=1e-4)
-        sp.add_argument("--embedding-field", default="embedding")
-        sp.add_argument("--batch-size", type=int, default=1024)
-        sp.add_argument("--replicas", type=int, default=1)
+        _add_parameter_flags(sp)
         sp.add_argument("--overwrite", action="store_true",
                         help="replace --output if it holds data (else refused)")
-        sp.add_argument("--on-bad-file", default="fail", choices=["fail", "skip"],
-                        help="an unreadable input file or row group fails the run, or is "
-                             "skipped, counted and named in the summary")
         sp.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for input, output and taxonomy "
                              "(repeatable), e.g. client_kwargs='{\"endpoint_url\": \"...\"}'")

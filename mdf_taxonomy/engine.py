@@ -26,6 +26,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -33,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 from mdf_taxonomy import _mdf, mdf_key
 from mdf_taxonomy.backend import FitBackend
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
+from mdf_taxonomy.model.config import RunConfig
 from mdf_taxonomy.model.fitting import (
     LloydResult,
     SampleResult,
@@ -43,17 +45,17 @@ from mdf_taxonomy.model.fitting import (
 from mdf_taxonomy.operators import (
     InputError,
     KMeansLevelRefiner,
-    ParquetEmbeddingLoader,
     TaxonomyPathRefiner,
-    parse_embeddings,
 )
+from mdf_taxonomy.passes.columnar import WorkerPool
 from mdf_taxonomy.passes.input_report import (
     close_input_report,
     open_input_report,
     read_input_failures,
     read_input_report,
 )
-from mdf_taxonomy.passes.records import infer_dim
+from mdf_taxonomy.passes.parquet_input import ParquetInput
+from mdf_taxonomy.passes.records import infer_dim, parse_arrow
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ def check_labelled(result: dict[str, Any]) -> None:
 
 
 def staged_run(config: Any, staged: StagedOutput | None, progress: bool = True,
-               desc: str = "run", retries: int = 2) -> dict[str, Any]:
+               desc: str = "run", retries: int = 2, columnar: bool = True) -> dict[str, Any]:
     """run_pipeline with the writer pointed at `staged`'s folder, committed on success.
 
     A run that lost rows (a loader or worker died) is run again from an empty staging
@@ -156,7 +158,7 @@ def staged_run(config: Any, staged: StagedOutput | None, progress: bool = True,
     try:
         for attempt in range(retries + 1):
             try:
-                result = run_pipeline(config, progress=progress, desc=desc)
+                result = run_pipeline(config, progress=progress, desc=desc, columnar=columnar)
                 break
             except PassIncomplete as e:
                 log.warning("%s run incomplete (%s); attempt %d of %d", desc, e, attempt + 1,
@@ -213,7 +215,8 @@ class InputAccount:
     fail), or is counted and named (skip). Other loaders are taken at their word.
     """
 
-    def __init__(self, config: Any, loader: Any | None = None, items: list[str] | None = None):
+    def __init__(self, config: Any, loader: Any | None = None, items: list[str] | None = None,
+                 report: bool = True):
         self.loader = loader or _mdf.DataLoaderRegistry.create(config.data_loader.type,
                                                                config.data_loader.params)
         self.max_samples = config.executor.max_samples
@@ -222,7 +225,7 @@ class InputAccount:
             items = lister(max_samples=self.max_samples) if callable(lister) else []
         self.items = items
         self.counts = callable(getattr(self.loader, "expected_rows", None))
-        reports = hasattr(self.loader, "report_name")
+        reports = report and hasattr(self.loader, "report_name")
         self.name = f"run-{os.getpid()}-{time.time_ns():x}" if reports else None
         self.listing_skipped: list[dict[str, Any]] = list(
             getattr(self.loader, "listing_skipped", []))
@@ -247,7 +250,11 @@ class InputAccount:
         failures = read_input_failures(self.name)
         if failures:
             raise InputError(failures[0]["reason"])
-        skipped = read_input_report(self.name)
+        return self.check_rows(loaded, read_input_report(self.name))
+
+    def check_rows(self, loaded: int, skipped: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Raise PassIncomplete unless the rows read are the input's rows less the items
+        skipped; returns every item skipped (listing and load)."""
         if self.counts:
             lost = {e["item"] for e in skipped if e["stage"] == "load"}
             want = self.loader.expected_rows([i for i in self.items if i not in lost])
@@ -319,11 +326,44 @@ def validate_pipeline(config: Any) -> None:
                     raise ValueError(f"stage {stage.name!r}: taxonomy_path_refiner: {e}") from e
 
 
+def columnar_plan(config: Any, labeller: str, cache_bytes: int | None = None
+                  ) -> tuple[ParquetInput, RunConfig] | None:
+    """The columnar pass for `config`'s taxonomy stage, where it can replace MDF's stream
+    without changing what the stage sees: the input is ParquetEmbeddingLoader's, the
+    taxonomy operator `labeller` runs first, and the executor caps no rows. A labelling
+    run must also have nothing but that operator and a Parquet (or discard) writer."""
+    if config.data_loader.type != "ParquetEmbeddingLoader" or config.executor.max_samples:
+        return None
+    if not _runs_first(config, labeller):
+        return None
+    enabled = [(st, op) for st in config.stages for op in st.operators if op.enabled]
+    stage, op = enabled[0]
+    if labeller == "TaxonomyPathRefiner" and (
+            len(enabled) != 1 or config.data_writer.type not in ("ParquetDataWriter",
+                                                                 "DiscardWriter")):
+        return None
+    params = {k: v for k, v in config.data_loader.params.items() if k != "report_name"}
+    source = ParquetInput(**params)
+    if source.embedding_field != op.params.get("embedding_field", "embedding"):
+        return None
+    worker = getattr(stage, "worker", None)
+    resources = dict(getattr(worker, "resources", None) or {})
+    replicas = getattr(worker, "num_replicas", None) or getattr(worker, "min_replicas", None)
+    settings = RunConfig(
+        num_replicas=int(replicas or 1), cpus_per_replica=resources.get("cpu"),
+        gpus_per_replica=float(resources.get("gpu") or 0),
+        device=op.params.get("device", "auto"),
+        kernel_backend=op.params.get("kernel_backend", "auto"),
+        compute_dtype=op.params.get("compute_dtype", "float32"), cache_bytes=cache_bytes)
+    return source, settings
+
+
 class PipelineFit:
     """Runs the fit passes of one MDF PipelineConfig that holds a KMeansLevelRefiner."""
 
     def __init__(self, config: Any, progress: bool = True, max_pass_retries: int = 2,
-                 on_pass: Callable[[Taxonomy], None] | None = None):
+                 on_pass: Callable[[Taxonomy], None] | None = None, columnar: bool = True,
+                 cache_bytes: int | None = None):
         ops = fit_operators(config)
         if len(ops) != 1:
             raise ValueError(
@@ -349,6 +389,8 @@ class PipelineFit:
         self.resumed = False
         self.summary: dict[str, Any] = {}
         self.account: InputAccount
+        self.plan = columnar_plan(config, "KMeansLevelRefiner", cache_bytes) if columnar else None
+        self.pool: WorkerPool | None = None  # the columnar workers, kept across passes
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> Taxonomy:
@@ -366,6 +408,7 @@ class PipelineFit:
                         level_started = time.perf_counter()
             finally:
                 self.account.close()
+                self.close_pool()
         self.summary = self._fit_summary(tax, time.perf_counter() - started)
         return tax
 
@@ -387,7 +430,7 @@ class PipelineFit:
         items = loader.get_file_list(max_samples=max_samples)
         if not items:
             raise ValueError(f"the loader {self.config.data_loader.type} found no input")
-        self.account = InputAccount(self.config, loader, items)
+        self.account = InputAccount(self.config, loader, items, report=self.plan is None)
         description = describe_input(loader, items, max_samples)
         fingerprint = fingerprint_of(description)
         if self.store.latest_version() is not None:
@@ -445,7 +488,9 @@ class PipelineFit:
             except PassIncomplete as e:
                 log.warning("pass over snapshot %s incomplete (%s); attempt %d of %d",
                             tax.version, e, attempt + 1, self.max_pass_retries + 1)
-                self.backend.shutdown()
+                if self.pool is None:
+                    self.backend.shutdown()
+                self.close_pool()
                 if attempt == self.max_pass_retries:
                     raise
         if st.phase == "sample":
@@ -480,7 +525,50 @@ class PipelineFit:
             line += f", rejected {p['rejected']}"
         _say(line, self.progress)
 
+    def close_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
     def _stream(self, tax: Taxonomy, n_nodes: int) -> dict[str, Any]:
+        if self.plan is not None:
+            return self._stream_columnar(tax)
+        return self._stream_mdf(tax, n_nodes)
+
+    def _stream_columnar(self, tax: Taxonomy) -> dict[str, Any]:
+        source, settings = self.plan
+        if self.pool is None:
+            if settings.num_replicas > 1:
+                ensure_ray()
+            self.pool = WorkerPool(source, self.account.items, settings)
+        started = time.perf_counter()
+        try:
+            result, loaded, skipped = self.pool.fit_pass(tax)
+        except ray.exceptions.RayError as e:
+            raise PassIncomplete(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+        seconds = time.perf_counter() - started
+        skipped = self.account.check_rows(loaded, skipped)
+        self._log_pass(tax, result, loaded, seconds, skipped)
+        totals = result["totals"]
+        if totals.get("rows", 0) + totals.get("rows_rejected", 0) != loaded:
+            raise PassIncomplete(f"the workers accounted for {totals} of {loaded} rows")
+        return result
+
+    def _log_pass(self, tax: Taxonomy, result: dict[str, Any], loaded: int, seconds: float,
+                  skipped: list[dict[str, Any]]) -> None:
+        st, totals = tax.state, result["totals"]
+        self.rows_total = self.rows_total or loaded
+        self.pass_log.append({"snapshot": tax.version, "level": st.level, "phase": st.phase,
+                              "rows": loaded, "fitted": int(totals.get("rows", 0)),
+                              "seconds": round(seconds, 3),
+                              "rows_per_s": loaded / seconds if seconds else None,
+                              "rejected": result["rejected"],
+                              "flushes": totals.get("flushes", 0),
+                              "flush_bytes": totals.get("flush_bytes", 0),
+                              "cached_rows": result.get("cached_rows", 0),
+                              "skipped": skipped})
+
+    def _stream_mdf(self, tax: Taxonomy, n_nodes: int) -> dict[str, Any]:
         st = tax.state
         cfg = self.account.pin(pinned(self.config, tax, fit_pass=True))
         ensure_ray(cfg.executor.num_cpus)  # MDF's Executor ended the last pass's Ray session
@@ -511,15 +599,7 @@ class PipelineFit:
         expected = _expected_rows(cfg, stats, loaded)
         if result["pass_ids"] != [str(tax.version)] or seen != expected:
             raise PassIncomplete(f"backend accounted for {seen} rows, the stage saw {expected}")
-        self.rows_total = self.rows_total or loaded
-        self.pass_log.append({"snapshot": tax.version, "level": st.level, "phase": st.phase,
-                              "rows": loaded, "fitted": int(totals.get("rows", 0)),
-                              "seconds": round(seconds, 3),
-                              "rows_per_s": loaded / seconds if seconds else None,
-                              "rejected": result["rejected"],
-                              "flushes": totals.get("flushes", 0),
-                              "flush_bytes": totals.get("flush_bytes", 0),
-                              "skipped": skipped})
+        self._log_pass(tax, result, loaded, seconds, skipped)
         return result
 
     def _level_summary(self, tax: Taxonomy, level: int, seconds: float) -> None:
@@ -661,47 +741,46 @@ class TaxonomyEngine:
 
     It builds an MDF pipeline (ParquetEmbeddingLoader -> KMeansLevelRefiner ->
     TaxonomyPathRefiner -> ParquetDataWriter) and runs it through the same
-    PipelineFit as `mdf-taxonomy run`.
+    PipelineFit as `mdf-taxonomy run`: as columnar passes where it can, else through
+    MDF's Executor.
+
+    storage_uri: where the taxonomy's snapshots live (any fsspec URI).
+    storage_options: fsspec options for the input, the output and the store.
+    progress: progress bars and one line per pass on stderr.
+    partition_by: output columns to partition the labelled Parquet by (Hive).
+    params: every fit parameter of TaxonomyConfig (metric, seed, max_iter, tol, ...)
+        and every run parameter of RunConfig (num_replicas, device, compute_dtype,
+        cache_bytes, columnar, on_bad_file, ...), by name; model/config.py declares
+        their defaults, constraints and meaning once.
     """
 
-    def __init__(self, n_levels: int = 1, branching_factor: int | list[int] = 16,
-                 dim: int | None = None, storage_uri: str = "./output/taxonomy", *,
-                 metric: str = "l2", seed: int = 0, max_iter: int = 20, tol: float = 1e-4,
-                 sample_per_child: int = 64, max_sample_per_node: int = 65536,
-                 init_iters: int = 10, embedding_field: str = "embedding",
-                 batch_size: int = 1024, num_replicas: int = 1, num_loaders: int = 1,
-                 cpus_per_replica: float | None = None, gpus_per_replica: float = 0,
-                 backend_buckets: int = 2, flush_rows: int = 65536, device: str = "auto",
-                 kernel_backend: str = "auto",
-                 compute_dtype: str = "float32", storage_options: dict[str, Any] | None = None,
-                 progress: bool = True, max_pass_retries: int = 2,
-                 partition_by: list[str] | None = None, on_bad_file: str = "fail"):
+    def __init__(self, n_levels: int = TaxonomyConfig.n_levels,
+                 branching_factor: int | list[int] = TaxonomyConfig.branching_factor,
+                 dim: int | None = TaxonomyConfig.dim, storage_uri: str = "./output/taxonomy",
+                 *, storage_options: dict[str, Any] | None = None, progress: bool = True,
+                 partition_by: list[str] | None = None, **params: Any):
+        fit_names = set(TaxonomyConfig.__dataclass_fields__) - {"extra"}
+        run_names = set(RunConfig.__dataclass_fields__)
+        unknown = sorted(set(params) - fit_names - run_names)
+        if unknown:
+            raise TypeError(f"TaxonomyEngine: unknown parameter(s) {unknown}; fit parameters: "
+                            f"{sorted(fit_names)}, run parameters: {sorted(run_names)}")
         self.fit_params = TaxonomyConfig(
-            n_levels=n_levels, branching_factor=branching_factor, dim=dim, metric=metric,
-            seed=seed, max_iter=max_iter, tol=tol, sample_per_child=sample_per_child,
-            max_sample_per_node=max_sample_per_node, init_iters=init_iters,
-            embedding_field=embedding_field,
-        ).to_dict()
-        if batch_size < 1 or num_replicas < 1 or num_loaders < 1:
-            raise ValueError("batch_size, num_replicas and num_loaders must be >= 1")
+            n_levels=n_levels, branching_factor=branching_factor, dim=dim,
+            **{k: v for k, v in params.items() if k in fit_names}).to_dict()
+        self.run = RunConfig(**{k: v for k, v in params.items() if k in run_names})
         self.storage_uri = storage_uri
-        self.batch_size = batch_size
-        self.num_replicas = num_replicas
-        self.num_loaders = num_loaders
-        self.cpus_per_replica = cpus_per_replica
-        self.gpus_per_replica = gpus_per_replica
-        self.backend_buckets = backend_buckets
-        self.flush_rows = flush_rows
-        self.device = device
-        self.kernel_backend = kernel_backend
-        self.compute_dtype = compute_dtype
         self.storage_options = storage_options
         self.progress = progress
-        self.max_pass_retries = max_pass_retries
         self.partition_by = partition_by
-        self.on_bad_file = on_bad_file
         self.last_fit: PipelineFit | None = None
         self.last_summary: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        """A run parameter by name (engine.num_replicas)."""
+        if name != "run" and name in RunConfig.__dataclass_fields__:
+            return getattr(self.run, name)
+        raise AttributeError(name)
 
     # -- pipelines -------------------------------------------------------------------
     def _loader_params(self, input: str | list[str], **extra: Any) -> dict[str, Any]:
@@ -712,8 +791,8 @@ class TaxonomyEngine:
     def _pipeline(self, input: str | list[str], output: str | None, fit: bool,
                   loader_extra: dict[str, Any] | None = None) -> Any:
         _mdf.load_host_components()
-        ensure_ray()
-        cpus = ray.cluster_resources().get("CPU", 1)
+        cpus = (ray.cluster_resources().get("CPU", 1) if ray.is_initialized()
+                else os.cpu_count() or 1)
         per_replica = self.cpus_per_replica or max(
             0.1, min(1.0, (cpus - self.num_loaders) / self.num_replicas))
         common = {"storage_uri": self.storage_uri, "device": self.device,
@@ -773,7 +852,8 @@ class TaxonomyEngine:
         staged = (StagedOutput(output, self.storage_options, overwrite)
                   if output is not None else None)
         config = self._pipeline(input, None, fit=True, loader_extra=extra)
-        run = PipelineFit(config, progress=self.progress, max_pass_retries=self.max_pass_retries)
+        run = PipelineFit(config, progress=self.progress, max_pass_retries=self.max_pass_retries,
+                          columnar=self.columnar, cache_bytes=self.cache_bytes)
         self.last_fit = run
         tax = run.run()
         summary: dict[str, Any] = {"command": "fit", "runtime": _mdf.MDF_FLAVOUR,
@@ -781,7 +861,8 @@ class TaxonomyEngine:
         if output is not None:
             final = pinned(self._pipeline(input, output, fit=False, loader_extra=extra),
                            tax, fit_pass=False)
-            result = staged_run(final, staged, progress=self.progress, desc="label")
+            result = staged_run(final, staged, progress=self.progress, desc="label",
+                                columnar=self.columnar)
             summary["label"] = label_summary(result)
         summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
         self.last_summary = summary
@@ -804,23 +885,35 @@ class TaxonomyEngine:
         if output is not None:
             staged = StagedOutput(output, self.storage_options, overwrite)
             final = pinned(self._pipeline(input, output, fit=False), tax, fit_pass=False)
-            result = staged_run(final, staged, progress=self.progress, desc="label")
+            result = staged_run(final, staged, progress=self.progress, desc="label",
+                                columnar=self.columnar)
             self.last_summary = {"command": "predict", "runtime": _mdf.MDF_FLAVOUR,
                                  "label": label_summary(result)}
             return output
-        loader = ParquetEmbeddingLoader(**self._loader_params(input))
-        records = list(loader.load_files(loader.get_file_list()))
-        parsed = parse_embeddings(records, self.fit_params["embedding_field"], tax.dim,
-                                  metric=tax.config.metric)
-        paths = np.full((len(records), tax.n_levels), -1, dtype=np.int32)
-        if len(parsed.valid):
-            paths[parsed.valid] = tax.assign_paths(parsed.x, backend=self.kernel_backend)[0]
-        return paths
+        source = ParquetInput(**self._loader_params(input))
+        field = self.fit_params["embedding_field"]
+        out = []
+        for _, batches in source.read_items(source.get_file_list()):
+            column = pa.Table.from_batches(batches).column(field)
+            parsed = parse_arrow(column, field, tax.dim, metric=tax.config.metric)
+            paths = np.full((len(column), tax.n_levels), -1, dtype=np.int32)
+            if len(parsed.valid):
+                paths[parsed.valid] = tax.assign_paths(parsed.x, backend=self.kernel_backend)[0]
+            out.append(paths)
+        return np.concatenate(out) if out else np.zeros((0, tax.n_levels), np.int32)
 
 
-def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[str, Any]:
-    """One MDF run of `config`: rows in/out, every operator's stats, the labellers' counts,
-    the input items skipped; rows read are checked against the input's own counts."""
+def run_pipeline(config: Any, progress: bool = True, desc: str = "run",
+                 columnar: bool = True) -> dict[str, Any]:
+    """One run of `config`: rows in/out, every operator's stats, the labellers' counts,
+    the input items skipped; rows read are checked against the input's own counts.
+
+    A labelling run that is only a Parquet input, a taxonomy_path_refiner and a Parquet
+    writer runs as a columnar pass (same labels, written column-wise); the rest through
+    the MDF Executor."""
+    plan = columnar_plan(config, "TaxonomyPathRefiner") if columnar else None
+    if plan is not None:
+        return _run_columnar(config, *plan)
     account = InputAccount(config)
     config = account.pin(config)
     ensure_ray(config.executor.num_cpus)
@@ -835,6 +928,46 @@ def run_pipeline(config: Any, progress: bool = True, desc: str = "run") -> dict[
         raise PassIncomplete(f"the labeller saw {seen} of the {result['rows_in']} rows read "
                              "(a batch was lost)")
     return result
+
+
+def _run_columnar(config: Any, source: ParquetInput, settings: RunConfig
+                  ) -> dict[str, Any]:
+    """A labelling run as a columnar pass: the same result as run_pipeline's."""
+    stage, op = next((st, op) for st in config.stages for op in st.operators if op.enabled)
+    labeller = TaxonomyPathRefiner(**op.params)  # validates, and reads the depth
+    tax = labeller.taxonomy
+    items = source.get_file_list()
+    account = InputAccount(config, source, items, report=False)
+    writer = config.data_writer
+    started = time.perf_counter()
+    if settings.num_replicas > 1:
+        ensure_ray()
+    pool = WorkerPool(source, items, settings)
+    replicas = len(pool.workers)
+    try:
+        partition_by = writer.params.get("partition_by")
+        if isinstance(partition_by, str):
+            partition_by = [partition_by]
+        output = None if writer.type == "DiscardWriter" else writer.params["output_path"]
+        counts, loaded, skipped = pool.label(tax, output,
+                                             writer.params.get("storage_options"),
+                                             partition_by)
+    except ray.exceptions.RayError as e:
+        raise PassIncomplete(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+    finally:
+        pool.close()
+    skipped = account.check_rows(loaded, skipped)
+    totals, rejected = counts["totals"], counts["rejected"]
+    seen = totals.get("rows", 0) + totals.get("rows_rejected", 0)
+    if seen != loaded:
+        raise PassIncomplete(f"the labeller saw {seen} of the {loaded} rows read")
+    labelling = {"seen": seen, "labelled": totals.get("rows", 0), "rejected": rejected}
+    return {"rows_in": loaded, "rows_out": loaded,
+            "seconds": round(time.perf_counter() - started, 3), "labelling": labelling,
+            "stats": {stage.name: {"TaxonomyPathRefiner": {
+                "input_records": seen, "output_records": loaded, "rejected": rejected,
+                "replicas": replicas, "pass": "columnar"}}},
+            "skipped": skipped}
 
 
 def _run_once(config: Any, progress: bool, desc: str) -> dict[str, Any]:

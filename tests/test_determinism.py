@@ -1,8 +1,9 @@
 """Same data, config and seed give the same tree bit for bit, however the fit is run.
 
-One reference fit (module fixture) against fits that change only how the work is
-cut: stage replicas, batch size, and how the rows are split into files / row
-groups (and in what order they come).
+One reference fit (module fixture, the columnar pass) against fits that change only
+how the work is cut: the face (columnar pass or MDF operators record by record),
+workers / stage replicas, batch size, the cache of decoded rows, and how the rows
+are split into files / row groups (and in what order they come).
 """
 
 from __future__ import annotations
@@ -58,14 +59,15 @@ def _check(got, want):
     assert labels == ref_labels
 
 
-def test_two_replicas_give_the_same_tree(reference, tmp_path):
+@pytest.mark.parametrize("how", [
+    {"num_replicas": 2},  # two columnar workers (Ray actors)
+    {"cache_bytes": 0},  # every pass streamed from the files
+    {"columnar": False},  # MDF's Executor and the operators' list path
+    {"columnar": False, "num_replicas": 2, "batch_size": 200},
+], ids=["2-workers", "streamed", "mdf-operators", "mdf-2-replicas-batch-200"])
+def test_how_the_work_is_run_does_not_change_the_tree(reference, tmp_path, how):
     data, tax, labels = reference
-    _check(_fit(tmp_path, data, "r2", num_replicas=2), (tax, labels))
-
-
-def test_batch_size_does_not_change_the_tree(reference, tmp_path):
-    data, tax, labels = reference
-    _check(_fit(tmp_path, data, "b200", batch_size=200), (tax, labels))
+    _check(_fit(tmp_path, data, "how", **how), (tax, labels))
 
 
 def test_file_order_and_split_do_not_change_the_tree(reference, rows, tmp_path):

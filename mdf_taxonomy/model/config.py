@@ -1,8 +1,11 @@
-"""The fit's parameters, validated once, in the spirit of scikit-learn's KMeans.
+"""The parameters, declared once, in the spirit of scikit-learn's KMeans.
 
-Every parameter has one constraint in `PARAMETER_CONSTRAINTS` (as scikit-learn's
-`_parameter_constraints`): a config that would fail at run time, after minutes of
-streaming, is refused when it is built, with the parameter and its range named.
+Two tables: `PARAMETER_CONSTRAINTS` for what decides the tree (TaxonomyConfig) and
+`RUN_PARAMETER_CONSTRAINTS` for how the passes run (RunConfig: workers, device,
+dtype, buckets, flushes, cache), which changes no bit of the tree. Each parameter
+has its name, default, constraint and help here; the engine, the CLI and the
+operators take them from here, and a value that would fail at run time, after
+minutes of streaming, is refused when the object is built, naming the parameter.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from mdf_taxonomy.kernels import KERNEL_BACKENDS
 
 METRICS = ("l2", "cosine")
 MAX_LEVELS = 64
@@ -54,7 +59,7 @@ class PerLevel:
 
 @dataclass(frozen=True)
 class OrNone:
-    inner: Int
+    inner: Any
 
     def ok(self, v: Any) -> bool:
         return v is None or self.inner.ok(v)
@@ -97,7 +102,29 @@ class NonEmptyStr:
         return "must be a non-empty string"
 
 
-Constraint = Int | PerLevel | OrNone | FiniteAtLeast | OneOf | NonEmptyStr
+@dataclass(frozen=True)
+class Bool:
+    def ok(self, v: Any) -> bool:
+        return isinstance(v, bool)
+
+    def __str__(self) -> str:
+        return "must be true or false"
+
+
+@dataclass(frozen=True)
+class Device:
+    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
+
+    def ok(self, v: Any) -> bool:
+        if v in ("auto", "cpu", "cuda"):
+            return True
+        return isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit()
+
+    def __str__(self) -> str:
+        return "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+Constraint = Int | PerLevel | OrNone | FiniteAtLeast | OneOf | NonEmptyStr | Bool | Device
 PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
     "n_levels": Int(1, MAX_LEVELS),
     "branching_factor": PerLevel(Int(1, MAX_BRANCHING)),
@@ -118,11 +145,18 @@ class TaxonomyConfig:
     """Everything that decides the shape of the tree; two fits with equal configs,
     equal data and equal seeds give the same tree bit for bit.
 
+    n_levels: depth of the tree.
     branching_factor: children per node, one number for every level or one per level.
+    dim: embedding length (None: the majority length of the first rows read).
+    metric: 'l2' (squared Euclidean) or 'cosine' (rows are L2-normalised first).
+    seed: decides the init samples and k-means++ draws.
+    max_iter: Lloyd passes per level at most.
     tol: a level stops when the relative drop of inertia between passes is below it.
     sample_per_child: init sample rows per child (bottom-k by content hash, so the
         sample does not depend on batch or file order); capped by max_sample_per_node.
+    max_sample_per_node: the cap on a parent's init sample.
     init_iters: Lloyd iterations run in memory on the sample after k-means++.
+    embedding_field: the input column holding the vectors.
     """
 
     n_levels: int = 1
@@ -180,6 +214,95 @@ class TaxonomyConfig:
     def same_tree(self, other: TaxonomyConfig) -> bool:
         """True when `other` describes the same fit (so a stored fit may be resumed)."""
         return self.to_dict() == other.to_dict()
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+ON_BAD_FILE = ("fail", "skip")
+RUN_PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
+    "batch_size": Int(1, 2**24),
+    "num_replicas": Int(1, 4096),
+    "num_loaders": Int(1, 4096),
+    "cpus_per_replica": OrNone(FiniteAtLeast(0.0)),
+    "gpus_per_replica": FiniteAtLeast(0.0),
+    "backend_buckets": Int(1, 4096),
+    "flush_rows": Int(0, 2**40),
+    "device": Device(),
+    "kernel_backend": OneOf(KERNEL_BACKENDS),
+    "compute_dtype": OneOf(COMPUTE_DTYPES),
+    "cache_bytes": OrNone(Int(0, 2**62)),
+    "columnar": Bool(),
+    "on_bad_file": OneOf(ON_BAD_FILE),
+    "max_pass_retries": Int(0, 100),
+}
+
+
+def check_parameter(name: str, value: Any, where: str) -> None:
+    """Raise ValueError unless `value` meets the run or fit constraint of `name`."""
+    rule = RUN_PARAMETER_CONSTRAINTS.get(name) or PARAMETER_CONSTRAINTS[name]
+    if not rule.ok(value):
+        raise ValueError(f"{where}: {name}={value!r}: {rule}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the passes run; none of it changes a bit of the tree.
+
+    batch_size: records per batch on MDF's Executor (the columnar pass reads whole
+        Parquet row groups).
+    num_replicas: columnar workers (1: in this process, no Ray) or stage replicas.
+    num_loaders: MDF loader actors (the operator path).
+    cpus_per_replica / gpus_per_replica: Ray resources of each worker or replica
+        (cpus None: the cores left after the loaders, shared out).
+    backend_buckets: bucket actors holding a pass's partials (the operator path).
+    flush_rows: rows of partials folded in a replica before a flush (operator path).
+    device: 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'.
+    kernel_backend: 'auto' (Triton on CUDA), 'torch' or 'triton'.
+    compute_dtype: what the kernels read (bfloat16/float16 halve the bytes on GPUs).
+    cache_bytes: decoded rows a columnar worker keeps across passes (None: half the
+        GPU's free memory or a quarter of the host's; 0: stream every pass).
+    columnar: run passes as columnar passes where the pipeline allows; False runs
+        every pass through MDF's Executor and the operators, record by record.
+    on_bad_file: 'fail' or 'skip' an unreadable input file or row group.
+    max_pass_retries: times a pass that lost rows is run again.
+    """
+
+    batch_size: int = 1024
+    num_replicas: int = 1
+    num_loaders: int = 1
+    cpus_per_replica: float | None = None
+    gpus_per_replica: float = 0
+    backend_buckets: int = 2
+    flush_rows: int = 65536
+    device: str = "auto"
+    kernel_backend: str = "auto"
+    compute_dtype: str = "float32"
+    cache_bytes: int | None = None
+    columnar: bool = True
+    on_bad_file: str = "fail"
+    max_pass_retries: int = 2
+
+    def __post_init__(self) -> None:
+        for name in RUN_PARAMETER_CONSTRAINTS:
+            check_parameter(name, getattr(self, name), "RunConfig")
+
+
+def parameter_help(cls: type) -> dict[str, str]:
+    """Each parameter's help, from the class docstring's `name: text` paragraphs."""
+    out: dict[str, str] = {}
+    current: list[str] = []
+    for line in (cls.__doc__ or "").splitlines():
+        text = line.strip()
+        head, sep, rest = text.partition(": ")
+        if sep and head.replace(" / ", "/").replace("_", "").replace("/", "").isalnum():
+            current = [n.strip() for n in head.split("/")]
+            for n in current:
+                out[n] = rest
+        elif text and current:
+            for n in current:
+                out[n] += " " + text
+        else:
+            current = []
+    return out
 
 
 def _is_int(v: Any) -> bool:

@@ -8,6 +8,7 @@ after it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,12 @@ class Taxonomy:
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows as the metric sees them (unit norm for cosine), on `device`, in `dtype`
         (bf16/fp16 halve the bytes the GPU kernels read; the CPU path wants float32)."""
-        t = torch.as_tensor(x)
+        if isinstance(x, np.ndarray) and not x.flags.writeable:  # a view on Arrow's buffer:
+            with warnings.catch_warnings():  # read, never written, so no copy is needed
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.as_tensor(x)
+        else:
+            t = torch.as_tensor(x)
         if t.ndim != 2 or t.shape[1] != self.dim:
             raise ValueError(f"expected rows of {self.dim} values, got shape {tuple(t.shape)}")
         t = t.to(device)

@@ -24,8 +24,8 @@ import torch
 from mdf_taxonomy import _mdf
 from mdf_taxonomy._mdf import BatchResult, Refiner
 from mdf_taxonomy.backend import FitBackend, PartialsCombiner
-from mdf_taxonomy.kernels import KERNEL_BACKENDS
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
+from mdf_taxonomy.model.config import check_parameter
 from mdf_taxonomy.passes import batch
 from mdf_taxonomy.passes.batch import COMPUTE_DTYPES
 from mdf_taxonomy.passes.records import ERROR_FIELD, ParsedBatch, parse_embeddings
@@ -54,18 +54,9 @@ class _TaxonomyRefiner(Refiner):
                  snapshot: str | None = None, device: str = "auto", kernel_backend: str = "auto",
                  storage_options: dict[str, Any] | None = None, compute_dtype: str = "float32"):
         super().__init__()
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype={compute_dtype!r}: must be one of "
-                             f"{list(COMPUTE_DTYPES)}")
-        if kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"kernel_backend={kernel_backend!r}: must be one of "
-                             f"{list(KERNEL_BACKENDS)}")
-        try:
-            if device != "auto":
-                torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device={device!r}: must be 'auto', 'cpu', 'cuda' or "
-                             "'cuda:N'") from e
+        for name, value in (("device", device), ("kernel_backend", kernel_backend),
+                            ("compute_dtype", compute_dtype)):
+            check_parameter(name, value, type(self).__name__)
         self.compute_dtype = compute_dtype
         self.timings = {"parse_s": 0.0, "assign_s": 0.0, "flush_s": 0.0}
         if not storage_uri:
@@ -219,6 +210,8 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
             max_sample_per_node=max_sample_per_node, init_iters=init_iters,
             embedding_field=embedding_field,
         )
+        check_parameter("backend_buckets", backend_buckets, type(self).__name__)
+        check_parameter("flush_rows", flush_rows, type(self).__name__)
         self.backend = FitBackend(backend_buckets, backend_name)
         self.flush_rows = flush_rows
         self.flush_failures = 0

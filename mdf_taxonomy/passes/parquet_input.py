@@ -49,6 +49,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mdf_taxonomy.model.store import one_line, storage_unreachable
 from mdf_taxonomy.passes.input_report import ITEM_SEP, report_entry, tell_input_report
+from mdf_taxonomy.passes.records import parse_arrow
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,9 @@ class ParquetInput:
             names = next(iter(readable.values()))[1].names if readable else []
             if not readable:
                 raise InputError(f"input {self.path!r}: no readable Parquet file")
+            problem = self._embedding_problem(next(iter(readable.values()))[1])
+            if self.embedding_field in names:
+                raise InputError(f"input {self.path!r}: {problem}")
             raise InputError(f"input {self.path!r} has no column {self.embedding_field!r} "
                              f"(columns: {names})")
         counts = Counter(_schema_key(s) for s in usable)
@@ -363,6 +367,15 @@ class ParquetInput:
     def load_files(self, file_list: list[str], worker_id: int | None = None,
                    checkpoint: dict | None = None) -> Iterator[dict]:
         """The records of each item in turn; a bad item is raised or skipped on its own."""
+        for _, batches in self.read_items(file_list):
+            for batch in batches:
+                yield from self.batch_to_records(batch)
+
+    def read_items(self, file_list: list[str], columns: list[str] | None = None
+                   ) -> Iterator[tuple[str, list[pa.RecordBatch]]]:
+        """(item, its record batches) for each readable item, in order; a bad item is
+        retried once, then raised or skipped (on_bad_file). `columns` overrides the
+        projection (the embedding column is always read)."""
         listing = self._listing or self._list()
         fs = self._fs()
         afs = _arrow_fs(fs)
@@ -371,7 +384,7 @@ class ParquetInput:
             batches = None
             for attempt in (1, 2):
                 try:
-                    batches = self._read_item(afs, listing, item, frags)
+                    batches = self._read_item(afs, listing, item, frags, columns)
                     break
                 except Exception as e:  # noqa: BLE001 - retried once, then fail or skip
                     frags.clear()
@@ -389,11 +402,17 @@ class ParquetInput:
                 self._bad(item, rows[rg] if rg < len(rows) else None, one_line(error),
                           stage="load")
                 continue
-            for batch in batches:
-                yield from self.batch_to_records(batch)
+            yield item, batches
+
+    def item_rows(self, item: str) -> int:
+        """Rows of one item per its footer (before any filter): for balancing work."""
+        path, rg = _split(item)
+        listing = self._listing or self._list()
+        return listing.rows.get(path, [0] * (rg + 1))[rg]
 
     def _read_item(self, afs: pafs.FileSystem, listing: _Listing, item: str,
-                   frags: dict[str, ds.Fragment]) -> list[pa.RecordBatch]:
+                   frags: dict[str, ds.Fragment], columns: list[str] | None = None
+                   ) -> list[pa.RecordBatch]:
         """All batches of one row group (read whole, so a failure gives no rows)."""
         path, rg = _split(item)
         frag = frags.get(path)
@@ -410,8 +429,9 @@ class ParquetInput:
             raise InputError(f"foreign schema: {problem}")
         if rg >= frag.num_row_groups:
             raise InputError(f"the file has {frag.num_row_groups} row groups now")
-        columns = None if self.columns is None else list(
-            dict.fromkeys([*self.columns, self.embedding_field]))
+        columns = columns if columns is not None else self.columns
+        columns = None if columns is None else list(
+            dict.fromkeys([*columns, self.embedding_field]))
         scanner = ds.Scanner.from_fragment(
             frag.subset(row_group_ids=[rg]), schema=listing.schema, columns=columns,
             filter=self._expression(), batch_size=self.batch_rows,
@@ -482,6 +502,10 @@ def _schema_key(schema: pa.Schema) -> str:
 def _list_type_problem(t: pa.DataType, name: str) -> str | None:
     if pa.types.is_null(t):
         return None  # every row null: each is rejected with a reason downstream
+    if pa.types.is_fixed_size_binary(t):
+        if t.byte_width % 4:
+            return f"column {name!r} has type {t}: not a whole number of float32 values"
+        return None  # little-endian float32 values
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
         return f"column {name!r} has type {t}, expected a list of numbers"
     if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
@@ -512,6 +536,15 @@ def embeddings_to_numpy(column: pa.Array, name: str = "embedding") -> list[np.nd
     problem = _list_type_problem(t, name)
     if problem is not None:
         raise InputError(problem)
+    if pa.types.is_fixed_size_binary(t):
+        parsed = parse_arrow(column, name, t.byte_width // 4)
+        rows: list[np.ndarray | None] = [None] * len(column)
+        for j, i in enumerate(parsed.valid):
+            rows[i] = parsed.x[j]
+        for i, reason in parsed.errors.items():  # keep bad values for the operator to name
+            if not reason.startswith("missing_embedding"):
+                rows[i] = np.frombuffer(column[i].as_py(), dtype="<f4")
+        return rows
     values = column.flatten() if column.null_count == 0 else pc.list_flatten(column)
     flat = values.to_numpy(zero_copy_only=False)
     if pa.types.is_fixed_size_list(t):
