@@ -42,8 +42,9 @@ def check_against_brute(x, c, out, metric, tol=1e-4):
     assert torch.allclose(out.distance.double(), chosen, rtol=1e-4, atol=1e-4 * float(scale.max()))
     if out.second is not None:
         if c.shape[0] > 1:
-            assert torch.allclose(out.second.double(), top2.values[:, 1], rtol=1e-4,
-                                  atol=1e-4 * float(scale.max()))
+            assert torch.allclose(
+                out.second.double(), top2.values[:, 1], rtol=1e-4, atol=1e-4 * float(scale.max())
+            )
         else:
             assert torch.isinf(out.second).all()
 
@@ -136,7 +137,8 @@ def test_partial_sums_exact_and_order_free():
     assert sums.dtype == torch.int64 and counts.dtype == torch.int64
     assert counts.tolist() == torch.bincount(ids[ids >= 0], minlength=17).tolist()
     ref = torch.zeros(17, 33, dtype=torch.float64).index_add_(
-        0, ids[ids >= 0], x[ids >= 0].double())
+        0, ids[ids >= 0], x[ids >= 0].double()
+    )
     assert torch.allclose(K.from_fixed_point(sums), ref, atol=2000 * 2.0**-24)
     perm = torch.randperm(2000, generator=g)
     s2, c2 = K.partial_sums(x[perm], ids[perm], 17, backend="torch")
@@ -168,3 +170,49 @@ def test_resolve_backend():
         K.resolve_backend("cuda", "cpu")
     if torch.cuda.is_available() and K.triton_available():
         assert K.resolve_backend("auto", "cuda") == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_quantize_matches_fp64_formula(dtype):
+    """The fp32 rounding equals floor(x * 2**24 + 0.5) in fp64 bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randint(-(2**30), 2**30, (4000,), generator=g).double()
+    halves = (k + 0.5) / 2**24  # exact ties of the rounding
+    vals = torch.cat(
+        [
+            halves,
+            -halves,
+            (k + 0.25) / 2**24,
+            (k - 0.5) / 2**24,
+            torch.randn(4000, generator=g).double()
+            * 10.0 ** torch.randint(-12, 5, (4000,), generator=g),
+            torch.tensor(
+                [
+                    0.0,
+                    -0.0,
+                    2.0**15,
+                    -(2.0**15),
+                    2.0**15 - 2.0**-9,
+                    0.5 / 2**24,
+                    -0.5 / 2**24,
+                    1.5 / 2**24,
+                    -1.5 / 2**24,
+                    2.0**-149,
+                    -(2.0**-149),
+                    2.0**-30,
+                    -(2.0**-30),
+                    2.0**27,
+                    -(2.0**27),
+                ]
+            ),
+        ]
+    )
+    if dtype != torch.float64:
+        vals = vals.to(dtype)
+        vals = vals[torch.isfinite(vals)]
+    old = torch.floor(vals.to(torch.float64) * 2.0**24 + 0.5).to(torch.int64)
+    assert torch.equal(R.quantize(vals), old)
+    ids = torch.arange(vals.numel()) % 5
+    sums, _ = R.partial_sums_torch(vals[:, None], ids, 5)
+    ref = torch.zeros(5, 1, dtype=torch.int64).index_add_(0, ids, old[:, None])
+    assert torch.equal(sums, ref)

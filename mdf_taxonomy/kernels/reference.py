@@ -4,16 +4,23 @@ Why a reference at all: every fast kernel is checked against these functions, an
 machines without a GPU these *are* the kernels. They are memory-bounded (the temporary
 distance block stays under ``BLOCK_BUDGET_BYTES``) and never build the full N x K matrix.
 
-Per-row determinism: the centroid axis is always cut into the same fixed chunks of
-``CENTROID_CHUNK`` rows, whatever N is, and the running top-2 merge is done in the same
-order. The scores are computed in float64 and rounded to float32 only at the end: BLAS
-picks its reduction order by matrix shape (a 1-row batch goes through gemv), which moved
-fp32 distances by an ulp between batch sizes; in float64 that perturbation (~1e-16
-relative) changes the rounded float32 result or the argmin only for exact or ~1e-16
-near-ties (duplicated centroids), which is the residual caveat.
+Per-row determinism: BLAS picks its reduction order by matrix shape (a 1-row batch goes
+through gemv), so a score computed by a matrix product can move by an ulp between batch
+sizes. The ids therefore come from a rule whose outcome does not depend on those ulps: the
+ranking scores are computed in float32 by BLAS over fixed ``CENTROID_CHUNK`` chunks, and a
+rigorous per-row bound on their rounding error (``_fp32_score_bound``) decides whether the
+fp32 argmin is provably the exact one; the rows where it is not (margin between best and
+second <= twice the bound) are re-ranked against all centroids in float64. Either way the id
+is the exact argmin (lowest id on ties), up to the fp64 ranking's own ~1e-16 relative
+resolution for exact or near-exact ties (duplicated centroids), the residual caveat. The
+distances are then recomputed from the chosen id row by row in float64 with a fixed
+pairwise summation tree (``_rowwise_distance``), so they do not depend on the batch, the
+path a row took, or the thread count.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,10 +29,17 @@ _SCALE = float(2**FIXED_POINT_BITS)
 
 #: Centroids per chunk; fixed so per-row results do not depend on N.
 CENTROID_CHUNK: int = 4096
-#: Upper bound for the temporary fp64 score block (and the int64 quantised block).
+#: Upper bound for the temporary score block (and the int64 quantised block).
 BLOCK_BUDGET_BYTES: int = 256 * 2**20
+#: Values per block of the row-wise passes (distance, quantisation): temporaries stay in
+#: cache, and blocks are large enough that the per-op overhead is small.
+ROWWISE_BLOCK_ELEMS: int = 2**17
 
 _INF = float("inf")
+_NAN = float("nan")
+_U32 = 2.0**-24  # unit roundoff of float32
+_TINY32 = 2.0**-126  # smallest normal float32: absolute error of an underflowed product
+_LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _rows_per_chunk(n_cols: int, bytes_per_elem: int, copies: int = 3) -> int:
@@ -37,25 +51,104 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
 
 
+def _gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u) for float32: bound of an n-term dot product."""
+    nu = n * _U32
+    return nu / (1.0 - nu) if nu < 1.0 else _INF
+
+
+def _fp32_prerank_allowed(x: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """Whether the fp32 pre-ranking is sound: its error bound assumes IEEE fp32 products.
+
+    CPU only (on CUDA, TF32 may be on; the GPU path is Triton anyway), full fp32 matmul
+    precision (``"high"``/``"medium"`` let oneDNN compute fp32 products in bf16), and inputs
+    that fp32 holds exactly: float64 inputs rank in float64 directly.
+    """
+    if x.device.type != "cpu" or x.dtype not in _LOW_PRECISION:
+        return False
+    if centroids.dtype not in _LOW_PRECISION:
+        return False
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn_mm = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(mkldnn_mm, "fp32_precision", "none") in ("none", "ieee")
+
+
+def _fp32_score_bound(
+    x_norm: torch.Tensor, c_norm_max: float, cn_max: float, d: int, metric: str
+) -> torch.Tensor:
+    """Per-row bound on |fp32 score - exact score|, for every centroid and any BLAS order.
+
+    ``x_norm``: an upper bound of ||x|| per row (fp64); ``c_norm_max``, ``cn_max``: the max
+    ||c|| and ||c||^2 over the centroids. The l2 score ``||c||^2 - 2 x.c`` is a sum of D+1
+    terms whose magnitudes add up to at most ``cn_max + 2 ||x|| max||c||`` (Cauchy-Schwarz),
+    so any summation order is within gamma_{D+1} of it; add u for casting ||c||^2 (computed
+    in fp64) to fp32, u for the final rounding, an absolute term for underflowed (or
+    flushed) products, and a safety factor 2 for the second-order terms.
+    """
+    xc = x_norm * c_norm_max
+    if metric == "l2":
+        mag = 2.0 * xc + cn_max
+        err = (_gamma(d + 1) + _U32) * mag + _U32 * cn_max + 4.0 * (d + 1) * _TINY32
+    else:
+        err = (_gamma(d) + _U32) * xc + 2.0 * (d + 1) * _TINY32
+    return 2.0 * err
+
+
+def _top2_fp32(
+    xb: torch.Tensor, c32: torch.Tensor, cn32: torch.Tensor | None, metric: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 BLAS best score, second-best score and best id per row, over fixed chunks.
+
+    The second best is taken with the best masked out, so a duplicate of the best centroid
+    gives second == best (margin 0: the row is re-ranked). A NaN score leaves best = +inf or
+    NaN and hence a NaN margin, which also sends the row to the fp64 path.
+    """
+    n = xb.shape[0]
+    k = c32.shape[0]
+    best = second = best_id = None
+    for c0 in range(0, k, CENTROID_CHUNK):
+        cc = c32[c0 : c0 + CENTROID_CHUNK]
+        if metric == "l2":
+            s = torch.addmm(cn32[c0 : c0 + CENTROID_CHUNK][None, :], xb, cc.T, alpha=-2.0)
+        else:
+            s = torch.mm(xb, cc.T).neg_()
+        tmin, targ = s.min(dim=1)  # first occurrence on ties
+        if s.shape[1] > 1:
+            s.scatter_(1, targ[:, None], _INF)
+            tsec = s.min(dim=1).values
+        else:
+            tsec = torch.full((n,), _INF, dtype=torch.float32, device=xb.device)
+        if best is None:
+            best, second, best_id = tmin, tsec, targ
+            continue
+        take = tmin < best
+        second = torch.where(take, torch.minimum(best, tsec), torch.minimum(second, tmin))
+        best = torch.where(take, tmin, best)
+        best_id = torch.where(take, targ + c0, best_id)
+    return best, second, best_id
+
+
 def _top2_block(
     xf: torch.Tensor,
-    xn: torch.Tensor | None,
     cf: torch.Tensor,
     cn: torch.Tensor | None,
     metric: str,
     with_second: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Top-1 (+ second) of the ranking score over all centroids of ``cf`` for rows ``xf``.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ids of the best (and second-best) fp64 ranking score over all centroids of ``cf``.
 
-    The score is ``||c||^2 - 2 x.c`` (l2) or ``-x.c`` (cosine): the row constant is added
-    at the end, as the Triton kernel does, so both rank the same numbers.
+    The score is ``||c||^2 - 2 x.c`` (l2) or ``-x.c`` (cosine): the row constant does not
+    change the ranking. Ties go to the lowest id; the second best is the best of the others,
+    so a duplicate of the best centroid is the second.
     """
     n = xf.shape[0]
     k = cf.shape[0]
     dev = xf.device
     best = torch.full((n,), _INF, dtype=torch.float64, device=dev)
     best_id = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    second = torch.full((n,), _INF, dtype=torch.float64, device=dev) if with_second else None
+    second = torch.full((n,), _INF, dtype=torch.float64, device=dev)
+    second_id = torch.full((n,), -1, dtype=torch.int64, device=dev) if with_second else None
     for c0 in range(0, k, CENTROID_CHUNK):
         cc = cf[c0 : c0 + CENTROID_CHUNK]
         if metric == "l2":
@@ -63,24 +156,131 @@ def _top2_block(
         else:
             s = torch.mm(xf, cc.T).neg_()
         tmin, targ = s.min(dim=1)  # first occurrence on ties
+        take = tmin < best
         if with_second:
             s.scatter_(1, targ[:, None], _INF)
-            tsec = s.min(dim=1).values
-            take = tmin < best
-            second = torch.where(take, torch.minimum(best, tsec), torch.minimum(second, tmin))
-        else:
-            take = tmin < best
+            tsec, tsarg = s.min(dim=1)
+            old_best = best <= tsec  # on a tie the earlier chunk has the lower id
+            sec_if_take = torch.where(old_best, best, tsec)
+            sid_if_take = torch.where(old_best, best_id, tsarg + c0)
+            old_sec = second <= tmin
+            sec_if_keep = torch.where(old_sec, second, tmin)
+            sid_if_keep = torch.where(old_sec, second_id, targ + c0)
+            second = torch.where(take, sec_if_take, sec_if_keep)
+            second_id = torch.where(take, sid_if_take, sid_if_keep)
         best = torch.where(take, tmin, best)
         best_id = torch.where(take, targ + c0, best_id)
-    return best, best_id, second
+    return best_id, second_id
 
 
-def _finish(
-    best: torch.Tensor, xn: torch.Tensor | None, metric: str
+def _fold_rowsum_(p: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``p`` (overwritten) by a fixed pairwise tree of elementwise adds.
+
+    Each add is one IEEE operation on one pair, so a row's sum depends only on that row:
+    not on the number of rows, their layout or the thread count, unlike a reduction kernel.
+    """
+    w = p.shape[1]
+    if w == 0:
+        return p.new_zeros(p.shape[0])
+    while w > 1:
+        h = (w + 1) // 2
+        p[:, : w - h].add_(p[:, h:w])
+        w = h
+    return p[:, 0]
+
+
+def _rowwise_distance(
+    x: torch.Tensor, c64: torch.Tensor, ids: torch.Tensor, metric: str
 ) -> torch.Tensor:
-    if metric == "l2":
-        return (best + xn).clamp_min_(0.0).to(torch.float32)
-    return (best + 1.0).to(torch.float32)
+    """fp32 distance of each row to centroid ``ids[i]``, computed row by row in fp64.
+
+    l2 is ``sum((x - c)^2)`` (no cancellation, exactly 0 for a row equal to its centroid),
+    cosine ``1 - x.c``; the fixed summation tree makes the value a function of the row and
+    its centroid only. Rows with id < 0 get NaN.
+    """
+    n, d = x.shape
+    out = torch.empty((n,), dtype=torch.float32, device=x.device)
+    rows = max(1, ROWWISE_BLOCK_ELEMS // max(1, d))
+    for r0 in range(0, n, rows):
+        i = ids[r0 : r0 + rows]
+        valid = i >= 0
+        p = x[r0 : r0 + rows].to(torch.float64, copy=True)
+        cb = c64.index_select(0, i.clamp_min(0))
+        if metric == "l2":
+            p.sub_(cb).square_()
+            s = _fold_rowsum_(p)
+        else:
+            s = 1.0 - _fold_rowsum_(p.mul_(cb))
+        out[r0 : r0 + rows] = torch.where(valid, s, _NAN)
+    return out
+
+
+def _fp64_ids(
+    x: torch.Tensor,
+    cf: torch.Tensor,
+    cn: torch.Tensor | None,
+    metric: str,
+    with_second: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp64 ranking of all rows of ``x``, chunked over rows (shrunk on OutOfMemory)."""
+    n = x.shape[0]
+    ids = torch.empty((n,), dtype=torch.int64, device=x.device)
+    sec_ids = torch.empty_like(ids) if with_second else None
+    rows = _rows_per_chunk(min(cf.shape[0], CENTROID_CHUNK), 8)
+    r0 = 0
+    while r0 < n:
+        try:
+            xf = x[r0 : r0 + rows].to(torch.float64)
+            bi, si = _top2_block(xf, cf, cn, metric, with_second)
+        except torch.OutOfMemoryError:  # shrink the chunk rather than fail
+            if rows == 1:
+                raise
+            rows = max(1, rows // 2)
+            continue
+        m = bi.shape[0]
+        ids[r0 : r0 + m] = bi
+        if with_second:
+            sec_ids[r0 : r0 + m] = si
+        r0 += m
+    return ids, sec_ids
+
+
+def _fp32_ids(
+    x: torch.Tensor, cf: torch.Tensor, cn: torch.Tensor | None, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ranking with the error-bound test; returns ids and the rows to re-rank in fp64."""
+    n, d = x.shape
+    c32 = cf.to(torch.float32)
+    cn32 = cn.to(torch.float32) if metric == "l2" else None
+    cn_max = float((cn if cn is not None else (cf * cf).sum(1)).max())  # NaN: all re-rank
+    c_norm_max = math.sqrt(cn_max) * (1.0 + 2.0**-40)
+    ids = torch.empty((n,), dtype=torch.int64, device=x.device)
+    flagged = torch.empty((n,), dtype=torch.bool, device=x.device)
+    # a ~21 MiB score block, not the whole budget: the min passes over it are
+    # memory-bound and measured faster on a block that mostly stays in cache
+    rows = _rows_per_chunk(min(cf.shape[0], CENTROID_CHUNK), 4, copies=12)
+    r0 = 0
+    while r0 < n:
+        try:
+            xb = x[r0 : r0 + rows].to(torch.float32)
+            best, second, bi = _top2_fp32(xb, c32, cn32, metric)
+            # fp32 norm (any order: within gamma_{D+2}), inflated to an upper bound; the
+            # absolute term covers squares that underflow or are flushed to zero
+            x_norm = torch.linalg.vector_norm(xb, dim=1).to(torch.float64)
+            x_norm = x_norm * (1.0 + _gamma(d + 2)) + math.sqrt(d) * 2.0**-63
+            bound = _fp32_score_bound(x_norm, c_norm_max, cn_max, d, metric)
+            margin = second.to(torch.float64) - best.to(torch.float64)
+            fl = ~(margin > 2.0 * bound)  # NaN (non-finite scores or bound) re-ranks too
+        except torch.OutOfMemoryError:  # shrink the chunk rather than fail
+            if rows == 1:
+                raise
+            rows = max(1, rows // 2)
+            continue
+        m = bi.shape[0]
+        ids[r0 : r0 + m] = bi
+        flagged[r0 : r0 + m] = fl
+        r0 += m
+    return ids, flagged
 
 
 def assign_torch(
@@ -90,38 +290,43 @@ def assign_torch(
     metric: str = "l2",
     with_second: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Nearest centroid per row (fp64 scores, fp32 output), chunked over rows and centroids."""
+    """Nearest centroid per row: exact ids, fp32 distances, chunked over rows and centroids.
+
+    Ranks in fp32 BLAS and re-ranks in fp64 only the rows whose fp32 margin is within the
+    rounding bound (see the module docstring). ``with_second=True`` (rarely used) ranks all
+    rows in fp64, which yields the runner-up id without a second bound test; float64
+    inputs, non-CPU tensors and reduced fp32 matmul precision take that path too. The
+    distances (and the second distance, never below the first) are recomputed row by row
+    from the chosen ids, so they are the same whichever path a row took.
+    """
     _check_metric(metric)
     if x.dim() != 2 or centroids.dim() != 2 or x.shape[1] != centroids.shape[1]:
         raise ValueError(f"bad shapes x={tuple(x.shape)} centroids={tuple(centroids.shape)}")
     n = x.shape[0]
     dev = x.device
-    ids = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    dist = torch.full((n,), _INF, dtype=torch.float32, device=dev)
-    sec = torch.full((n,), _INF, dtype=torch.float32, device=dev) if with_second else None
     k = centroids.shape[0]
     if n == 0 or k == 0:
+        ids = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        dist = torch.full((n,), _INF, dtype=torch.float32, device=dev)
+        sec = torch.full((n,), _INF, dtype=torch.float32, device=dev) if with_second else None
         return ids, dist, sec
     cf = centroids.to(device=dev, dtype=torch.float64)
     cn = (cf * cf).sum(1) if metric == "l2" else None
-    rows = _rows_per_chunk(min(k, CENTROID_CHUNK), 8)
-    r0 = 0
-    while r0 < n:
-        try:
-            xf = x[r0 : r0 + rows].to(torch.float64)
-            xn = (xf * xf).sum(1) if metric == "l2" else None
-            b, bi, s2 = _top2_block(xf, xn, cf, cn, metric, with_second)
-        except torch.OutOfMemoryError:  # shrink the chunk rather than fail
-            if rows == 1:
-                raise
-            rows = max(1, rows // 2)
-            continue
-        m = b.shape[0]
-        ids[r0 : r0 + m] = bi
-        dist[r0 : r0 + m] = _finish(b, xn, metric)
-        if with_second:
-            sec[r0 : r0 + m] = _finish(s2, xn, metric)
-        r0 += m
+    sec_ids = None
+    if with_second or not _fp32_prerank_allowed(x, centroids):
+        ids, sec_ids = _fp64_ids(x, cf, cn, metric, with_second)
+    else:
+        ids, flagged = _fp32_ids(x, cf, cn, metric)
+        rerank = flagged.nonzero()[:, 0]
+        if rerank.numel():
+            ids[rerank] = _fp64_ids(x[rerank], cf, cn, metric, False)[0]
+    dist = _rowwise_distance(x, cf, ids, metric)
+    sec = None
+    if with_second:
+        sec = _rowwise_distance(x, cf, sec_ids, metric)
+        # no runner-up (a single centroid) -> +inf; a bad row keeps its NaN
+        sec = torch.where(sec_ids < 0, torch.where(ids < 0, _NAN, _INF), sec)
+        sec = torch.maximum(sec, dist)
     return ids, dist, sec
 
 
@@ -173,14 +378,32 @@ def grouped_assign_torch(
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Fixed point: floor(x * 2**FIXED_POINT_BITS + 0.5) in fp64 (exact for |x| < 2**28)."""
-    return torch.floor(x.to(torch.float64) * _SCALE + 0.5).to(torch.int64)
+    """Fixed point: floor(x * 2**FIXED_POINT_BITS + 0.5), exactly, as int64.
+
+    float32/bf16/fp16 inputs are rounded in fp32, as the Triton kernel does: y = x * 2**24
+    is exact (a power of two), and so are floor(y) and y - floor(y) wherever the result
+    matters, so ``floor(y) + (y - floor(y) >= 0.5)`` equals the fp64 formula bit for bit
+    with half the memory traffic. float64 inputs keep the fp64 formula (exact for
+    |x| < 2**28).
+    """
+    if x.dtype == torch.float64:
+        return torch.floor(x * _SCALE + 0.5).to(torch.int64)
+    y = x.to(torch.float32) * _SCALE
+    f = torch.floor(y)
+    q = f.to(torch.int64)
+    q += y.sub_(f) >= 0.5
+    return q
 
 
 def partial_sums_torch(
     x: torch.Tensor, ids: torch.Tensor, n_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int64 fixed-point sums and counts per id; exact, so independent of row order."""
+    """Int64 fixed-point sums and counts per id; exact, so independent of row order.
+
+    Rows are quantised and added in blocks of ``ROWWISE_BLOCK_ELEMS`` values so the
+    temporaries stay in cache (the pass is memory-bound); the sums are exact integers,
+    so the blocking does not change them.
+    """
     n, d = x.shape
     dev = x.device
     sums = torch.zeros((n_clusters, d), dtype=torch.int64, device=dev)
@@ -189,10 +412,12 @@ def partial_sums_torch(
     if n and int(ids.max()) >= n_clusters:
         raise ValueError("ids must be < n_clusters")
     counts = torch.bincount(ids[keep], minlength=n_clusters)[:n_clusters].to(torch.int64)
-    rows = _rows_per_chunk(d, 8, copies=2)
+    if n and not bool(keep.all()):
+        x, ids = x[keep], ids[keep]
+        n = x.shape[0]
+    rows = max(1, ROWWISE_BLOCK_ELEMS // max(1, d))
     for r0 in range(0, n, rows):
-        k = keep[r0 : r0 + rows]
-        sums.index_add_(0, ids[r0 : r0 + rows][k], quantize(x[r0 : r0 + rows][k]))
+        sums.index_add_(0, ids[r0 : r0 + rows], quantize(x[r0 : r0 + rows]))
     return sums, counts
 
 
