@@ -360,6 +360,12 @@ def grouped_assign_torch(
     gmin, gmax = int(groups.min()), int(groups.max())
     if gmin < 0 or gmax >= n_parents:
         raise ValueError(f"group ids must lie in [0, {n_parents}), got [{gmin}, {gmax}]")
+    if gmin == gmax:  # one parent (a level's first, or a batch of one node): no gather
+        a, b = int(offs[gmin]), int(offs[gmin + 1])
+        if b <= a:
+            return ids, dist, sec
+        i, d, s = assign_torch(x, centroids[a:b], metric=metric, with_second=with_second)
+        return i + a, d, s
     order = torch.argsort(groups, stable=True)
     uniq, counts = torch.unique_consecutive(groups[order], return_counts=True)
     start = 0
