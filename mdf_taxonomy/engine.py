@@ -145,7 +145,8 @@ def check_labelled(result: dict[str, Any]) -> None:
 
 
 def staged_run(config: Any, staged: StagedOutput | None, progress: bool = True,
-               desc: str = "run", retries: int = 2, columnar: bool = True) -> dict[str, Any]:
+               desc: str = "run", retries: int = 2, columnar: bool = True,
+               taxonomy: Taxonomy | None = None) -> dict[str, Any]:
     """run_pipeline with the writer pointed at `staged`'s folder, committed on success.
 
     A run that lost rows (a loader or worker died) is run again from an empty staging
@@ -158,7 +159,8 @@ def staged_run(config: Any, staged: StagedOutput | None, progress: bool = True,
     try:
         for attempt in range(retries + 1):
             try:
-                result = run_pipeline(config, progress=progress, desc=desc, columnar=columnar)
+                result = run_pipeline(config, progress=progress, desc=desc, columnar=columnar,
+                                      taxonomy=taxonomy)
                 break
             except PassIncomplete as e:
                 log.warning("%s run incomplete (%s); attempt %d of %d", desc, e, attempt + 1,
@@ -862,7 +864,7 @@ class TaxonomyEngine:
             final = pinned(self._pipeline(input, output, fit=False, loader_extra=extra),
                            tax, fit_pass=False)
             result = staged_run(final, staged, progress=self.progress, desc="label",
-                                columnar=self.columnar)
+                                columnar=self.columnar, taxonomy=tax)
             summary["label"] = label_summary(result)
         summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
         self.last_summary = summary
@@ -886,7 +888,7 @@ class TaxonomyEngine:
             staged = StagedOutput(output, self.storage_options, overwrite)
             final = pinned(self._pipeline(input, output, fit=False), tax, fit_pass=False)
             result = staged_run(final, staged, progress=self.progress, desc="label",
-                                columnar=self.columnar)
+                                columnar=self.columnar, taxonomy=tax)
             self.last_summary = {"command": "predict", "runtime": _mdf.MDF_FLAVOUR,
                                  "label": label_summary(result)}
             return output
@@ -904,16 +906,17 @@ class TaxonomyEngine:
 
 
 def run_pipeline(config: Any, progress: bool = True, desc: str = "run",
-                 columnar: bool = True) -> dict[str, Any]:
+                 columnar: bool = True, taxonomy: Taxonomy | None = None) -> dict[str, Any]:
     """One run of `config`: rows in/out, every operator's stats, the labellers' counts,
     the input items skipped; rows read are checked against the input's own counts.
 
     A labelling run that is only a Parquet input, a taxonomy_path_refiner and a Parquet
     writer runs as a columnar pass (same labels, written column-wise); the rest through
-    the MDF Executor."""
+    the MDF Executor. `taxonomy`: the labeller's snapshot when the caller holds it
+    already (a fit's last), so the columnar pass need not load it again."""
     plan = columnar_plan(config, "TaxonomyPathRefiner") if columnar else None
     if plan is not None:
-        return _run_columnar(config, *plan)
+        return _run_columnar(config, *plan, taxonomy)
     account = InputAccount(config)
     config = account.pin(config)
     ensure_ray(config.executor.num_cpus)
@@ -930,12 +933,14 @@ def run_pipeline(config: Any, progress: bool = True, desc: str = "run",
     return result
 
 
-def _run_columnar(config: Any, source: ParquetInput, settings: RunConfig
-                  ) -> dict[str, Any]:
+def _run_columnar(config: Any, source: ParquetInput, settings: RunConfig,
+                  taxonomy: Taxonomy | None = None) -> dict[str, Any]:
     """A labelling run as a columnar pass: the same result as run_pipeline's."""
     stage, op = next((st, op) for st in config.stages for op in st.operators if op.enabled)
     labeller = TaxonomyPathRefiner(**op.params)  # validates, and reads the depth
-    tax = labeller.taxonomy
+    pinned_to = op.params.get("snapshot")
+    tax = (taxonomy if taxonomy is not None and pinned_to and taxonomy.version == pinned_to
+           else labeller.taxonomy)
     items = source.get_file_list()
     account = InputAccount(config, source, items, report=False)
     writer = config.data_writer

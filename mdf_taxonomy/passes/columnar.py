@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 #: Row groups decoded ahead of the kernels, per reader thread.
 PREFETCH_PER_READER = 2
+#: Cached rows are joined into chunks of at most this many rows (under the fixed-point
+#: sums' MAX_ROWS_PER_SUM) and bytes, so a pass from the cache is a few kernel calls.
+CHUNK_ROWS = 1 << 21
+CHUNK_BYTES = 1 << 30
 
 
 @dataclass
@@ -89,6 +93,7 @@ class PassWorker:
         self.readers = max(1, int(os.cpu_count() or 1) if run.num_replicas == 1
                            else int(run.cpus_per_replica or 1))
         self.cache: dict[str, _Decoded] = {}
+        self.chunks: list[_Decoded] | None = None  # the cache, joined once complete
         self.cache_budget = (_default_cache_bytes(self.device) if run.cache_bytes is None
                              else run.cache_bytes)
         self.cache_used = 0
@@ -114,8 +119,13 @@ class PassWorker:
         key = (tax.dim, tax.config.metric, self.run.compute_dtype)
         if key != self._cache_key:
             self.cache.clear()
+            self.chunks = None
             self.cache_used = 0
             self._cache_key = key
+        if not keep_table and self.chunks is not None:
+            for i, chunk in enumerate(self.chunks):
+                yield f"chunk-{i}", chunk, None
+            return
         todo = [i for i in self.items if keep_table or i not in self.cache]
 
         def read(item: str) -> tuple[_Decoded, pa.Table | None] | None:
@@ -142,6 +152,38 @@ class PassWorker:
                 if not keep_table:
                     self._remember(item, decoded)
                 yield item, decoded, table
+
+    def _join_cache(self) -> None:
+        """Once every row group is cached, join them into a few large chunks."""
+        if self.chunks is not None or any(i not in self.cache for i in self.items):
+            return
+        chunks: list[_Decoded] = []
+        group: list[_Decoded] = []
+
+        def close() -> None:
+            xs = [d.x for d in group if d.x is not None]
+            x = (torch.cat(xs) if len(xs) > 1 else xs[0]) if xs else None
+            errors, offset = {}, 0
+            for d in group:
+                errors.update({offset + i: r for i, r in d.parsed.errors.items()})
+                offset += d.rows
+            valid = np.arange(sum(len(d.parsed.valid) for d in group), dtype=np.int64)
+            chunks.append(_Decoded(x, ParsedBatch(np.zeros((0, 0), np.float32), valid,
+                                                  errors), offset))
+            group.clear()
+
+        rows = size = 0
+        for item in self.items:
+            d = self.cache.pop(item)
+            d_size = 0 if d.x is None else d.x.numel() * d.x.element_size()
+            if group and (rows + d.rows > CHUNK_ROWS or size + d_size > CHUNK_BYTES):
+                close()
+                rows = size = 0
+            group.append(d)
+            rows, size = rows + d.rows, size + d_size
+        if group:
+            close()
+        self.chunks = chunks
 
     def _remember(self, item: str, decoded: _Decoded) -> None:
         size = 0 if decoded.x is None else decoded.x.numel() * decoded.x.element_size()
@@ -184,8 +226,10 @@ class PassWorker:
             out.sums = combiner.sums.cpu().numpy()
             out.counts = combiner.counts.cpu().numpy()
         out.skipped = list(self.source.load_skipped)
+        self._join_cache()
+        cached = self.chunks if self.chunks is not None else self.cache.values()
         out.timings = {"seconds": time.perf_counter() - started,
-                       "cached_rows": sum(d.rows for d in self.cache.values())}
+                       "cached_rows": sum(d.rows for d in cached)}
         return out
 
     def label_pass(self, tax: Taxonomy, output_uri: str | None, storage_options: dict | None,
@@ -238,13 +282,20 @@ class _ParquetParts:
     partition_by: list[str] | None
 
     def __call__(self, table: pa.Table, name: str) -> None:
+        # dictionary pages only where values repeat (paths, ids, labels), never for vectors
+        dictionary = [f.name for f in table.schema
+                      if not (pa.types.is_nested(f.type) or pa.types.is_fixed_size_binary(f.type)
+                              or pa.types.is_floating(f.type))]
         if self.partition_by:
             ds.write_dataset(table, self.root, format="parquet", filesystem=self.filesystem,
                              partitioning=self.partition_by, partitioning_flavor="hive",
                              basename_template=name + "-{i}.parquet",
-                             existing_data_behavior="overwrite_or_ignore")
+                             existing_data_behavior="overwrite_or_ignore",
+                             file_options=ds.ParquetFileFormat().make_write_options(
+                                 use_dictionary=dictionary))
         else:
-            pq.write_table(table, f"{self.root}/{name}.parquet", filesystem=self.filesystem)
+            pq.write_table(table, f"{self.root}/{name}.parquet", filesystem=self.filesystem,
+                           use_dictionary=dictionary)
 
 
 def _device(device: str) -> torch.device:
@@ -322,10 +373,14 @@ class WorkerPool:
         parent_rows: dict[int, int] = {}
         samples = BottomK()
         k = tax.config.sample_size(st.level)
-        for part in parts:
-            if part.sums is not None:
+        with_sums = [p for p in parts if p.sums is not None]
+        if len(with_sums) == 1:  # one worker: its partial is the pass's (already marked)
+            sums, counts = with_sums[0].sums, with_sums[0].counts
+        else:
+            for part in with_sums:
                 add_fixed_sums(sums, part.sums)
                 counts += part.counts
+        for part in parts:
             _add(totals, part.totals)
             _add(rejected, part.rejected)
             _add(parent_rows, part.parent_rows)
