@@ -176,7 +176,8 @@ def test_worker_combiner_sends_fewer_flushes_and_changes_nothing(ray_session, da
     trees, logs = [], []
     for flush_rows in (0, 10_000):
         engine = TaxonomyEngine(n_levels=1, branching_factor=5, max_iter=2, batch_size=50,
-                                flush_rows=flush_rows, columnar=False, storage_uri=str(tmp_path / f"t{flush_rows}"),
+                                flush_rows=flush_rows, columnar=False,
+                                storage_uri=str(tmp_path / f"t{flush_rows}"),
                                 progress=False)
         trees.append(engine.fit(str(root)).levels[0].centroids)
         logs.append([p for p in engine.last_fit.pass_log if p["phase"] == "lloyd"])

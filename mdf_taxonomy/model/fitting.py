@@ -28,6 +28,7 @@ Rules, stated plainly (after FAISS's Clustering):
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -90,40 +91,126 @@ def node_seed(seed: int, level: int, node: int) -> int:
     return int(_splitmix64(np.array([z], dtype=np.uint64))[0] >> np.uint64(1))
 
 
-def kmeans_plus_plus(sample: torch.Tensor, k: int, seed: int, metric: str = "l2") -> torch.Tensor:
+def kmeans_plus_plus(
+    sample: torch.Tensor, k: int, seed: int, metric: str = "l2", *, prune: bool = True
+) -> torch.Tensor:
     """Greedy k-means++ seeding (as scikit-learn does): each step draws 2 + log(k)
     candidates by D^2 sampling and keeps the one that lowers the potential most.
-    Deterministic for a seed."""
+    Deterministic for a seed.
+
+    Each row keeps its nearest chosen centre and each centre the radius of its rows, so a
+    step computes distances only for the rows of centres that a candidate can be nearer
+    to (triangle inequality: d(centre, candidate) < 2 radius); `prune=False` runs the same
+    loop over every row and chooses the same centres. Cosine rows are L2-normalised, so
+    1 - x.y = ||x - y||^2 / 2 ranks as squared L2 and both metrics share the arithmetic.
+    """
     n = sample.shape[0]
     if k > n:
         raise ValueError(f"k-means++ needs at least k={k} rows, got {n}")
+    if k < 1 or metric not in ("l2", "cosine"):
+        raise ValueError(f"k-means++ needs k >= 1 and metric l2 or cosine, got {k}, {metric!r}")
     gen = torch.Generator().manual_seed(seed)
     trials = 2 + int(np.log(k))
     chosen = [int(torch.randint(n, (1,), generator=gen))]
-    best = _distance_to(sample, sample[chosen[0]], metric)
-    for _ in range(1, k):
-        total = float(best.sum())
-        if not np.isfinite(total):
-            raise OverflowError("k-means++ distances overflowed: rows beyond "
-                                f"+/-{MAX_ABS_VALUE:g} (MAX_ABS_VALUE) reached the fit")
+    if k == 1:
+        return sample[chosen].float().clone()
+    # Shifting by a row changes no distance but keeps fp32 dot products small.
+    xs = sample.float() - sample[0].float()
+    xn = torch.linalg.vector_norm(xs, dim=1, dtype=torch.float64).square_()
+    max_sq = float(xn.max())
+    if not max_sq < _F32_MAX / 4:  # fp32 dot products could overflow (or rows are NaN)
+        raise OverflowError(_KPP_OVERFLOW)
+    tol = 2.0 * (xs.shape[1] + 2) * 2.0**-24 * max_sq  # bound on a distance's rounding
+    slack = 3.0 * math.sqrt(tol) + 1e-12  # what `tol` can move a pruning test by
+    centres = torch.empty((k, xs.shape[1]), dtype=torch.float32)
+    centres_sq = torch.empty(k, dtype=torch.float64)
+    centres[0], centres_sq[0] = xs[chosen[0]], xn[chosen[0]]
+    best = _distance_to(xs, xn, centres[:1], centres_sq[:1], tol)[:, 0].contiguous()
+    members = [torch.arange(n)]  # rows whose nearest chosen centre is centre j
+    radius = torch.zeros(k, dtype=torch.float64)  # max sqrt(best) over members[j]
+    radius[0] = best.max().sqrt()
+    for i in range(1, k):
+        cum = torch.cumsum(best, 0)
+        total = float(cum[-1])
+        if not math.isfinite(total):
+            raise OverflowError(_KPP_OVERFLOW)
         if total <= 0:  # every row sits on a chosen centre: take unchosen rows in order
             free = torch.ones(n, dtype=torch.bool)
             free[chosen] = False
-            nxt = int(torch.nonzero(free)[0])
-            best = torch.minimum(best, _distance_to(sample, sample[nxt], metric))
+            chosen += torch.nonzero(free)[: k - i, 0].tolist()
+            break
+        # D^2 sampling: row r is drawn with probability best[r] / total
+        u = torch.rand(trials, generator=gen, dtype=torch.float64) * total
+        last = torch.searchsorted(cum, cum[-1:])  # last row of nonzero weight
+        cands = torch.minimum(torch.searchsorted(cum, u, right=True), last)
+        y, y_sq = xs[cands], xn[cands]
+        segs = [members[j] for j in range(i)]
+        if prune:  # x (nearest centre c) can only get nearer to y if d(c, y) < 2 d(x, c)
+            reach = _distance_to(centres[:i], centres_sq[:i], y, y_sq, tol).sqrt_()
+            near = (reach < radius[:i, None] * _GROW + slack).any(1)
+            rel = torch.nonzero(near)[:, 0]
+            segs = [segs[j] for j in rel.tolist()]
         else:
-            cands = torch.multinomial(best / total, trials, replacement=True, generator=gen)
-            options = [torch.minimum(best, _distance_to(sample, sample[c], metric))
-                       for c in cands.tolist()]
-            pick = int(torch.argmin(torch.stack([o.sum() for o in options])))
-            nxt, best = int(cands[pick]), options[pick]
-        chosen.append(nxt)
+            rel = torch.arange(i)
+        rows = torch.cat(segs)
+        seg = torch.repeat_interleave(torch.arange(len(segs)), torch.tensor([len(s) for s in segs]))
+        b = best[rows]
+        if prune:
+            live = (reach[rel][seg] < b.sqrt()[:, None] * _GROW + slack).any(1)
+            sub = torch.nonzero(live)[:, 0]
+        else:
+            sub = torch.arange(len(rows))
+        d = _distance_to(xs[rows[sub]], xn[rows[sub]], y, y_sq, tol)
+        bs = b[sub]
+        gain = (bs[:, None] - d).clamp_min_(0).sum(0)
+        pick = int(torch.argmax(gain))  # first of the largest
+        nd = d[:, pick]
+        better = nd < bs  # holds the candidate itself
+        took = sub[better]
+        best[rows[took]] = nd[better]
+        keep = torch.ones(len(rows), dtype=torch.bool)
+        keep[took] = False
+        kept_seg = seg[keep]
+        parts = torch.split(rows[keep], torch.bincount(kept_seg, minlength=len(segs)).tolist())
+        for j, part in zip(rel.tolist(), parts, strict=True):
+            members[j] = part
+        radius[rel] = (
+            torch.zeros(len(segs), dtype=torch.float64)
+            .scatter_reduce_(0, kept_seg, b[keep], "amax")
+            .sqrt_()
+        )
+        members.append(rows[took])
+        radius[i] = nd[better].max().sqrt()
+        centres[i], centres_sq[i] = y[pick], y_sq[pick]
+        chosen.append(int(cands[pick]))
     return sample[chosen].float().clone()
 
 
-def _distance_to(sample: torch.Tensor, centre: torch.Tensor, metric: str) -> torch.Tensor:
-    d = kernels.assign(sample, centre[None].float(), metric=metric).distance
-    return d.double().clamp_min(0)  # cosine distances of near-identical rows can dip below 0
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_GROW = 2.0 * (1 + 1e-5)  # twice the bound, plus rounding of the square roots
+_KPP_OVERFLOW = (
+    "k-means++ distances overflowed: rows beyond "
+    f"+/-{MAX_ABS_VALUE:g} (MAX_ABS_VALUE) reached the fit"
+)
+
+
+def _distance_to(
+    rows: torch.Tensor,
+    rows_sq: torch.Tensor,
+    centres: torch.Tensor,
+    centres_sq: torch.Tensor,
+    tol: float,
+) -> torch.Tensor:
+    """(m, t) fp64 squared L2 distances: fp32 dot products (fast) expanded with fp64
+    squared norms are within `tol` of exact; those under `tol` are recomputed exactly, so
+    duplicate rows are exactly 0 apart and the zero-potential case is seen."""
+    d = rows_sq[:, None] + centres_sq[None] - 2.0 * (rows @ centres.T).double()
+    d.clamp_min_(0)
+    i, j = torch.nonzero(d <= tol, as_tuple=True)
+    if i.numel():
+        diff = rows[i].double() - centres[j].double()
+        d[i, j] = (diff * diff).sum(1)
+    return d
 
 
 def update_centroids(sums: torch.Tensor, counts: torch.Tensor, previous: np.ndarray,
