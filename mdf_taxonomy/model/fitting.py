@@ -126,9 +126,10 @@ def kmeans_plus_plus(
     centres_sq = torch.empty(k, dtype=torch.float64)
     centres[0], centres_sq[0] = xs[chosen[0]], xn[chosen[0]]
     best = _distance_to(xs, xn, centres[:1], centres_sq[:1], tol)[:, 0].contiguous()
-    members = [torch.arange(n)]  # rows whose nearest chosen centre is centre j
-    radius = torch.zeros(k, dtype=torch.float64)  # max sqrt(best) over members[j]
+    owner = torch.zeros(n, dtype=torch.int64)  # each row's nearest chosen centre
+    radius = torch.zeros(k, dtype=torch.float64)  # max sqrt(best) over a centre's rows
     radius[0] = best.max().sqrt()
+    everyone = torch.arange(n)
     for i in range(1, k):
         cum = torch.cumsum(best, 0)
         total = float(cum[-1])
@@ -144,42 +145,27 @@ def kmeans_plus_plus(
         last = torch.searchsorted(cum, cum[-1:])  # last row of nonzero weight
         cands = torch.minimum(torch.searchsorted(cum, u, right=True), last)
         y, y_sq = xs[cands], xn[cands]
-        segs = [members[j] for j in range(i)]
         if prune:  # x (nearest centre c) can only get nearer to y if d(c, y) < 2 d(x, c)
             reach = _distance_to(centres[:i], centres_sq[:i], y, y_sq, tol).sqrt_()
             near = (reach < radius[:i, None] * _GROW + slack).any(1)
-            rel = torch.nonzero(near)[:, 0]
-            segs = [segs[j] for j in rel.tolist()]
+            rows = torch.nonzero(near[owner])[:, 0]
+            live = (reach[owner[rows]] < best[rows].sqrt()[:, None] * _GROW + slack).any(1)
+            sub = rows[live]
         else:
-            rel = torch.arange(i)
-        rows = torch.cat(segs)
-        seg = torch.repeat_interleave(torch.arange(len(segs)), torch.tensor([len(s) for s in segs]))
-        b = best[rows]
-        if prune:
-            live = (reach[rel][seg] < b.sqrt()[:, None] * _GROW + slack).any(1)
-            sub = torch.nonzero(live)[:, 0]
-        else:
-            sub = torch.arange(len(rows))
-        d = _distance_to(xs[rows[sub]], xn[rows[sub]], y, y_sq, tol)
-        bs = b[sub]
+            near = torch.ones(i, dtype=torch.bool)
+            rows = sub = everyone
+        d = _distance_to(xs[sub], xn[sub], y, y_sq, tol)
+        bs = best[sub]
         gain = (bs[:, None] - d).clamp_min_(0).sum(0)
         pick = int(torch.argmax(gain))  # first of the largest
         nd = d[:, pick]
         better = nd < bs  # holds the candidate itself
         took = sub[better]
-        best[rows[took]] = nd[better]
-        keep = torch.ones(len(rows), dtype=torch.bool)
-        keep[took] = False
-        kept_seg = seg[keep]
-        parts = torch.split(rows[keep], torch.bincount(kept_seg, minlength=len(segs)).tolist())
-        for j, part in zip(rel.tolist(), parts, strict=True):
-            members[j] = part
-        radius[rel] = (
-            torch.zeros(len(segs), dtype=torch.float64)
-            .scatter_reduce_(0, kept_seg, b[keep], "amax")
-            .sqrt_()
-        )
-        members.append(rows[took])
+        best[took] = nd[better]
+        owner[took] = i
+        stay = rows[owner[rows] != i]  # the near centres' rows that keep their centre
+        radius[:i][near] = 0.0
+        radius.scatter_reduce_(0, owner[stay], best[stay].sqrt(), "amax")
         radius[i] = nd[better].max().sqrt()
         centres[i], centres_sq[i] = y[pick], y_sq[pick]
         chosen.append(int(cands[pick]))
