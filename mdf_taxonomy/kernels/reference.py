@@ -95,6 +95,16 @@ def _fp32_score_bound(
     return 2.0 * err
 
 
+def _chunk_scores(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor | None, c0: int,
+                  metric: str) -> torch.Tensor:
+    """Ranking scores of the rows against centroids c0 : c0 + CENTROID_CHUNK, in x's dtype:
+    ``||c||^2 - 2 x.c`` (l2) or ``-x.c`` (cosine); the row constant is left out."""
+    cc = c[c0 : c0 + CENTROID_CHUNK]
+    if metric == "l2":
+        return torch.addmm(cn[c0 : c0 + CENTROID_CHUNK][None, :], x, cc.T, alpha=-2.0)
+    return torch.mm(x, cc.T).neg_()
+
+
 def _top2_fp32(
     xb: torch.Tensor, c32: torch.Tensor, cn32: torch.Tensor | None, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,11 +118,7 @@ def _top2_fp32(
     k = c32.shape[0]
     best = second = best_id = None
     for c0 in range(0, k, CENTROID_CHUNK):
-        cc = c32[c0 : c0 + CENTROID_CHUNK]
-        if metric == "l2":
-            s = torch.addmm(cn32[c0 : c0 + CENTROID_CHUNK][None, :], xb, cc.T, alpha=-2.0)
-        else:
-            s = torch.mm(xb, cc.T).neg_()
+        s = _chunk_scores(xb, c32, cn32, c0, metric)
         tmin, targ = s.min(dim=1)  # first occurrence on ties
         if s.shape[1] > 1:
             s.scatter_(1, targ[:, None], _INF)
@@ -150,11 +156,7 @@ def _top2_block(
     second = torch.full((n,), _INF, dtype=torch.float64, device=dev)
     second_id = torch.full((n,), -1, dtype=torch.int64, device=dev) if with_second else None
     for c0 in range(0, k, CENTROID_CHUNK):
-        cc = cf[c0 : c0 + CENTROID_CHUNK]
-        if metric == "l2":
-            s = torch.addmm(cn[c0 : c0 + CENTROID_CHUNK][None, :], xf, cc.T, alpha=-2.0)
-        else:
-            s = torch.mm(xf, cc.T).neg_()
+        s = _chunk_scores(xf, cf, cn, c0, metric)
         tmin, targ = s.min(dim=1)  # first occurrence on ties
         take = tmin < best
         if with_second:

@@ -47,6 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from mdf_taxonomy.model.config import ON_BAD_FILE
 from mdf_taxonomy.model.store import one_line, storage_unreachable
 from mdf_taxonomy.passes.input_report import ITEM_SEP, report_entry, tell_input_report
 from mdf_taxonomy.passes.records import parse_arrow
@@ -54,7 +55,6 @@ from mdf_taxonomy.passes.records import parse_arrow
 log = logging.getLogger(__name__)
 
 _SEP = ITEM_SEP
-ON_BAD_FILE = ("fail", "skip")
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = "*?["
 _FOOTER_THREADS = 16  # footers are small reads; remote stores answer them in parallel
