@@ -154,7 +154,11 @@ def kmeans_plus_plus(
         else:
             near = torch.ones(i, dtype=torch.bool)
             rows = sub = everyone
-        d = _distance_to(xs[sub], xn[sub], y, y_sq, tol)
+        if len(sub) * 2 > n:  # pruning saves less than the gather costs: every row, in place
+            sub = everyone
+            d = _distance_to(xs, xn, y, y_sq, tol)
+        else:
+            d = _distance_to(xs[sub], xn[sub], y, y_sq, tol)
         bs = best[sub]
         gain = (bs[:, None] - d).clamp_min_(0).sum(0)
         pick = int(torch.argmax(gain))  # first of the largest
