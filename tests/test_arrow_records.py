@@ -3,9 +3,6 @@ Python step per row; the dict fast path gives what the per-record loop gives."""
 
 from __future__ import annotations
 
-import os
-import time
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -432,40 +429,3 @@ def test_find_embedding_field_refuses_none_or_several():
         find_embedding_field(pa.schema([("id", pa.string()), ("t", pa.list_(pa.int32()))]))
     with pytest.raises(ValueError, match="columns: none"):
         find_embedding_field(pa.schema([]))
-
-
-# -- throughput (print only; MDF_BENCH=1 pytest -s tests/test_arrow_records.py -k bench) ---
-
-
-def _rate(fn, rows: int, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return rows / best
-
-
-@pytest.mark.skipif(not os.environ.get("MDF_BENCH"), reason="set MDF_BENCH=1 to measure")
-def test_bench_rows_per_second():
-    x = _rng_rows(8192, 256)
-    for name, values in [("numpy f32", list(x)), ("python lists", x.tolist())]:
-        recs = as_records(values)
-        loop = _rate(lambda recs=recs: _loop(recs, 256), len(recs))
-        fast = _rate(lambda recs=recs: parse_embeddings(recs, F, 256), len(recs))
-        print(
-            f"\nparse_embeddings 8192 x 256 {name}: loop {loop:,.0f} rows/s, "
-            f"fast {fast:,.0f} rows/s ({fast / loop:.1f}x)"
-        )
-    big = _rng_rows(100_000, 256, seed=1)
-    cols = {
-        "list<float32>": pa.array(list(big), pa.list_(pa.float32())),
-        "fixed_size_list<float32>": pa.FixedSizeListArray.from_arrays(pa.array(big.ravel()), 256),
-        "fixed_size_binary(1024)": pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(1024), len(big), [None, pa.py_buffer(big.tobytes())]
-        ),
-    }
-    for name, col in cols.items():
-        for metric in ["l2", "cosine"]:
-            rate = _rate(lambda col=col, metric=metric: parse_arrow(col, F, 256, metric), len(big))
-            print(f"parse_arrow 100k x 256 {name} {metric}: {rate:,.0f} rows/s")

@@ -3,8 +3,6 @@ plain greedy k-means++ with the same draws picks, at the quality of the usual al
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -158,20 +156,3 @@ def test_overflowing_rows_are_refused():
     x = torch.tensor([[1e30, 0.0], [-1e30, 0.0], [0.0, 1e30]])
     with pytest.raises(OverflowError, match="MAX_ABS_VALUE"):
         kmeans_plus_plus(x, 3, seed=0)
-
-
-def test_time_for_large_k():
-    """Printed, not asserted: the time depends on the machine and its load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for n, k, groups in [(16_384, 256, 64), (65_536, 1024, 64)]:
-            x = torch.from_numpy(blobs(n, 256, groups, seed=10)[0])
-            wall = time.perf_counter()
-            kmeans_plus_plus(x, k, seed=1)
-            print(
-                f"\nk-means++ k={k} on {n} x 256 ({groups} blobs): "
-                f"{time.perf_counter() - wall:.2f} s"
-            )
-    finally:
-        torch.set_num_threads(threads)
