@@ -969,6 +969,7 @@ def _run_columnar(config: Any, source: ParquetInput, settings: RunConfig,
     labelling = {"seen": seen, "labelled": totals.get("rows", 0), "rejected": rejected}
     return {"rows_in": loaded, "rows_out": loaded,
             "seconds": round(time.perf_counter() - started, 3), "labelling": labelling,
+            "timings": counts["timings"],
             "stats": {stage.name: {"TaxonomyPathRefiner": {
                 "input_records": seen, "output_records": loaded, "rejected": rejected,
                 "replicas": replicas, "pass": "columnar"}}},
@@ -1000,7 +1001,8 @@ def _run_once(config: Any, progress: bool, desc: str) -> dict[str, Any]:
 
 def label_summary(result: dict[str, Any]) -> dict[str, Any]:
     """What a run summary keeps of a labelling run."""
-    return {k: result[k] for k in ("rows_in", "rows_out", "seconds", "labelling", "skipped")}
+    keys = ("rows_in", "rows_out", "seconds", "labelling", "skipped", "timings")
+    return {k: result[k] for k in keys if k in result}
 
 
 def label_counts(stats: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:

@@ -97,6 +97,7 @@ class PassWorker:
         self.cache_budget = (_default_cache_bytes(self.device) if run.cache_bytes is None
                              else run.cache_bytes)
         self.cache_used = 0
+        self.read_wait_s = 0.0  # time the kernels waited for a decoded row group
         self._cache_key: tuple | None = None  # (dim, metric): the rows as prepared
 
     # -- reading ---------------------------------------------------------------------
@@ -145,7 +146,9 @@ class PassWorker:
                 if queued < len(todo):
                     pending.append((todo[queued], pool.submit(read, todo[queued])))
                     queued += 1
+                waited = time.perf_counter()
                 got = future.result()
+                self.read_wait_s += time.perf_counter() - waited
                 if got is None:
                     continue
                 decoded, table = got
@@ -246,9 +249,13 @@ class PassWorker:
             write = _ParquetParts(_arrow_fs(fs), root, partition_by)
         self.source.load_skipped = []
         new_names = set(batch.label_schema(tax.n_levels))
+        clock = {"assign_s": 0.0, "columns_s": 0.0, "write_wait_s": 0.0}
+        self.read_wait_s = 0.0
+        started = time.perf_counter()
         with ThreadPoolExecutor(self.readers) as writers:
             written = []
             for item, dec, table in self._stream(tax, self.source.columns, keep_table=True):
+                t0 = time.perf_counter()
                 out.loaded += dec.rows
                 _add(out.totals, {"rows": len(dec.parsed.valid),
                                   "rows_rejected": len(dec.parsed.errors)})
@@ -260,16 +267,25 @@ class PassWorker:
                 else:
                     paths, dist = tax.assign_paths(dec.x, backend=self.run.kernel_backend,
                                                    prepared=True)
+                t1 = time.perf_counter()
                 columns = batch.label_columns(tax, dec.rows, dec.parsed, paths, dist)
                 table = table.drop_columns([c for c in table.column_names if c in new_names])
                 for name, column in columns.items():
                     table = table.append_column(name, column)
+                t2 = time.perf_counter()
                 written.append(writers.submit(write, table, f"part-{self.index[item]:06d}"))
                 while len(written) > 2 * self.readers:  # bound the tables held in memory
                     written.pop(0).result()
+                clock["assign_s"] += t1 - t0
+                clock["columns_s"] += t2 - t1
+                clock["write_wait_s"] += time.perf_counter() - t2
+            t3 = time.perf_counter()
             for future in written:
                 future.result()
+            clock["write_wait_s"] += time.perf_counter() - t3
         out.skipped = list(self.source.load_skipped)
+        out.timings = {"seconds": time.perf_counter() - started,
+                       "read_wait_s": self.read_wait_s, **clock}
         return out
 
 
@@ -402,10 +418,14 @@ class WorkerPool:
         parts = self._each("label_pass", tax, output_uri, storage_options, partition_by)
         totals: dict[str, int] = {}
         rejected: dict[str, int] = {}
+        timings: dict[str, float] = {}
         for part in parts:
             _add(totals, part.totals)
             _add(rejected, part.rejected)
-        return ({"totals": totals, "rejected": rejected}, sum(p.loaded for p in parts),
+            _add(timings, part.timings)
+        timings = {k: round(v, 3) for k, v in timings.items()}
+        return ({"totals": totals, "rejected": rejected, "timings": timings},
+                sum(p.loaded for p in parts),
                 [e for p in parts for e in p.skipped])
 
     @property
