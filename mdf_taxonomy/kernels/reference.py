@@ -21,6 +21,7 @@ path a row took, or the thread count.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -93,6 +94,22 @@ def _fp32_score_bound(
     else:
         err = (_gamma(d) + _U32) * xc + 2.0 * (d + 1) * _TINY32
     return 2.0 * err
+
+
+def _by_row_blocks(n: int, rows: int, block: Callable[[int, int], None]) -> None:
+    """block(r0, r1) over consecutive row blocks; a block that runs out of memory is
+    halved and tried again rather than failing the call."""
+    r0 = 0
+    while r0 < n:
+        r1 = min(n, r0 + rows)
+        try:
+            block(r0, r1)
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            rows = max(1, rows // 2)
+            continue
+        r0 = r1
 
 
 def _chunk_scores(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor | None, c0: int,
@@ -228,22 +245,14 @@ def _fp64_ids(
     n = x.shape[0]
     ids = torch.empty((n,), dtype=torch.int64, device=x.device)
     sec_ids = torch.empty_like(ids) if with_second else None
-    rows = _rows_per_chunk(min(cf.shape[0], CENTROID_CHUNK), 8)
-    r0 = 0
-    while r0 < n:
-        try:
-            xf = x[r0 : r0 + rows].to(torch.float64)
-            bi, si = _top2_block(xf, cf, cn, metric, with_second)
-        except torch.OutOfMemoryError:  # shrink the chunk rather than fail
-            if rows == 1:
-                raise
-            rows = max(1, rows // 2)
-            continue
-        m = bi.shape[0]
-        ids[r0 : r0 + m] = bi
+
+    def block(r0: int, r1: int) -> None:
+        bi, si = _top2_block(x[r0:r1].to(torch.float64), cf, cn, metric, with_second)
+        ids[r0:r1] = bi
         if with_second:
-            sec_ids[r0 : r0 + m] = si
-        r0 += m
+            sec_ids[r0:r1] = si
+
+    _by_row_blocks(n, _rows_per_chunk(min(cf.shape[0], CENTROID_CHUNK), 8), block)
     return ids, sec_ids
 
 
@@ -260,28 +269,20 @@ def _fp32_ids(
     flagged = torch.empty((n,), dtype=torch.bool, device=x.device)
     # a ~21 MiB score block, not the whole budget: the min passes over it are
     # memory-bound and measured faster on a block that mostly stays in cache
-    rows = _rows_per_chunk(min(cf.shape[0], CENTROID_CHUNK), 4, copies=12)
-    r0 = 0
-    while r0 < n:
-        try:
-            xb = x[r0 : r0 + rows].to(torch.float32)
-            best, second, bi = _top2_fp32(xb, c32, cn32, metric)
-            # fp32 norm (any order: within gamma_{D+2}), inflated to an upper bound; the
-            # absolute term covers squares that underflow or are flushed to zero
-            x_norm = torch.linalg.vector_norm(xb, dim=1).to(torch.float64)
-            x_norm = x_norm * (1.0 + _gamma(d + 2)) + math.sqrt(d) * 2.0**-63
-            bound = _fp32_score_bound(x_norm, c_norm_max, cn_max, d, metric)
-            margin = second.to(torch.float64) - best.to(torch.float64)
-            fl = ~(margin > 2.0 * bound)  # NaN (non-finite scores or bound) re-ranks too
-        except torch.OutOfMemoryError:  # shrink the chunk rather than fail
-            if rows == 1:
-                raise
-            rows = max(1, rows // 2)
-            continue
-        m = bi.shape[0]
-        ids[r0 : r0 + m] = bi
-        flagged[r0 : r0 + m] = fl
-        r0 += m
+
+    def block(r0: int, r1: int) -> None:
+        xb = x[r0:r1].to(torch.float32)
+        best, second, bi = _top2_fp32(xb, c32, cn32, metric)
+        # fp32 norm (any order: within gamma_{D+2}), inflated to an upper bound; the
+        # absolute term covers squares that underflow or are flushed to zero
+        x_norm = torch.linalg.vector_norm(xb, dim=1).to(torch.float64)
+        x_norm = x_norm * (1.0 + _gamma(d + 2)) + math.sqrt(d) * 2.0**-63
+        bound = _fp32_score_bound(x_norm, c_norm_max, cn_max, d, metric)
+        margin = second.to(torch.float64) - best.to(torch.float64)
+        ids[r0:r1] = bi
+        flagged[r0:r1] = ~(margin > 2.0 * bound)  # NaN (non-finite scores) re-ranks too
+
+    _by_row_blocks(n, _rows_per_chunk(min(cf.shape[0], CENTROID_CHUNK), 4, copies=12), block)
     return ids, flagged
 
 
