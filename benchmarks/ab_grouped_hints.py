@@ -1,12 +1,12 @@
 """The ||x||^2 pass order in the tl kernel, on a bucketed tree level and at large K.
 
-A grouped level with many parents is bound by DRAM/L2 traffic (NOTES v13): each 128-row
-item re-reads its x rows once per centroid tile while the parents' children stream through
+A grouped level with many parents is bound by DRAM/L2 traffic (benchmarks/DECISIONS.md): each
+128-row item re-reads its x rows once per centroid tile while the parents' children stream through
 L2. Doing the ||x||^2 pass before the tile loop (XN_FIRST) brings the rows into L2 for
 those re-reads; both orders must be bit-identical. (L2 eviction hints on the x and
 centroid loads, and one program per (item, centroid tiles) with an exact merge, were
 measured with this script too and gave nothing beyond noise; those knobs were removed:
-results/v13_ab_grouped_hints_run*.json, results/v13_ab_grouped_split_tiles.json.)
+benchmarks/DECISIONS.md; results: results/ab_grouped_hints.json.)
 Interleaved rounds, CUDA events.
 Usage (GPU): python benchmarks/ab_grouped_hints.py; env AB_ROUNDS the rounds (3).
 """

@@ -51,7 +51,7 @@ def timeit(fn, min_reps=3, max_reps=20, budget_s=1.5) -> float:
 def matmul_rate(warm_s: float = 0.0) -> float:
     """bf16 matmul rate (8192^3). A short burst runs at the top clock; with ``warm_s`` of
     back-to-back matmuls first it is the rate under the board's power cap, which is what
-    our long-running repeats at large K meet (power_bound.py, NOTES v14)."""
+    our long-running repeats at large K meet (power_bound.py, benchmarks/DECISIONS.md)."""
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     t0 = time.time()
@@ -140,14 +140,14 @@ def our_lloyd(x, c, fp8_shortlist=False):
 
 
 def _cfg(bm, bn, bk, w, st, tma=False, xnb=None, xnu=1):
-    """A launch config. (tl.range flatten / warp_specialize were options until v10: they
-    measured no gain or far worse on H100 with triton 3.6, NOTES_kernels.md.)"""
+    """A launch config. (tl.range flatten / warp_specialize were options once: they
+    measured no gain or far worse on H100 with triton 3.6, benchmarks/DECISIONS.md.)"""
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
                 TMA=tma, XN_BLOCK=xnb or bk, XN_UNROLL=xnu)
 
 
 SWEEP = [
-    _cfg(128, 256, 64, 8, 3, xnu=2),  # v10 default
+    _cfg(128, 256, 64, 8, 3, xnu=2),  # the default
     _cfg(128, 256, 64, 8, 3),
     _cfg(128, 256, 64, 8, 3, xnu=4),
     _cfg(128, 256, 64, 8, 3, tma=True, xnu=2),
@@ -261,7 +261,7 @@ def sweep(x, rate, log):
 
 def gpu_state() -> str:
     """SM clock, power, temperature and throttle reasons now: runs on one card differ by
-    10-15% at large K (NOTES v14), and these tell a throttled run apart."""
+    10-15% at large K (benchmarks/DECISIONS.md), and these tell a throttled run apart."""
     q = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu," \
         "clocks_throttle_reasons.active"
     try:

@@ -1,5 +1,5 @@
 """Host (Python) time of one plain assign call: where the gap between the CUDA-event time
-and the kernel time goes (NOTES v14).
+and the kernel time goes (benchmarks/DECISIONS.md).
 
 The benchmark times each call on an idle GPU, so every microsecond of Python before the
 kernel launch is in the figure. Prints, for plain K=1024 (N=1M, D=1024, bf16): the event

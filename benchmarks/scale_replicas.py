@@ -12,7 +12,7 @@ and reports rows/s, efficiency vs 1 replica, where the operator's time went
     python benchmarks/scale_replicas.py --gpu --replicas 1,2,4,8 --rows 100000000 --k 16384 \
         --label-tree 1024,1024,1024 --compute-dtype bfloat16
 
-Writes benchmarks/results/scale_<cpu|gpu>_<date>.json; the table is printed last.
+Writes benchmarks/results/scale_replicas_<cpu|gpu>.json; the table is printed last.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main() -> None:
                            "python": platform.python_version()},
               "args": vars(args), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"scale_{'gpu' if args.gpu else 'cpu'}_{result['date']}.json"
+    out = RESULTS / f"scale_replicas_{'gpu' if args.gpu else 'cpu'}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten {out}\n\n{device}: {args.rows} rows x {args.dim}, K={args.k}, "
           f"label tree {shape}, batch {args.batch_size}, {args.loaders} loader(s)")
