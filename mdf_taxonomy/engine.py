@@ -329,8 +329,8 @@ def validate_pipeline(config: Any) -> None:
 
 
 def columnar_plan(config: Any, labeller: str, cache_bytes: int | None = None
-                  ) -> tuple[ParquetInput, RunConfig] | None:
-    """The columnar pass for `config`'s taxonomy stage, where it can replace MDF's stream
+                  ) -> RunConfig | None:
+    """How the columnar pass runs `config`'s taxonomy stage, where it can replace MDF's stream
     without changing what the stage sees: the input is ParquetEmbeddingLoader's, the
     taxonomy operator `labeller` runs first, and the executor caps no rows. A labelling
     run must also have nothing but that operator and a Parquet (or discard) writer."""
@@ -344,20 +344,18 @@ def columnar_plan(config: Any, labeller: str, cache_bytes: int | None = None
             len(enabled) != 1 or config.data_writer.type not in ("ParquetDataWriter",
                                                                  "DiscardWriter")):
         return None
-    params = {k: v for k, v in config.data_loader.params.items() if k != "report_name"}
-    source = ParquetInput(**params)
-    if source.embedding_field != op.params.get("embedding_field", "embedding"):
+    loader_field = config.data_loader.params.get("embedding_field", "embedding")
+    if loader_field != op.params.get("embedding_field", "embedding"):
         return None
     worker = getattr(stage, "worker", None)
     resources = dict(getattr(worker, "resources", None) or {})
     replicas = getattr(worker, "num_replicas", None) or getattr(worker, "min_replicas", None)
-    settings = RunConfig(
+    return RunConfig(
         num_replicas=int(replicas or 1), cpus_per_replica=resources.get("cpu"),
         gpus_per_replica=float(resources.get("gpu") or 0),
         device=op.params.get("device", "auto"),
         kernel_backend=op.params.get("kernel_backend", "auto"),
         compute_dtype=op.params.get("compute_dtype", "float32"), cache_bytes=cache_bytes)
-    return source, settings
 
 
 class PipelineFit:
@@ -538,11 +536,10 @@ class PipelineFit:
         return self._stream_mdf(tax, n_nodes)
 
     def _stream_columnar(self, tax: Taxonomy) -> dict[str, Any]:
-        source, settings = self.plan
-        if self.pool is None:
-            if settings.num_replicas > 1:
+        if self.pool is None:  # the loader that listed the input feeds the workers
+            if self.plan.num_replicas > 1:
                 ensure_ray()
-            self.pool = WorkerPool(source, self.account.items, settings)
+            self.pool = WorkerPool(self.account.loader, self.account.items, self.plan)
         started = time.perf_counter()
         try:
             result, loaded, skipped = self.pool.fit_pass(tax)
@@ -916,7 +913,7 @@ def run_pipeline(config: Any, progress: bool = True, desc: str = "run",
     already (a fit's last), so the columnar pass need not load it again."""
     plan = columnar_plan(config, "TaxonomyPathRefiner") if columnar else None
     if plan is not None:
-        return _run_columnar(config, *plan, taxonomy)
+        return _run_columnar(config, plan, taxonomy)
     account = InputAccount(config)
     config = account.pin(config)
     ensure_ray(config.executor.num_cpus)
@@ -933,14 +930,15 @@ def run_pipeline(config: Any, progress: bool = True, desc: str = "run",
     return result
 
 
-def _run_columnar(config: Any, source: ParquetInput, settings: RunConfig,
-                  taxonomy: Taxonomy | None = None) -> dict[str, Any]:
+def _run_columnar(config: Any, settings: RunConfig, taxonomy: Taxonomy | None = None
+                  ) -> dict[str, Any]:
     """A labelling run as a columnar pass: the same result as run_pipeline's."""
     stage, op = next((st, op) for st in config.stages for op in st.operators if op.enabled)
     labeller = TaxonomyPathRefiner(**op.params)  # validates, and reads the depth
     pinned_to = op.params.get("snapshot")
     tax = (taxonomy if taxonomy is not None and pinned_to and taxonomy.version == pinned_to
            else labeller.taxonomy)
+    source = ParquetInput(**config.data_loader.params)
     items = source.get_file_list()
     account = InputAccount(config, source, items, report=False)
     writer = config.data_writer

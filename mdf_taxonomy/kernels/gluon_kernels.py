@@ -3,7 +3,7 @@
 Why: the ``tl.*`` kernel drains its software pipeline and runs the top-2 epilogue with
 the tensor cores idle after every centroid tile (visible in its TTGIR: a full wait per
 tile), and for l2 it sums ``||x||^2`` in a pass of its own; at K=1024 that is ~25% of the
-time (benchmarks/NOTES_kernels.md). Here a CTA owns 2 x BLOCK_M rows and splits the work
+time (benchmarks/DECISIONS.md). Here a CTA owns 2 x BLOCK_M rows and splits the work
 across partitions:
 
 - a producer warp streams (two x chunks, one centroid chunk) through a ring of shared
@@ -17,8 +17,8 @@ across partitions:
 
 The per-k-step traffic is that of a 2*BLOCK_M x BLOCK_N tile (as the ``tl.*`` kernel's
 128 x 256); at large K that traffic, not the epilogue, is what bounds both kernels
-(NOTES v12: 33% fewer bytes per step measured +14%). Designs that measured worse (NOTES
-v11/v12): ping-pong consumers on alternate 128 x 128 tiles, 128 x 128 consumer tiles,
+(33% fewer bytes per step measured +14%). Designs that measured worse (benchmarks/DECISIONS.md):
+ping-pong consumers on alternate 128 x 128 tiles, 128 x 128 consumer tiles,
 ``||x||^2`` from global memory in the consumers or in a worker, ``||c||^2`` loaded in
 the MMA layout after the tile (64 registers: spills).
 
@@ -28,8 +28,8 @@ the same order; lowest id wins ties). Scope (``triton_kernels._use_ws`` decides)
 bf16/fp16 on sm90 with TMA-compatible rows, K <= WS_MAX_K (a tree's single-parent first
 level included); everything else uses ``triton_kernels``: fp32, large K, fp8, and grouped
 levels with many parents, whose rows come through a permutation that Hopper's TMA cannot
-gather (a cp.async gathering producer measured slower than the ``tl.*`` kernel there:
-NOTES v13). Import only on CUDA.
+gather (a cp.async gathering producer measured slower than the ``tl.*`` kernel there).
+Import only on CUDA.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
     q in tile q % n_tiles): little work per k-step, the slots are released fast. Same
     64-column chunks and sum order as the ``tl.*`` kernel's norm pass, hence the same
     bits. (Summing from global memory instead, in the consumers or in a worker, measured
-    slower: NOTES v11/v12.)"""
+    slower.)"""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
     Q: gl.constexpr = BLOCK_M // 2
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])

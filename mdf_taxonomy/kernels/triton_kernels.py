@@ -120,13 +120,13 @@ def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr,
                 XN_UNROLL: tl.constexpr):
     """||x||^2 of the row block, after the main loop (its registers are free by then) or,
     for bucketed tree levels, before it (XN_FIRST: the rows then sit in L2 for the tiles'
-    re-reads, which measured 3% faster there; NOTES v13).
+    re-reads, which measured 3% faster there).
 
     This loop has no dot, so each load is a bare round trip: with one 64-column chunk per
-    step it cost ~12% of the kernel at K=1024 (v9, against cosine, which has no norm pass).
+    step it cost ~12% of the kernel at K=1024 (against cosine, which has no norm pass).
     XN_UNROLL chunks are loaded per step so that their latencies overlap; they are summed
     in the same order as one at a time, so the result is bit-identical. Chunks stay
-    XN_BLOCK wide: wider loads here gave wrong norms on the GPU (v8, v9 sweep gates).
+    XN_BLOCK wide: wider loads here gave wrong norms on the GPU (sweep gates).
     """
     offs = tl.arange(0, XN_BLOCK)
     if XN_UNROLL > 0:  # 0 skips the pass (timing diagnostics only: no ||x||^2 added)
@@ -240,7 +240,7 @@ def _assign_kernel(
         return
     # ||x||^2 (l2) in a separate pass after the main loop (or before it: XN_FIRST), through
     # its own loads: reusing the dot's x tile for it was fast but gave wrong results on H100
-    # with triton 3.6 (NOTES_kernels.md, v5), as did BLOCK_K 32/128 at the 16-bit tiles (v8).
+    # with triton 3.6 (benchmarks/DECISIONS.md), as did BLOCK_K 32/128 at the 16-bit tiles.
     if L2 and not XN_FIRST and not XN_IN:
         xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     if L2 and XN_OUT:  # (split calls: every split writes the same value)
@@ -308,8 +308,8 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
     if dtype == torch.float8_e4m3fn:  # the shortlist pass: same bytes per k-step as bf16
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3,
                     TMA=True, XN_BLOCK=128, XN_UNROLL=1)
-    # swept on H100 (benchmarks/NOTES_kernels.md). The ||x||^2 pass is only right on the GPU
-    # with 64-column chunks (BLOCK_K or XN_BLOCK 32/128/256 gave wrong norms: v8, v9 sweep
+    # swept on H100 (benchmarks/DECISIONS.md). The ||x||^2 pass is only right on the GPU
+    # with 64-column chunks (BLOCK_K or XN_BLOCK 32/128/256 gave wrong norms: sweep
     # gates); two chunks per step measured +3-8% at K=1024 (ab_norm_pass.py, bit-identical).
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
                 TMA=False, XN_BLOCK=64, XN_UNROLL=2)
@@ -318,7 +318,7 @@ def _config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
 _OVERRIDE: dict | None = None  # benchmarks set this to sweep configs
 
 # The warp-specialised Gluon kernel (gluon_kernels.py) serves K <= WS_MAX_K, where it
-# measured faster (NOTES_kernels.md, v11-v12); its results are bit-identical to this
+# measured faster (benchmarks/DECISIONS.md); its results are bit-identical to this
 # kernel's, so the choice never changes a result. Checked on the H100 with these Tritons.
 USE_WS = True  # benchmarks switch it off for A/B runs
 WS_TRITON = ("3.6.",)
@@ -413,7 +413,7 @@ def _cached_for(centroids: torch.Tensor, what: tuple, build, always: bool = Fals
     A grouped level can hold ~1M centroids: casting and norming them on every call cost
     more than the kernel (measured 7 ms of 13 ms per level). On CUDA every set is cached:
     even 1024 centroids' norms cost ~0.1 ms of launches per call, paid while the GPU
-    waits (NOTES v14). The cache is keyed on the tensor's identity (weakref) and its
+    waits. The cache is keyed on the tensor's identity (weakref) and its
     in-place version counter, so any change to the tensor through torch (any view)
     rebuilds; writes that bypass the counter (``.data``, DLPack) are not seen. It holds at
     most ``_CACHE_SIZE`` entries.
@@ -785,8 +785,8 @@ def grouped_assign_triton(
     else:
         offs = child_offsets.to(device=x.device, dtype=torch.int64)
         # many parents: children blocks come from HBM rather than L2; a deeper pipeline
-        # measured 4-5% faster (NOTES_kernels.md v8/v9) and the ||x||^2 pass before the
-        # tiles 3% (v13: the rows stay in L2 for the tiles' re-reads; after them they had
+        # measured 4-5% faster (benchmarks/DECISIONS.md) and the ||x||^2 pass before the
+        # tiles 3% (the rows stay in L2 for the tiles' re-reads; after them they had
         # been evicted). The arithmetic is unchanged, so the paths stay bit-identical.
         bucket_cfg = dict(cfg, num_stages=4, XN_FIRST=True) \
             if x.is_cuda and not _OVERRIDE else cfg
@@ -865,7 +865,7 @@ def partial_sums_triton(
     cuda = dev.type == "cuda"
     if not cuda:
         ps = dict(CHUNK=32, BLOCK_R=8, NUM_STAGES=1, num_warps=1)
-    elif n_clusters <= 4096:  # swept on H100 (NOTES v8); the sums are exact whatever this is
+    elif n_clusters <= 4096:  # swept on H100; the sums are exact whatever this is
         ps = dict(CHUNK=1024, BLOCK_R=8, NUM_STAGES=3, num_warps=4)
     else:
         ps = dict(CHUNK=1024, BLOCK_R=2, NUM_STAGES=4, num_warps=4)

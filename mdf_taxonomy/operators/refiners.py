@@ -17,7 +17,6 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -112,11 +111,7 @@ class _TaxonomyRefiner(Refiner):
 
     def _blank_columns(self, n_rows: int, reason: str) -> dict[str, pa.Array]:
         """The output fields of records that get no label, with the reason."""
-        blank = {"string": "", "int32": -1, "float": float("nan")}
-        columns = {name: pa.array([blank[str(t)]] * n_rows, t)
-                   for name, t in self.get_output_schema().items()}
-        columns[ERROR_FIELD] = pa.array([reason] * n_rows, pa.string())
-        return columns
+        raise NotImplementedError
 
     def _rows(self, tax: Taxonomy, parsed: ParsedBatch) -> torch.Tensor:
         return tax.prepare(parsed.x, self._torch_device(), COMPUTE_DTYPES[self.compute_dtype])
@@ -163,6 +158,9 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
     def get_output_schema(self) -> dict[str, pa.DataType]:
         return batch.label_schema(self.n_levels)
 
+    def _blank_columns(self, n_rows: int, reason: str) -> dict[str, pa.Array]:
+        return batch.label_columns(self.n_levels, n_rows, batch.all_rejected(n_rows, reason))
+
     def _refine(self, parsed: ParsedBatch, tax: Taxonomy, n_rows: int) -> dict[str, pa.Array]:
         if not tax.state.complete:
             raise RuntimeError(
@@ -170,13 +168,12 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
                 f"{tax.state.phase}): finish the fit before labelling"
             )
         if not len(parsed.valid):
-            return batch.label_columns(tax, n_rows, parsed,
-                                       np.zeros((0, tax.n_levels), np.int32), np.zeros(0))
+            return batch.label_columns(tax.n_levels, n_rows, parsed)
         started = time.perf_counter()
         paths, dist = tax.assign_paths(self._rows(tax, parsed), backend=self.kernel_backend,
                                        prepared=True)
         self.timings["assign_s"] += time.perf_counter() - started
-        return batch.label_columns(tax, n_rows, parsed, paths, dist)
+        return batch.label_columns(tax.n_levels, n_rows, parsed, paths, dist)
 
 
 class KMeansLevelRefiner(_TaxonomyRefiner):
@@ -240,6 +237,9 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
         return batch.fit_schema(self.config.n_levels)
+
+    def _blank_columns(self, n_rows: int, reason: str) -> dict[str, pa.Array]:
+        return batch.fit_columns(self.config.n_levels, n_rows, batch.all_rejected(n_rows, reason))
 
     def _refine(self, parsed: ParsedBatch, tax: Taxonomy, n_rows: int) -> dict[str, pa.Array]:
         st = tax.state

@@ -109,11 +109,14 @@ def path_strings(paths: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise(*parts, "/")
 
 
-def label_columns(tax: Taxonomy, n_rows: int, parsed: ParsedBatch, paths: np.ndarray,
-                  distance: np.ndarray) -> dict[str, pa.Array]:
+def label_columns(n_levels: int, n_rows: int, parsed: ParsedBatch,
+                  paths: np.ndarray | None = None, distance: np.ndarray | None = None
+                  ) -> dict[str, pa.Array]:
     """The label fields of a batch as Arrow columns, blank where a row was rejected:
-    path "", node ids -1, distance NaN, and the reason in taxonomy_error."""
-    n_levels = tax.n_levels
+    path "", node ids -1, distance NaN, and the reason in taxonomy_error (no paths: every
+    row blank)."""
+    if paths is None:
+        paths, distance = np.zeros((0, n_levels), np.int32), np.zeros(0, np.float32)
     ids = np.full((n_rows, n_levels), -1, dtype=np.int32)
     dist = np.full(n_rows, np.nan, dtype=np.float32)
     ids[parsed.valid] = paths
@@ -130,6 +133,12 @@ def label_columns(tax: Taxonomy, n_rows: int, parsed: ParsedBatch, paths: np.nda
     return columns
 
 
+def all_rejected(n_rows: int, reason: str) -> ParsedBatch:
+    """A batch in which every row is rejected for `reason` (a whole batch that failed)."""
+    return ParsedBatch(np.zeros((0, 0), np.float32), np.zeros(0, np.int64),
+                       dict.fromkeys(range(n_rows), reason))
+
+
 def error_column(n_rows: int, parsed: ParsedBatch) -> pa.Array:
     errors = [""] * n_rows
     for i, reason in parsed.errors.items():
@@ -137,10 +146,12 @@ def error_column(n_rows: int, parsed: ParsedBatch) -> pa.Array:
     return pa.array(errors, pa.string())
 
 
-def fit_columns(n_levels: int, n_rows: int, parsed: ParsedBatch, paths: np.ndarray
-                ) -> dict[str, pa.Array]:
+def fit_columns(n_levels: int, n_rows: int, parsed: ParsedBatch,
+                paths: np.ndarray | None = None) -> dict[str, pa.Array]:
     """A fit pass's fields: the node ids of the levels walked so far (-1 beyond them and
     for rejected rows), and the reason of each rejected row."""
+    if paths is None:
+        paths = np.zeros((0, 0), np.int32)
     ids = np.full((n_rows, n_levels), -1, dtype=np.int32)
     ids[parsed.valid, : paths.shape[1]] = paths
     columns = {level_field(i + 1): pa.array(ids[:, i]) for i in range(n_levels)}

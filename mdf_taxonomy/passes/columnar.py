@@ -262,13 +262,12 @@ class PassWorker:
                 _add(out.rejected, dec.parsed.reasons())
                 if write is None or table is None or table.num_rows == 0:
                     continue  # counting only, or a row group the filter emptied: no file
-                if dec.x is None:
-                    paths, dist = np.zeros((0, tax.n_levels), np.int32), np.zeros(0, np.float32)
-                else:
+                paths = dist = None
+                if dec.x is not None:
                     paths, dist = tax.assign_paths(dec.x, backend=self.run.kernel_backend,
                                                    prepared=True)
                 t1 = time.perf_counter()
-                columns = batch.label_columns(tax, dec.rows, dec.parsed, paths, dist)
+                columns = batch.label_columns(tax.n_levels, dec.rows, dec.parsed, paths, dist)
                 table = table.drop_columns([c for c in table.column_names if c in new_names])
                 for name, column in columns.items():
                     table = table.append_column(name, column)
@@ -382,8 +381,6 @@ class WorkerPool:
         parts = self._each("fit_pass", tax)
         st = tax.state
         n_nodes = 0 if st.phase == "sample" else tax.levels[st.level - 1].n_nodes
-        sums = np.zeros((n_nodes, tax.dim), dtype=np.int64)
-        counts = np.zeros(n_nodes, dtype=np.int64)
         totals: dict[str, int] = {}
         rejected: dict[str, int] = {}
         parent_rows: dict[int, int] = {}
@@ -393,6 +390,8 @@ class WorkerPool:
         if len(with_sums) == 1:  # one worker: its partial is the pass's (already marked)
             sums, counts = with_sums[0].sums, with_sums[0].counts
         else:
+            sums = np.zeros((n_nodes, tax.dim), dtype=np.int64)
+            counts = np.zeros(n_nodes, dtype=np.int64)
             for part in with_sums:
                 add_fixed_sums(sums, part.sums)
                 counts += part.counts
