@@ -205,13 +205,15 @@ def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(reference,
                                                                       tmp_path):
     """Labelled records are staged beside the output and moved there at the end, so a
     run killed while writing leaves no partial output and its rerun adds no duplicates.
-    The fit is the reference's, finished: the run goes straight to labelling."""
+    The fit is the reference's, finished: the run goes straight to labelling. Both faces
+    stage through the same StagedOutput; the record path (batches of 8) labels slowly
+    enough to be killed mid-way, the columnar pass finishes 300 rows before a poll."""
     uri, out = tmp_path / "tax", tmp_path / "out"
     shutil.copytree(reference[0], uri)
     cmd = [sys.executable, "-m", "mdf_taxonomy.cli", "-q", "fit", "--input", str(data),
            "--storage-uri", str(uri), "--n-levels", "2", "--branching-factor", "3,2",
            "--dim", str(DIM), "--seed", "3", "--max-iter", "2", "--output", str(out),
-           "--batch-size", "8"]
+           "--batch-size", "8", "--no-columnar"]
     with open(tmp_path / "run.log", "wb") as log:
         victim = _start(cmd, log)
         try:
