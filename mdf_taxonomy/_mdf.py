@@ -9,6 +9,7 @@ of the package asks "can it?" rather than "which one is it?".
 from __future__ import annotations
 
 import importlib
+import re
 import time
 from typing import Any
 
@@ -50,6 +51,15 @@ KEEPS_RAY_SESSION = MDF_FLAVOUR == "rust_free_fallback"
 #: ParquetDataWriter takes ``partition_by`` as a list and ``storage_options``; MDF's
 #: takes one column name and reads storage options from the environment.
 WRITER_TAKES_OPTIONS = MDF_FLAVOUR == "rust_free_fallback"
+
+
+
+def mdf_key(name: str) -> str:
+    """How MDF spells a class after its snake-case YAML name: KMeansLevelRefiner ->
+    kmeans_level_refiner -> KmeansLevelRefiner."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+    return "".join(part.capitalize() for part in snake.split("_"))
+
 
 _HOST_COMPONENTS = {
     "mega_data_factory": ("mega_data_factory.loaders", "mega_data_factory.operators",
@@ -161,6 +171,7 @@ __all__ = [
     "HAS_END_OF_STREAM",
     "KEEPS_RAY_SESSION",
     "MDF_FLAVOUR",
+    "mdf_key",
     "WRITER_TAKES_OPTIONS",
     "BatchResult",
     "Operator",

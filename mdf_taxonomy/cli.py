@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any
 
-from mdf_taxonomy import __version__
+from mdf_taxonomy._version import __version__
 
 
 class CliError(Exception):

@@ -31,7 +31,8 @@ import ray
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from mdf_taxonomy import _mdf, mdf_key
+from mdf_taxonomy import _mdf
+from mdf_taxonomy._mdf import mdf_key
 from mdf_taxonomy.backend import FitBackend
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
 from mdf_taxonomy.model.config import RunConfig
@@ -47,6 +48,7 @@ from mdf_taxonomy.operators import (
     KMeansLevelRefiner,
     TaxonomyPathRefiner,
 )
+from mdf_taxonomy.operators.registry import register
 from mdf_taxonomy.passes.columnar import WorkerPool
 from mdf_taxonomy.passes.input_report import (
     close_input_report,
@@ -219,6 +221,7 @@ class InputAccount:
 
     def __init__(self, config: Any, loader: Any | None = None, items: list[str] | None = None,
                  report: bool = True):
+        register()
         self.loader = loader or _mdf.DataLoaderRegistry.create(config.data_loader.type,
                                                                config.data_loader.params)
         self.max_samples = config.executor.max_samples
@@ -292,6 +295,7 @@ def validate_pipeline(config: Any) -> None:
     seconds, not a fit: every component is registered and takes its params, and our
     own operators accept their values (a fit's labeller is built with the fit's depth,
     since its taxonomy does not exist yet)."""
+    register()
     checks = [("data_loader", _mdf.DataLoaderRegistry._loaders, config.data_loader.type,
                config.data_loader.params),
               ("data_writer", _mdf.DataWriterRegistry._writers, config.data_writer.type,
@@ -975,6 +979,7 @@ def _run_columnar(config: Any, settings: RunConfig, taxonomy: Taxonomy | None = 
 
 
 def _run_once(config: Any, progress: bool, desc: str) -> dict[str, Any]:
+    register()
     executor = _mdf.Executor(config)
     rows_in = rows_out = 0
     bar = _progress(None, desc, progress)

@@ -10,6 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import mdf_taxonomy
+
+mdf_taxonomy.register()  # as MDF's plugin entry point does; importing the package does not
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "mdf_taxonomy" / "data" / "treeoflife_bioclip2_1k.parquet"
 

@@ -1,4 +1,4 @@
-"""Registration: on import, under both spellings, and through the opt-in autoload hook."""
+"""Registration: by register(), under both spellings, and through the opt-in autoload hook."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import mdf_taxonomy
 from mdf_taxonomy import _mdf
 
 
-def test_import_registers_both_spellings_idempotently():
+def test_register_gives_both_spellings_idempotently():
     before = dict(_mdf.OperatorRegistry._operators)
     mdf_taxonomy.register()
     ops = _mdf.OperatorRegistry._operators

@@ -1,0 +1,25 @@
+"""Registration of our components with MDF's registries: the one place that lists them."""
+
+from __future__ import annotations
+
+from mdf_taxonomy import _mdf
+from mdf_taxonomy.operators.parquet_loader import ParquetEmbeddingLoader
+from mdf_taxonomy.operators.refiners import KMeansLevelRefiner, TaxonomyPathRefiner
+from mdf_taxonomy.operators.synthetic_loader import SyntheticEmbeddingLoader
+from mdf_taxonomy.operators.writers import DiscardWriter
+
+OPERATORS = (KMeansLevelRefiner, TaxonomyPathRefiner)
+LOADERS = (ParquetEmbeddingLoader, SyntheticEmbeddingLoader)
+WRITERS = (DiscardWriter,)
+
+
+def register() -> None:
+    """Operators under their class names and MDF's derived keys, loaders and writers under
+    their class names; idempotent."""
+    for cls in OPERATORS:
+        _mdf.OperatorRegistry.register(cls.__name__, cls)
+        _mdf.OperatorRegistry.register(_mdf.mdf_key(cls.__name__), cls)
+    for cls in LOADERS:
+        _mdf.DataLoaderRegistry.register(cls.__name__, cls)
+    for cls in WRITERS:
+        _mdf.DataWriterRegistry.register(cls.__name__, cls)
