@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from taxonomy_toys import small_taxonomy
 
-import mdf_taxonomy.model.store as store_mod
+import mdf_taxonomy.model.lease as lease_mod
 from mdf_taxonomy.model import TaxonomyStore, TaxonomyStoreError
 
 ARRAYS = ["level_1_centroids", "level_1_parents", "level_2_centroids", "level_2_parents"]
@@ -565,7 +565,7 @@ def test_a_live_process_of_this_machine_keeps_its_lease(tmp_path):
 def test_refresh_moves_the_heartbeat(uri, monkeypatch):
     with TaxonomyStore(uri).writer_lease() as lease:
         later = lease.acquired_at + 42.0
-        monkeypatch.setattr(store_mod, "time", SimpleNamespace(time=lambda: later))
+        monkeypatch.setattr(lease_mod, "time", SimpleNamespace(time=lambda: later))
         assert lease.refresh() is True
         monkeypatch.undo()
         rec = read_lock(uri)

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from mdf_taxonomy.model.config import ON_BAD_FILE
-from mdf_taxonomy.model.store import one_line, storage_unreachable
+from mdf_taxonomy.model.storage import one_line, storage_unreachable
 from mdf_taxonomy.passes.input_report import ITEM_SEP, report_entry, tell_input_report
 from mdf_taxonomy.passes.records import parse_arrow
 
