@@ -16,6 +16,16 @@ import numpy as np
 import ray
 
 from mdf_taxonomy.model.fitting import add_fixed_sums
+from mdf_taxonomy.model.sampling import BottomK
+
+
+def bucket_of(node: Any, num_buckets: int) -> Any:
+    """The bucket that holds a node's partials (an int or an array of node ids).
+
+    Nodes are dealt round-robin, so bucket i holds nodes i, i + n, i + 2n, ...: its local
+    index of a node is node // n and the driver merges buckets by strided copies.
+    """
+    return node % num_buckets
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -94,54 +104,6 @@ class FitBucket:
             "samples": self.samples.vectors(),
             "parent_rows": dict(self.parent_rows),
         }
-
-
-def rows_by_key(keys: np.ndarray):
-    """(key, row indices) for each distinct key, ascending: one stable sort instead of a
-    scan of all rows per key (a sampling batch can touch thousands of parents)."""
-    if keys.size == 0:
-        return
-    order = np.argsort(keys, kind="stable")
-    uniq, starts = np.unique(keys[order], return_index=True)
-    for key, idx in zip(uniq, np.split(order, starts[1:]), strict=True):
-        yield int(key), idx
-
-
-class BottomK:
-    """Per parent, the rows of the k smallest priorities seen so far (the fit's sample).
-
-    The union of bottom-k sets is order-free, so buckets, workers and the driver can each
-    keep one and merge them in any order (equal priorities mean equal rows, so which of
-    them is kept changes nothing).
-    """
-
-    def __init__(self) -> None:
-        self.kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    @staticmethod
-    def smallest(priorities: np.ndarray, k: int) -> np.ndarray:
-        """Indices of the k smallest priorities, in priority order."""
-        return np.argsort(priorities, kind="stable")[:k]
-
-    def offer(self, parents: np.ndarray, priorities: np.ndarray, vectors: np.ndarray,
-              k: int) -> dict[int, int]:
-        """Merge candidates; returns the k-th priority of every touched parent whose
-        sample is full: rows above it can never enter."""
-        cut: dict[int, int] = {}
-        for p, mine in rows_by_key(parents):
-            prio, vec = priorities[mine], vectors[mine]
-            if p in self.kept:
-                old_prio, old_vec = self.kept[p]
-                prio, vec = np.concatenate([old_prio, prio]), np.concatenate([old_vec, vec])
-            keep = self.smallest(prio, k)
-            self.kept[p] = (prio[keep], vec[keep])
-            if len(keep) == k:
-                cut[p] = int(prio[keep[-1]])
-        return cut
-
-    def vectors(self) -> dict[int, np.ndarray]:
-        """parent -> its sample rows, in priority order."""
-        return {p: v for p, (_, v) in self.kept.items()}
 
 
 class FitBackend:
@@ -247,7 +209,7 @@ class FitBackend:
                      rejected: dict[str, int]) -> None:
         calls = []
         for i, b in enumerate(self._buckets()):
-            mine = nodes % self.num_buckets == i
+            mine = bucket_of(nodes, self.num_buckets) == i
             extra = (totals, rejected) if i == 0 else (None, None)
             if i == 0 or mine.any():
                 calls.append(b.add_partials.remote(
@@ -262,8 +224,8 @@ class FitBackend:
         cut-off priority of every touched parent whose sample is full."""
         calls = []
         for i, b in enumerate(self._buckets()):
-            mine = parents % self.num_buckets == i
-            rows = {p: c for p, c in parent_rows.items() if p % self.num_buckets == i}
+            mine = bucket_of(parents, self.num_buckets) == i
+            rows = {p: c for p, c in parent_rows.items() if bucket_of(p, self.num_buckets) == i}
             extra = (totals, rejected) if i == 0 else (None, None)
             if i == 0 or rows:
                 calls.append(b.offer_samples.remote(

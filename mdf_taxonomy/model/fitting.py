@@ -36,6 +36,10 @@ import torch
 
 from mdf_taxonomy import kernels
 from mdf_taxonomy.model.config import TaxonomyConfig
+from mdf_taxonomy.model.sampling import (
+    sample_priorities,  # noqa: F401 - callers import it here
+    splitmix64,
+)
 from mdf_taxonomy.model.taxonomy import FitState, Level, Taxonomy
 
 log = logging.getLogger(__name__)
@@ -65,30 +69,9 @@ MAX_ROWS_PER_SUM: int = (FIXED_SUM_LIMIT - 1) // (
 """Rows (8388607) whose sum is exact whatever their values in range: a node fed more
 rows than this in one pass can be refused. Rows of |value| <= 1 allow 2**38 rows."""
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = (z + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return z ^ (z >> np.uint64(31))
-
-
-def sample_priorities(x: np.ndarray, seed: int, level: int) -> np.ndarray:
-    """(N,) uint64 priority from each float32 row's bytes: bottom-k of these is the sample."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rng = np.random.default_rng([seed, level, 0x5A3])
-    weights = rng.integers(1, 2**63, size=x.shape[1], dtype=np.uint64) | np.uint64(1)
-    with np.errstate(over="ignore"):
-        h = (x.view(np.uint32).astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
-    return _splitmix64(h ^ np.uint64((seed * 1_000_003 + level) & 0xFFFFFFFFFFFFFFFF))
-
-
 def node_seed(seed: int, level: int, node: int) -> int:
     z = (seed * 1_000_003 + level * 7919 + node) & 0xFFFFFFFFFFFFFFFF  # any seed < 2**63
-    return int(_splitmix64(np.array([z], dtype=np.uint64))[0] >> np.uint64(1))
+    return int(splitmix64(np.array([z], dtype=np.uint64))[0] >> np.uint64(1))
 
 
 def kmeans_plus_plus(

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mdf_taxonomy.backend import BottomK, rows_by_key
 from mdf_taxonomy.kernels import partial_sums
 from mdf_taxonomy.model import Taxonomy
-from mdf_taxonomy.model.fitting import inertia_to_fixed, sample_priorities
+from mdf_taxonomy.model.fitting import inertia_to_fixed
+from mdf_taxonomy.model.sampling import BottomK, rows_by_key, sample_priorities
 from mdf_taxonomy.passes.records import ERROR_FIELD, ParsedBatch
 
 PREFIX = "taxonomy"
