@@ -11,7 +11,9 @@ minutes of streaming, is refused when the object is built, naming the parameter.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,18 +147,33 @@ class TaxonomyConfig:
     """Everything that decides the shape of the tree; two fits with equal configs,
     equal data and equal seeds give the same tree bit for bit.
 
-    n_levels: depth of the tree.
-    branching_factor: children per node, one number for every level or one per level.
-    dim: embedding length (None: the majority length of the first rows read).
-    metric: 'l2' (squared Euclidean) or 'cosine' (rows are L2-normalised first).
-    seed: decides the init samples and k-means++ draws.
-    max_iter: Lloyd passes per level at most.
-    tol: a level stops when the relative drop of inertia between passes is below it.
-    sample_per_child: init sample rows per child (bottom-k by content hash, so the
-        sample does not depend on batch or file order); capped by max_sample_per_node.
-    max_sample_per_node: the cap on a parent's init sample.
-    init_iters: Lloyd iterations run in memory on the sample after k-means++.
-    embedding_field: the input column holding the vectors.
+    Parameters
+    ----------
+    n_levels : int, default=1
+        Depth of the tree.
+    branching_factor : int or list of int, default=16
+        Children per node, one number for every level or one per level.
+    dim : int or None, default=None
+        Embedding length (None: the majority length of the first rows read).
+    metric : {'l2', 'cosine'}, default='l2'
+        'l2' (squared Euclidean) or 'cosine' (rows are L2-normalised first).
+    seed : int, default=0
+        Decides the init samples and k-means++ draws.
+    max_iter : int, default=20
+        Lloyd passes per level at most.
+    tol : float, default=1e-4
+        A level stops when the relative drop of inertia between passes is below it.
+    sample_per_child : int, default=64
+        Init sample rows per child (bottom-k by content hash, so the sample does not
+        depend on batch or file order); capped by max_sample_per_node.
+    max_sample_per_node : int, default=65536
+        The cap on a parent's init sample.
+    init_iters : int, default=10
+        Lloyd iterations run in memory on the sample after k-means++.
+    embedding_field : str, default='embedding'
+        The input column holding the vectors.
+    extra : dict, default={}
+        Annotations carried with the object; not compared, not stored, no effect on the fit.
     """
 
     n_levels: int = 1
@@ -185,8 +202,10 @@ class TaxonomyConfig:
                 raise ValueError(f"TaxonomyConfig.{name}={value!r}: {rule}")
         bf = self.branching_factor
         if isinstance(bf, tuple) and len(bf) != self.n_levels:
-            raise ValueError(f"TaxonomyConfig.branching_factor={bf!r}: a list must have one "
-                             f"entry per level ({self.n_levels})")
+            raise ValueError(
+                f"TaxonomyConfig.branching_factor={bf!r}: a list must have one "
+                f"entry per level ({self.n_levels})"
+            )
 
     def branching(self, level: int) -> int:
         """Children per node at `level` (1-based)."""
@@ -247,23 +266,40 @@ def check_parameter(name: str, value: Any, where: str) -> None:
 class RunConfig:
     """How the passes run; none of it changes a bit of the tree.
 
-    batch_size: records per batch on MDF's Executor (the columnar pass reads whole
-        Parquet row groups).
-    num_replicas: columnar workers (1: in this process, no Ray) or stage replicas.
-    num_loaders: MDF loader actors (the operator path).
-    cpus_per_replica / gpus_per_replica: Ray resources of each worker or replica
-        (cpus None: the cores left after the loaders, shared out).
-    backend_buckets: bucket actors holding a pass's partials (the operator path).
-    flush_rows: rows of partials folded in a replica before a flush (operator path).
-    device: 'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'.
-    kernel_backend: 'auto' (Triton on CUDA), 'torch' or 'triton'.
-    compute_dtype: what the kernels read (bfloat16/float16 halve the bytes on GPUs).
-    cache_bytes: decoded rows a columnar worker keeps across passes (None: half the
-        GPU's free memory or a quarter of the host's; 0: stream every pass).
-    columnar: run passes as columnar passes where the pipeline allows; False runs
-        every pass through MDF's Executor and the operators, record by record.
-    on_bad_file: 'fail' or 'skip' an unreadable input file or row group.
-    max_pass_retries: times a pass that lost rows is run again.
+    Parameters
+    ----------
+    batch_size : int, default=1024
+        Records per batch on MDF's Executor (the columnar pass reads whole Parquet row
+        groups).
+    num_replicas : int, default=1
+        Columnar workers (1: in this process, no Ray) or stage replicas.
+    num_loaders : int, default=1
+        MDF loader actors (the operator path).
+    cpus_per_replica : float or None, default=None
+        Ray CPUs of each worker or replica (None: the cores left after the loaders,
+        shared out).
+    gpus_per_replica : float, default=0
+        Ray GPUs of each worker or replica.
+    backend_buckets : int, default=2
+        Bucket actors holding a pass's partials (the operator path).
+    flush_rows : int, default=65536
+        Rows of partials folded in a replica before a flush (operator path).
+    device : str, default='auto'
+        'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'.
+    kernel_backend : {'auto', 'torch', 'triton'}, default='auto'
+        'auto' (Triton on CUDA), 'torch' or 'triton'.
+    compute_dtype : {'float32', 'bfloat16', 'float16'}, default='float32'
+        What the kernels read (bfloat16/float16 halve the bytes on GPUs).
+    cache_bytes : int or None, default=None
+        Decoded rows a columnar worker keeps across passes (None: half the GPU's free
+        memory or a quarter of the host's; 0: stream every pass).
+    columnar : bool, default=True
+        Run passes as columnar passes where the pipeline allows; False runs every pass
+        through MDF's Executor and the operators, record by record.
+    on_bad_file : {'fail', 'skip'}, default='fail'
+        'fail' or 'skip' an unreadable input file or row group.
+    max_pass_retries : int, default=2
+        Times a pass that lost rows is run again.
     """
 
     batch_size: int = 1024
@@ -286,23 +322,31 @@ class RunConfig:
             check_parameter(name, getattr(self, name), "RunConfig")
 
 
-def parameter_help(cls: type) -> dict[str, str]:
-    """Each parameter's help, from the class docstring's `name: text` paragraphs."""
-    out: dict[str, str] = {}
-    current: list[str] = []
-    for line in (cls.__doc__ or "").splitlines():
+def parameter_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """Each parameter's `name : type, default=...` spec and its meaning, read from the
+    numpydoc entries of the class docstring, so the docs are the one source of the help."""
+    out: dict[str, tuple[str, str]] = {}
+    name, indent = None, 0
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
         text = line.strip()
-        head, sep, rest = text.partition(": ")
-        if sep and head.replace(" / ", "/").replace("_", "").replace("/", "").isalnum():
-            current = [n.strip() for n in head.split("/")]
-            for n in current:
-                out[n] = rest
-        elif text and current:
-            for n in current:
-                out[n] += " " + text
+        depth = len(line) - len(line.lstrip())
+        if name is not None and text and depth > indent:
+            spec, meaning = out[name]
+            out[name] = (spec, f"{meaning} {text}".lstrip())
+        elif entry := _DOC_ENTRY.fullmatch(text):
+            name, indent = entry[1], depth
+            out[name] = (entry[2], "")
         else:
-            current = []
+            name = None
     return out
+
+
+def parameter_help(cls: type) -> dict[str, str]:
+    """Each parameter's meaning, from the class docstring (see parameter_docs)."""
+    return {name: meaning for name, (_, meaning) in parameter_docs(cls).items()}
+
+
+_DOC_ENTRY = re.compile(r"([A-Za-z_]\w*) : (\S.*)")
 
 
 def _is_int(v: Any) -> bool:

@@ -6,7 +6,10 @@ from mdf_taxonomy._mdf import DataWriter
 
 
 class DiscardWriter(DataWriter):
-    """Counts what it is given and keeps nothing; MDF needs some writer per pipeline."""
+    """Counts what it is given and keeps nothing; MDF needs some writer per pipeline.
+
+    It takes no parameters (a YAML's `params: {}`); `records` counts the records seen.
+    """
 
     def __init__(self) -> None:
         self.records = 0
