@@ -72,3 +72,85 @@ def test_rows_by_key_groups_every_row_once_in_order():
     got = [(k, idx.tolist()) for k, idx in rows_by_key(keys)]
     assert got == [(0, [3]), (1, [1, 4]), (3, [0, 2, 5])]
     assert list(rows_by_key(np.zeros(0, np.int64))) == []
+
+
+# -- tol: a level stops after the first Lloyd pass whose relative inertia drop is below tol ----
+
+
+def _pass_after(prev_inertia, inertia, tol, iteration=1, max_iter=20):
+    """finish_pass on a 2-node level, 2-D, whose previous pass measured `prev_inertia`."""
+    from mdf_taxonomy.model import FitState, Level, Taxonomy, TaxonomyConfig
+    from mdf_taxonomy.model.fitting import INERTIA_FIXED_POINT_BITS, LloydResult, finish_pass
+
+    cfg = TaxonomyConfig(n_levels=1, branching_factor=2, dim=2, tol=tol, max_iter=max_iter)
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [4.0, 4.0], [5.0, 5.0]])
+    sums, counts = kernels.partial_sums(x, torch.tensor([0, 0, 1, 1]), 2)
+    level = Level(np.array([[0.0, 0.0], [5.0, 5.0]], np.float32), np.zeros(2, np.int64))
+    state = FitState(level=1, phase="lloyd", iteration=iteration, inertia=prev_inertia)
+    tax = Taxonomy(config=cfg, dim=2, levels=[level], state=state)
+    fixed = int(inertia * 2**INERTIA_FIXED_POINT_BITS)
+    return finish_pass(tax, LloydResult(sums, counts, fixed, rows=4)).state
+
+
+def test_tol_stops_on_a_relative_inertia_drop_strictly_below_it():
+    # 64 -> 63 is a drop of exactly 1/64 (binary fractions: no rounding anywhere)
+    assert _pass_after(64.0, 63.0, tol=1 / 64).phase == "lloyd"  # not below: one more pass
+    done = _pass_after(64.0, 63.0, tol=float(np.nextafter(1 / 64, 1.0)))
+    assert (done.phase, done.iteration, done.inertia) == ("done", 2, 63.0)
+    # the first pass has nothing to compare with; a zero inertia gives no relative drop
+    assert _pass_after(None, 63.0, tol=1e9, iteration=0).phase == "lloyd"
+    assert _pass_after(0.0, 0.0, tol=1e9).phase == "lloyd"
+    # tol=0 never stops on a pass that did not raise the inertia, even one that kept it
+    assert _pass_after(63.0, 63.0, tol=0.0).phase == "lloyd"
+    assert _pass_after(63.0, 64.0, tol=0.0).phase == "done"  # a rise is a negative drop
+    # max_iter ends the level whatever tol says
+    last = _pass_after(64.0, 63.0, tol=0.0, iteration=19)
+    assert (last.phase, last.iteration) == ("done", 20)
+
+
+def _lloyd_inertias(tax):
+    return [h["inertia"] for h in tax.state.history if h["phase"] == "lloyd"]
+
+
+def _expected_passes(inertias, tol, max_iter):
+    """Passes the rule runs, given the inertias each pass measures (pass 1 has no drop)."""
+    for i in range(1, max_iter):
+        if inertias[i - 1] > 0 and (inertias[i - 1] - inertias[i]) / inertias[i - 1] < tol:
+            return i + 1
+    return max_iter
+
+
+def test_tol_ends_the_fit_after_the_passes_the_rule_gives(tmp_path):
+    from conftest import write_embeddings
+
+    from mdf_taxonomy.engine import TaxonomyEngine
+
+    # unclustered rows: Lloyd keeps moving the 8 centroids for many passes
+    x = np.random.default_rng(3).normal(size=(400, 4)).astype(np.float32)
+    max_iter = 10
+
+    def fit(tol, row_group_size=100):
+        data = write_embeddings(tmp_path / f"d{row_group_size}" / "a.parquet", x,
+                                row_group_size=row_group_size)
+        engine = TaxonomyEngine(storage_uri=str(tmp_path / f"t-{tol}-{row_group_size}"),
+                                n_levels=1, branching_factor=8, max_iter=max_iter, tol=tol,
+                                init_iters=0, progress=False)
+        return engine.fit(str(data))
+
+    full = fit(0.0)
+    inertias = _lloyd_inertias(full)
+    drops = [(a - b) / a for a, b in zip(inertias, inertias[1:], strict=False)]
+    # tol=0 runs every pass on data that keeps moving
+    assert len(inertias) == max_iter and all(d > 0 for d in drops)
+    assert (full.state.phase, full.state.iteration) == ("done", max_iter)
+
+    pass5_drop = drops[3]
+    # the rule on these inertias: drops 0.11, 0.029, 0.017, 0.0085, 0.0050, ... at passes 2..
+    stops = {0.01: 5, pass5_drop: 6, 2.0: 2}  # equal to pass 5's drop is not below it
+    assert {t: _expected_passes(inertias, t, max_iter) for t in stops} == stops
+    for tol, want in stops.items():
+        for row_group_size in (100, 400):  # 4 row groups or 1: the same passes
+            tax = fit(tol, row_group_size)
+            got = _lloyd_inertias(tax)
+            assert got == inertias[:want], (tol, row_group_size)
+            assert (tax.state.phase, tax.state.iteration) == ("done", want)
