@@ -36,7 +36,8 @@ from mdf_taxonomy.model import Taxonomy
 from mdf_taxonomy.model.config import RunConfig
 from mdf_taxonomy.model.fitting import add_fixed_sums, mark_overflowed
 from mdf_taxonomy.passes import batch
-from mdf_taxonomy.passes.parquet_input import ParquetInput, _arrow_fs
+from mdf_taxonomy.passes.parquet_input import ParquetInput
+from mdf_taxonomy.passes.parquet_listing import _arrow_fs
 from mdf_taxonomy.passes.records import ParsedBatch, parse_arrow
 
 log = logging.getLogger(__name__)
