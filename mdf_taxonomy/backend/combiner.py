@@ -13,10 +13,10 @@ sent as SUM_OVERFLOWED, which the driver refuses (see model/fitting.py).
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 
-from mdf_taxonomy.backend.fit_backend import FitBackend
 from mdf_taxonomy.model.fitting import (
     MAX_ROWS_PER_SUM,
     SUM_OVERFLOWED,
@@ -24,8 +24,14 @@ from mdf_taxonomy.model.fitting import (
     mark_overflowed,
 )
 
+if TYPE_CHECKING:  # only flush() talks to the actors; folding needs no Ray
+    from mdf_taxonomy.backend.fit_backend import FitBackend
+
 
 class PartialsCombiner:
+    """Several batches' partials folded on the worker, so a flush carries each touched
+    cluster once, whatever the number of batches."""
+
     def __init__(self, pass_id: str, n_nodes: int, dim: int, device: torch.device):
         self.pass_id = pass_id
         self.sums = torch.zeros((n_nodes, dim), dtype=torch.int64, device=device)
@@ -39,8 +45,14 @@ class PartialsCombiner:
     def rows(self) -> int:
         return self.totals.get("rows", 0)
 
-    def add(self, flush_id: str, sums: torch.Tensor, counts: torch.Tensor,
-            totals: dict[str, int], rejected: dict[str, int]) -> None:
+    def add(
+        self,
+        flush_id: str,
+        sums: torch.Tensor,
+        counts: torch.Tensor,
+        totals: dict[str, int],
+        rejected: dict[str, int],
+    ) -> None:
         """Fold one batch; `totals["rows"]` bounds the rows behind `sums`."""
         rows = int(totals.get("rows", 0))
         if rows > MAX_ROWS_PER_SUM:  # a node's batch sum may have wrapped: refuse it
@@ -68,12 +80,18 @@ class PartialsCombiner:
         sums = self.sums[nodes]
         mark_overflowed(sums)
         sent = int(len(nodes) * (self.sums.shape[1] + 2) * 8)
-        flush_id = hashlib.blake2b("\n".join(sorted(self.flush_ids)).encode(),
-                                   digest_size=16).hexdigest()
+        flush_id = hashlib.blake2b(
+            "\n".join(sorted(self.flush_ids)).encode(), digest_size=16
+        ).hexdigest()
         backend.add_partials(
-            self.pass_id, flush_id, nodes.cpu().numpy(), sums.cpu().numpy(),
-            self.counts[nodes].cpu().numpy(), {**self.totals, "flush_bytes": sent},
-            self.rejected)
+            self.pass_id,
+            flush_id,
+            nodes.cpu().numpy(),
+            sums.cpu().numpy(),
+            self.counts[nodes].cpu().numpy(),
+            {**self.totals, "flush_bytes": sent},
+            self.rejected,
+        )
         self.sums.zero_()
         self.counts.zero_()
         self.totals, self.rejected, self.flush_ids = {}, {}, []

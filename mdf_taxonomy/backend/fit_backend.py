@@ -35,8 +35,9 @@ class FitBucket:
     def __init__(self) -> None:
         self.start(None, 0, 0, 0, 1)
 
-    def start(self, pass_id: str | None, n_nodes: int, dim: int, bucket: int, n_buckets: int
-              ) -> bool:
+    def start(
+        self, pass_id: str | None, n_nodes: int, dim: int, bucket: int, n_buckets: int
+    ) -> bool:
         self.pass_id = pass_id
         self.bucket, self.n_buckets = bucket, n_buckets
         n_local = len(range(bucket, n_nodes, n_buckets))
@@ -67,9 +68,16 @@ class FitBucket:
         for k, v in (rejected or {}).items():
             self.rejected[k] = self.rejected.get(k, 0) + int(v)
 
-    def add_partials(self, pass_id: str, flush_id: str, nodes: np.ndarray, sums: np.ndarray,
-                     counts: np.ndarray, totals: dict[str, int] | None = None,
-                     rejected: dict[str, int] | None = None) -> bool:
+    def add_partials(
+        self,
+        pass_id: str,
+        flush_id: str,
+        nodes: np.ndarray,
+        sums: np.ndarray,
+        counts: np.ndarray,
+        totals: dict[str, int] | None = None,
+        rejected: dict[str, int] | None = None,
+    ) -> bool:
         if not self._accept(pass_id, flush_id):
             return False
         local = nodes // self.n_buckets  # nodes are unique within a flush
@@ -80,10 +88,18 @@ class FitBucket:
         self._count(totals, rejected)
         return True
 
-    def offer_samples(self, pass_id: str, flush_id: str, parents: np.ndarray,
-                      priorities: np.ndarray, vectors: np.ndarray, parent_rows: dict[int, int],
-                      k: int, totals: dict[str, int] | None = None,
-                      rejected: dict[str, int] | None = None) -> dict[int, int]:
+    def offer_samples(
+        self,
+        pass_id: str,
+        flush_id: str,
+        parents: np.ndarray,
+        priorities: np.ndarray,
+        vectors: np.ndarray,
+        parent_rows: dict[int, int],
+        k: int,
+        totals: dict[str, int] | None = None,
+        rejected: dict[str, int] | None = None,
+    ) -> dict[int, int]:
         """Merge candidates into each parent's bottom-k; returns, for the touched parents
         whose sample is full, the k-th priority: rows above it can never enter."""
         if not self._accept(pass_id, flush_id):
@@ -123,8 +139,12 @@ class FitBackend:
         self._session: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"num_buckets": self.num_buckets, "name_prefix": self.name_prefix,
-                "_handles": None, "_session": None}
+        return {
+            "num_buckets": self.num_buckets,
+            "name_prefix": self.name_prefix,
+            "_handles": None,
+            "_session": None,
+        }
 
     def bucket_name(self, i: int) -> str:
         return f"{self.name_prefix}_bucket_{i}"
@@ -140,8 +160,9 @@ class FitBackend:
             handles = []
             for i in range(self.num_buckets):
                 if create:
-                    handles.append(FitBucket.options(
-                        name=self.bucket_name(i), get_if_exists=True).remote())
+                    handles.append(
+                        FitBucket.options(name=self.bucket_name(i), get_if_exists=True).remote()
+                    )
                 else:
                     try:
                         handles.append(ray.get_actor(self.bucket_name(i)))
@@ -161,9 +182,14 @@ class FitBackend:
         The driver keeps the handles: a non-detached named actor is garbage
         collected once no handle to it is left.
         """
+
         def start() -> None:
-            ray.get([b.start.remote(pass_id, n_nodes, dim, i, self.num_buckets)
-                     for i, b in enumerate(self._buckets(create=True))])
+            ray.get(
+                [
+                    b.start.remote(pass_id, n_nodes, dim, i, self.num_buckets)
+                    for i, b in enumerate(self._buckets(create=True))
+                ]
+            )
 
         try:
             start()
@@ -181,8 +207,8 @@ class FitBackend:
         samples: dict[int, np.ndarray] = {}
         parent_rows: dict[int, int] = {}
         for i, part in enumerate(parts):
-            sums[i::self.num_buckets] = part["sums"]
-            counts[i::self.num_buckets] = part["counts"]
+            sums[i :: self.num_buckets] = part["sums"]
+            counts[i :: self.num_buckets] = part["counts"]
             for k, v in part["totals"].items():
                 totals[k] = totals.get(k, 0) + v
             for k, v in part["rejected"].items():
@@ -190,9 +216,15 @@ class FitBackend:
             samples.update(part["samples"])
             for p, n in part["parent_rows"].items():
                 parent_rows[p] = parent_rows.get(p, 0) + n
-        return {"sums": sums, "counts": counts, "totals": totals, "rejected": rejected,
-                "samples": samples, "parent_rows": parent_rows,
-                "pass_ids": sorted({str(p["pass_id"]) for p in parts})}
+        return {
+            "sums": sums,
+            "counts": counts,
+            "totals": totals,
+            "rejected": rejected,
+            "samples": samples,
+            "parent_rows": parent_rows,
+            "pass_ids": sorted({str(p["pass_id"]) for p in parts}),
+        }
 
     def shutdown(self) -> None:
         """Kill the bucket actors (the next start_pass creates fresh ones)."""
@@ -204,22 +236,40 @@ class FitBackend:
         self._handles = None
 
     # -- workers -------------------------------------------------------------------
-    def add_partials(self, pass_id: str, flush_id: str, nodes: np.ndarray, sums: np.ndarray,
-                     counts: np.ndarray, totals: dict[str, int],
-                     rejected: dict[str, int]) -> None:
+    def add_partials(
+        self,
+        pass_id: str,
+        flush_id: str,
+        nodes: np.ndarray,
+        sums: np.ndarray,
+        counts: np.ndarray,
+        totals: dict[str, int],
+        rejected: dict[str, int],
+    ) -> None:
         calls = []
         for i, b in enumerate(self._buckets()):
             mine = bucket_of(nodes, self.num_buckets) == i
             extra = (totals, rejected) if i == 0 else (None, None)
             if i == 0 or mine.any():
-                calls.append(b.add_partials.remote(
-                    pass_id, flush_id, nodes[mine], sums[mine], counts[mine], *extra))
+                calls.append(
+                    b.add_partials.remote(
+                        pass_id, flush_id, nodes[mine], sums[mine], counts[mine], *extra
+                    )
+                )
         ray.get(calls)
 
-    def offer_samples(self, pass_id: str, flush_id: str, parents: np.ndarray,
-                      priorities: np.ndarray, vectors: np.ndarray, k: int,
-                      parent_rows: dict[int, int], totals: dict[str, int],
-                      rejected: dict[str, int]) -> dict[int, int]:
+    def offer_samples(
+        self,
+        pass_id: str,
+        flush_id: str,
+        parents: np.ndarray,
+        priorities: np.ndarray,
+        vectors: np.ndarray,
+        k: int,
+        parent_rows: dict[int, int],
+        totals: dict[str, int],
+        rejected: dict[str, int],
+    ) -> dict[int, int]:
         """Candidates (already a local bottom-k) plus every parent's row count; returns the
         cut-off priority of every touched parent whose sample is full."""
         calls = []
@@ -228,9 +278,18 @@ class FitBackend:
             rows = {p: c for p, c in parent_rows.items() if bucket_of(p, self.num_buckets) == i}
             extra = (totals, rejected) if i == 0 else (None, None)
             if i == 0 or rows:
-                calls.append(b.offer_samples.remote(
-                    pass_id, flush_id, parents[mine], priorities[mine], vectors[mine], rows, k,
-                    *extra))
+                calls.append(
+                    b.offer_samples.remote(
+                        pass_id,
+                        flush_id,
+                        parents[mine],
+                        priorities[mine],
+                        vectors[mine],
+                        rows,
+                        k,
+                        *extra,
+                    )
+                )
         cut: dict[int, int] = {}
         for part in ray.get(calls):
             cut.update(part)
