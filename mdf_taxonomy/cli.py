@@ -21,6 +21,7 @@ class CliError(Exception):
 
 
 def _load_config(path: str) -> Any:
+    """The YAML as MDF reads it, its unknown top-level sections named (MDF ignores them)."""
     import yaml
 
     from mdf_taxonomy import _mdf
@@ -39,6 +40,7 @@ def _load_config(path: str) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`mdf run` with the fit passes first, when the YAML holds a kmeans_level_refiner."""
     from mdf_taxonomy import _mdf
     from mdf_taxonomy.engine import (
         NothingLabelled,
@@ -64,12 +66,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"bad config {args.config}: {e}") from e
     writer = config.data_writer
-    staged = (StagedOutput(writer.params["output_path"], writer.params.get("storage_options"),
-                           args.overwrite)
-              if writer.type != "DiscardWriter" and writer.params.get("output_path") else None)
+    staged = (
+        StagedOutput(
+            writer.params["output_path"], writer.params.get("storage_options"), args.overwrite
+        )
+        if writer.type != "DiscardWriter" and writer.params.get("output_path")
+        else None
+    )
     ensure_ray(config.executor.num_cpus)
-    summary: dict[str, Any] = {"command": "run", "config": args.config,
-                               "runtime": _mdf.MDF_FLAVOUR}
+    summary: dict[str, Any] = {"command": "run", "config": args.config, "runtime": _mdf.MDF_FLAVOUR}
     fit = PipelineFit(config, progress=not args.quiet) if fit_operators(config) else None
     if fit is not None:
         tax = fit.run()
@@ -91,13 +96,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> None:
     """The run summary: records in/out, what the fit did, what was labelled and rejected."""
     rate = result["rows_in"] / max(result["seconds"], 1e-9)
-    print(f"records in: {result['rows_in']}, out: {result['rows_out']}, "
-          f"{result['seconds']:.1f}s ({rate:.0f} rows/s)")
+    print(
+        f"records in: {result['rows_in']}, out: {result['rows_out']}, "
+        f"{result['seconds']:.1f}s ({rate:.0f} rows/s)"
+    )
     fit = summary.get("fit")
     if fit:
-        print(f"fit: {fit['passes_run']} pass(es) run{' (resumed)' if fit['resumed'] else ''}, "
-              f"rows seen {fit['rows_seen']}, fitted {fit['rows_fitted']}, "
-              f"rejected {fit['rejected'] or 0}, {fit['seconds']:.1f}s")
+        print(
+            f"fit: {fit['passes_run']} pass(es) run{' (resumed)' if fit['resumed'] else ''}, "
+            f"rows seen {fit['rows_seen']}, fitted {fit['rows_fitted']}, "
+            f"rejected {fit['rejected'] or 0}, {fit['seconds']:.1f}s"
+        )
     lab = result["labelling"]
     if lab["seen"]:
         print(f"labelled: {lab['labelled']} of {lab['seen']}, rejected {lab['rejected'] or 0}")
@@ -105,8 +114,12 @@ def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> Non
     out = config.data_writer.params.get("output_path")
     if out:
         print(f"labelled records: {out}")
-    uris = {op.params["storage_uri"] for stage in config.stages for op in stage.operators
-            if op.enabled and op.params.get("storage_uri")}
+    uris = {
+        op.params["storage_uri"]
+        for stage in config.stages
+        for op in stage.operators
+        if op.enabled and op.params.get("storage_uri")
+    }
     for uri in sorted(uris):
         print(f"taxonomy artifact: {uri}")
     if summary.get("summary_uri"):
@@ -115,19 +128,44 @@ def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> Non
 
 
 #: The fit and run parameters `fit` and `predict` take as flags (--n-levels, ...).
-CLI_FIT_PARAMETERS = ("n_levels", "branching_factor", "dim", "metric", "seed", "max_iter", "tol",
-                      "sample_per_child", "init_iters", "embedding_field")
-CLI_RUN_PARAMETERS = ("batch_size", "num_replicas", "device", "kernel_backend", "compute_dtype",
-                      "cache_bytes", "columnar", "on_bad_file")
+CLI_FIT_PARAMETERS = (
+    "n_levels",
+    "branching_factor",
+    "dim",
+    "metric",
+    "seed",
+    "max_iter",
+    "tol",
+    "sample_per_child",
+    "init_iters",
+    "embedding_field",
+)
+CLI_RUN_PARAMETERS = (
+    "batch_size",
+    "num_replicas",
+    "device",
+    "kernel_backend",
+    "compute_dtype",
+    "cache_bytes",
+    "columnar",
+    "on_bad_file",
+)
 
 
 def _per_level(text: str) -> int | list[int]:
+    """`64` or `64,16,8`: one value for every level, or one per level."""
     values = [int(b) for b in text.split(",")]
     return values[0] if len(values) == 1 else values
 
 
-def _add_parameter_flags(sp: argparse.ArgumentParser) -> None:
-    """One flag per table entry, its type, choices, default and help from model/config."""
+def _add_parameter_flags(
+    sp: argparse.ArgumentParser,
+    fit: tuple[str, ...] = CLI_FIT_PARAMETERS,
+    run: tuple[str, ...] = CLI_RUN_PARAMETERS,
+    default: str | None = None,
+) -> None:
+    """One flag per table entry, its type, choices, default and help from model/config
+    (`default`: what an unset flag leaves, where that is not the table's default)."""
     from mdf_taxonomy.model.config import (
         PARAMETER_CONSTRAINTS,
         RUN_PARAMETER_CONSTRAINTS,
@@ -141,16 +179,22 @@ def _add_parameter_flags(sp: argparse.ArgumentParser) -> None:
         parameter_help,
     )
 
-    for names, cls, table in ((CLI_FIT_PARAMETERS, TaxonomyConfig, PARAMETER_CONSTRAINTS),
-                              (CLI_RUN_PARAMETERS, RunConfig, RUN_PARAMETER_CONSTRAINTS)):
+    for names, cls, table in (
+        (fit, TaxonomyConfig, PARAMETER_CONSTRAINTS),
+        (run, RunConfig, RUN_PARAMETER_CONSTRAINTS),
+    ):
         helps = parameter_help(cls)
         for name in names:
             rule = table[name]
-            default = cls.__dataclass_fields__[name].default
-            flags = ["--" + name.replace("_", "-")] + (["--replicas"] if name == "num_replicas"
-                                                         else [])
-            kw: dict[str, Any] = {"dest": name, "default": None,
-                                  "help": f"{helps.get(name, '')} (default: {default})"}
+            unset = cls.__dataclass_fields__[name].default if default is None else default
+            flags = ["--" + name.replace("_", "-")] + (
+                ["--replicas"] if name == "num_replicas" else []
+            )
+            kw: dict[str, Any] = {
+                "dest": name,
+                "default": None,
+                "help": f"{helps.get(name, '')} (default: {unset})",
+            }
             inner = rule.inner if isinstance(rule, OrNone) else rule
             if isinstance(rule, Bool):
                 kw["action"] = argparse.BooleanOptionalAction
@@ -166,12 +210,20 @@ def _add_parameter_flags(sp: argparse.ArgumentParser) -> None:
 
 
 def _engine(args: argparse.Namespace) -> Any:
+    """The TaxonomyEngine of fit/predict's flags; unset flags leave the tables' defaults."""
     from mdf_taxonomy.engine import TaxonomyEngine
 
-    params = {name: getattr(args, name) for name in CLI_FIT_PARAMETERS + CLI_RUN_PARAMETERS
-              if getattr(args, name) is not None}
-    return TaxonomyEngine(storage_uri=args.storage_uri, progress=not args.quiet,
-                          storage_options=_storage_options(args.storage_option), **params)
+    params = {
+        name: getattr(args, name)
+        for name in CLI_FIT_PARAMETERS + CLI_RUN_PARAMETERS
+        if getattr(args, name) is not None
+    }
+    return TaxonomyEngine(
+        storage_uri=args.storage_uri,
+        progress=not args.quiet,
+        storage_options=_storage_options(args.storage_option),
+        **params,
+    )
 
 
 def _storage_options(pairs: list[str]) -> dict[str, Any] | None:
@@ -189,13 +241,18 @@ def _storage_options(pairs: list[str]) -> dict[str, Any] | None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    """Fit (or resume) through TaxonomyEngine, as the Python API does."""
     engine = _engine(args)
     tax = engine.fit(args.input, output=args.output, overwrite=args.overwrite)
     fit = engine.last_summary["fit"]
-    print(f"taxonomy artifact: {args.storage_uri} (snapshot {tax.version}, "
-          f"{[lv.n_nodes for lv in tax.levels]} nodes per level)")
-    print(f"fit: {fit['passes_run']} pass(es) run, rows seen {fit['rows_seen']}, "
-          f"fitted {fit['rows_fitted']}, rejected {fit['rejected'] or 0}, {fit['seconds']:.1f}s")
+    print(
+        f"taxonomy artifact: {args.storage_uri} (snapshot {tax.version}, "
+        f"{[lv.n_nodes for lv in tax.levels]} nodes per level)"
+    )
+    print(
+        f"fit: {fit['passes_run']} pass(es) run, rows seen {fit['rows_seen']}, "
+        f"fitted {fit['rows_fitted']}, rejected {fit['rejected'] or 0}, {fit['seconds']:.1f}s"
+    )
     _print_labelling(engine.last_summary)
     if args.output:
         print(f"labelled records: {args.output}")
@@ -205,6 +262,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Label Parquet with a stored taxonomy; the output is required (records go there)."""
     if args.output is None:
         raise CliError("predict needs --output (where the labelled Parquet goes)")
     engine = _engine(args)
@@ -215,6 +273,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _print_labelling(summary: dict[str, Any]) -> None:
+    """What was labelled and rejected, and the input items skipped."""
     lab = summary.get("label", {}).get("labelling")
     if lab:
         print(f"labelled: {lab['labelled']} of {lab['seen']}, rejected {lab['rejected'] or 0}")
@@ -228,17 +287,28 @@ def _print_skipped(skipped: list[dict[str, Any]] | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; fit/predict's parameter flags are read from the tables."""
     p = argparse.ArgumentParser(prog="mdf-taxonomy", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"mdf-taxonomy {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run an MDF pipeline YAML (drop-in for `mdf run`)")
-    run.add_argument("-c", "--config", required=True)
-    run.add_argument("--max-samples", type=int, default=None)
-    run.add_argument("--batch-size", type=int, default=None)
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the writer's output if it holds data (else refused)")
+    run.add_argument("-c", "--config", required=True, help="the pipeline YAML")
+    run.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="read at most this many records (default: the config's executor's)",
+    )
+    _add_parameter_flags(
+        run, fit=(), run=("batch_size",), default="the config's executor.batch_size"
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the writer's output if it holds data (else refused)",
+    )
     run.set_defaults(func=cmd_run)
 
     for name, func in (("fit", cmd_fit), ("predict", cmd_predict)):
@@ -247,19 +317,30 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--storage-uri", required=True, help="where the taxonomy lives")
         sp.add_argument("--output", default=None, help="where labelled Parquet goes")
         _add_parameter_flags(sp)
-        sp.add_argument("--overwrite", action="store_true",
-                        help="replace --output if it holds data (else refused)")
-        sp.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for input, output and taxonomy "
-                             "(repeatable), e.g. client_kwargs='{\"endpoint_url\": \"...\"}'")
+        sp.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace --output if it holds data (else refused)",
+        )
+        sp.add_argument(
+            "--storage-option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="fsspec storage option for input, output and taxonomy "
+            '(repeatable), e.g. client_kwargs=\'{"endpoint_url": "..."}\'',
+        )
         sp.set_defaults(func=func)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script: 1 for a run that lost or labelled nothing, 2 for a user error."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     from mdf_taxonomy.engine import NothingLabelled, PassIncomplete
     from mdf_taxonomy.model import TaxonomyStoreError
     from mdf_taxonomy.operators import InputError

@@ -3,6 +3,8 @@ the input fingerprint, the labeller's schema without its store, the stats that r
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import pathlib
 import re
 import shutil
@@ -22,11 +24,16 @@ from mdf_taxonomy.operators import ParquetEmbeddingLoader, TaxonomyPathRefiner
 def complete_taxonomy(dim: int = 4) -> Taxonomy:
     rng = np.random.default_rng(0)
     cfg = TaxonomyConfig(n_levels=2, branching_factor=[3, 2], dim=dim)
-    levels = [Level(rng.normal(size=(3, dim)).astype(np.float32), np.zeros(3, np.int64)),
-              Level(rng.normal(size=(6, dim)).astype(np.float32),
-                    np.repeat(np.arange(3), 2).astype(np.int64))]
-    return Taxonomy(config=cfg, dim=dim, levels=levels, state=FitState(phase="done"),
-                    fingerprint="f")
+    levels = [
+        Level(rng.normal(size=(3, dim)).astype(np.float32), np.zeros(3, np.int64)),
+        Level(
+            rng.normal(size=(6, dim)).astype(np.float32),
+            np.repeat(np.arange(3), 2).astype(np.int64),
+        ),
+    ]
+    return Taxonomy(
+        config=cfg, dim=dim, levels=levels, state=FitState(phase="done"), fingerprint="f"
+    )
 
 
 def ops_of(config) -> list[tuple[str, bool, dict]]:
@@ -39,12 +46,16 @@ def test_final_run_of_a_fit_assigns_each_row_once():
     tax.version = "000008"
     ops = ops_of(pinned(demo, tax, fit_pass=False))
     assert [(name, enabled) for name, enabled, _ in ops] == [
-        ("kmeans_level_refiner", False), ("taxonomy_path_refiner", True)]
+        ("kmeans_level_refiner", False),
+        ("taxonomy_path_refiner", True),
+    ]
     assert ops[1][2]["snapshot"] == "000008" and ops[1][2]["n_levels"] == 2
     # in a fit pass the labeller is off and the fitter pinned
     ops = ops_of(pinned(demo, tax, fit_pass=True))
     assert [(name, enabled) for name, enabled, _ in ops] == [
-        ("kmeans_level_refiner", True), ("taxonomy_path_refiner", False)]
+        ("kmeans_level_refiner", True),
+        ("taxonomy_path_refiner", False),
+    ]
     assert ops[0][2]["snapshot"] == "000008"
 
 
@@ -110,8 +121,7 @@ def test_labeller_refuses_a_missing_or_unfinished_taxonomy_when_built(tmp_path):
 def test_rejected_rows_are_reported_as_mdf_rejected_samples_and_still_pass(tmp_path):
     TaxonomyStore(str(tmp_path / "tax")).save(complete_taxonomy())
     op = TaxonomyPathRefiner(storage_uri=str(tmp_path / "tax"))
-    records = [{"id": 1, "embedding": np.ones(4, np.float32)},
-               {"id": 2, "embedding": [1.0, 2.0]}]
+    records = [{"id": 1, "embedding": np.ones(4, np.float32)}, {"id": 2, "embedding": [1.0, 2.0]}]
     result = op.process_batch_with_rejected(records)
     assert [r["id"] for r in result.passed] == [1, 2]
     assert [r["id"] for r in result.rejected] == [2]
@@ -121,16 +131,22 @@ def test_rejected_rows_are_reported_as_mdf_rejected_samples_and_still_pass(tmp_p
 
 
 def test_label_counts_and_merged_stats():
-    replicas = [{"rejected": {"wrong_length": 2}, "timings": {"assign_s": 1.5},
-                 "input_records": 10},
-                {"rejected": {"wrong_length": 1, "non_finite": 4}, "timings": {"assign_s": 0.5},
-                 "input_records": 20}]
+    replicas = [
+        {"rejected": {"wrong_length": 2}, "timings": {"assign_s": 1.5}, "input_records": 10},
+        {
+            "rejected": {"wrong_length": 1, "non_finite": 4},
+            "timings": {"assign_s": 0.5},
+            "input_records": 20,
+        },
+    ]
     merged = _mdf.merge_counts(replicas)
-    assert merged == {"rejected": {"wrong_length": 3, "non_finite": 4},
-                      "timings": {"assign_s": 2.0}, "input_records": 30}
+    assert merged == {
+        "rejected": {"wrong_length": 3, "non_finite": 4},
+        "timings": {"assign_s": 2.0},
+        "input_records": 30,
+    }
     counts = label_counts({"taxonomy": {"TaxonomyPathRefiner": merged, "Other": {"x": 1}}})
-    assert counts == {"seen": 30, "labelled": 23,
-                      "rejected": {"wrong_length": 3, "non_finite": 4}}
+    assert counts == {"seen": 30, "labelled": 23, "rejected": {"wrong_length": 3, "non_finite": 4}}
 
 
 def test_output_is_staged_refused_when_full_and_committed_whole(tmp_path):
@@ -169,17 +185,28 @@ def _config_text(**overrides) -> str:
     return text
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ("executor:", "executer:", r"unknown top-level section\(s\) \['executer'\]"),
-    ("      - name: taxonomy_path_refiner\n        params:\n",
-     "      - name: taxonomy_path_refiner\n        params:\n          embeding_field: emb\n",
-     "unexpected keyword argument 'embeding_field'"),
-    ("name: kmeans_level_refiner", "name: kmeans_levels_refiner", "unknown component"),
-    ("          seed: 0\n", "          seed: 0\n          kernel_backend: trtion\n",
-     "kernel_backend='trtion'"),
-    ("  type: ParquetEmbeddingLoader\n", "  type: ParquetEmbeddingLoadr\n",
-     "data_loader: unknown component 'ParquetEmbeddingLoadr'"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("executor:", "executer:", r"unknown top-level section\(s\) \['executer'\]"),
+        (
+            "      - name: taxonomy_path_refiner\n        params:\n",
+            "      - name: taxonomy_path_refiner\n        params:\n          embeding_field: emb\n",
+            "unexpected keyword argument 'embeding_field'",
+        ),
+        ("name: kmeans_level_refiner", "name: kmeans_levels_refiner", "unknown component"),
+        (
+            "          seed: 0\n",
+            "          seed: 0\n          kernel_backend: trtion\n",
+            "kernel_backend='trtion'",
+        ),
+        (
+            "  type: ParquetEmbeddingLoader\n",
+            "  type: ParquetEmbeddingLoadr\n",
+            "data_loader: unknown component 'ParquetEmbeddingLoadr'",
+        ),
+    ],
+)
 def test_config_mistakes_are_named_before_the_first_pass(tmp_path, capsys, old, new, message):
     from mdf_taxonomy import cli
 
@@ -194,8 +221,9 @@ def test_config_mistakes_are_named_before_the_first_pass(tmp_path, capsys, old, 
 def test_cli_storage_options_parse():
     from mdf_taxonomy import cli
 
-    opts = cli._storage_options(['anon=true', 'client_kwargs={"endpoint_url": "http://x"}',
-                                 "key=abc"])
+    opts = cli._storage_options(
+        ["anon=true", 'client_kwargs={"endpoint_url": "http://x"}', "key=abc"]
+    )
     assert opts == {"anon": True, "client_kwargs": {"endpoint_url": "http://x"}, "key": "abc"}
     with pytest.raises(cli.CliError, match="KEY=VALUE"):
         cli._storage_options(["novalue"])
@@ -228,8 +256,9 @@ def test_unwritable_storage_is_refused_before_the_first_pass(ray_session, tmp_pa
 
     (tmp_path / "a_file").write_text("not a folder")
     uri = str(tmp_path / "a_file" / "tax")
-    engine = TaxonomyEngine(n_levels=1, branching_factor=2, embedding_field="emb",
-                            storage_uri=uri, progress=False)
+    engine = TaxonomyEngine(
+        n_levels=1, branching_factor=2, embedding_field="emb", storage_uri=uri, progress=False
+    )
     with pytest.raises(TaxonomyStoreError, match="a_file/tax"):
         engine.fit(str(SAMPLE))
     assert engine.last_fit is not None and engine.last_fit.pass_log == []
@@ -242,9 +271,48 @@ def test_a_run_that_labels_nothing_exits_1_with_its_counts(ray_session, tmp_path
 
     TaxonomyStore(str(tmp_path / "tax")).save(complete_taxonomy(dim=4))
     write_embeddings(tmp_path / "in" / "x.parquet", np.ones((20, 5), np.float32))  # dim 5
-    rc = cli.main(["-q", "predict", "--input", str(tmp_path / "in"), "--storage-uri",
-                   str(tmp_path / "tax"), "--output", str(tmp_path / "out")])
+    rc = cli.main(
+        [
+            "-q",
+            "predict",
+            "--input",
+            str(tmp_path / "in"),
+            "--storage-uri",
+            str(tmp_path / "tax"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1, err
     assert "labelled none of 20 records (rejected {'wrong_length': 20})" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_docstring_documents_every_parameter_it_takes():
+    from mdf_taxonomy.engine import TaxonomyEngine
+    from mdf_taxonomy.model.config import RunConfig, parameter_docs
+
+    own = [
+        name
+        for name, p in inspect.signature(TaxonomyEngine).parameters.items()
+        if p.kind is not p.VAR_KEYWORD
+    ]
+    taken = own + [f.name for f in dataclasses.fields(TaxonomyConfig) if f.name != "extra"]
+    taken += [f.name for f in dataclasses.fields(RunConfig)]
+    docs = parameter_docs(TaxonomyEngine)
+    assert sorted(docs) == sorted(set(taken))  # every one, none the engine does not take
+    for name in taken:
+        spec, meaning = docs[name]
+        assert ", default=" in spec and meaning, name
+    # the tables are the one owner: each entry is theirs, word for word
+    for cls in (TaxonomyConfig, RunConfig):
+        for name, entry in parameter_docs(cls).items():
+            if name in docs:
+                assert docs[name] == entry, name
+    assert docs["storage_uri"] == (
+        "str, default='./output/taxonomy'",
+        "Where the taxonomy's snapshots live (any fsspec URI).",
+    )
+    with pytest.raises(TypeError, match="unknown parameter"):
+        TaxonomyEngine(extra={})

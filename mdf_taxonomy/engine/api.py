@@ -1,0 +1,326 @@
+"""TaxonomyEngine, the Python face: builds the MDF pipeline a user would write and runs
+it through the same fit driver and runs as `mdf-taxonomy run`."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import textwrap
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from mdf_taxonomy import _mdf
+from mdf_taxonomy.engine.fit_driver import PipelineFit
+from mdf_taxonomy.engine.plan import pinned
+from mdf_taxonomy.engine.running import label_summary, record_run
+from mdf_taxonomy.engine.staging import StagedOutput, staged_run
+from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
+from mdf_taxonomy.model.config import RunConfig, parameter_docs
+from mdf_taxonomy.passes.parquet_input import ParquetInput
+from mdf_taxonomy.passes.records import parse_arrow
+
+#: The parameters the engine takes by keyword, besides its own: the fit and run tables'.
+FIT_PARAMETERS = frozenset(TaxonomyConfig.__dataclass_fields__) - {"extra"}
+RUN_PARAMETERS = frozenset(RunConfig.__dataclass_fields__)
+
+
+class TaxonomyEngine:
+    """The Python face: `TaxonomyEngine(n_levels, branching_factor, dim, storage_uri).fit(...)`.
+
+    It builds an MDF pipeline (ParquetEmbeddingLoader -> KMeansLevelRefiner ->
+    TaxonomyPathRefiner -> ParquetDataWriter) and runs it through the same
+    PipelineFit as `mdf-taxonomy run`: as columnar passes where it can, else through
+    MDF's Executor.
+
+    Besides its own parameters it takes, by keyword, every fit parameter of
+    TaxonomyConfig and every run parameter of RunConfig; model/config.py declares their
+    defaults, constraints and meaning once, and the list below is read from there.
+
+    Parameters
+    ----------
+    """
+
+    def __init__(
+        self,
+        n_levels: int = TaxonomyConfig.n_levels,
+        branching_factor: int | list[int] = TaxonomyConfig.branching_factor,
+        dim: int | None = TaxonomyConfig.dim,
+        storage_uri: str = "./output/taxonomy",
+        *,
+        storage_options: dict[str, Any] | None = None,
+        progress: bool = True,
+        partition_by: list[str] | None = None,
+        **params: Any,
+    ):
+        unknown = sorted(set(params) - FIT_PARAMETERS - RUN_PARAMETERS)
+        if unknown:
+            raise TypeError(
+                f"TaxonomyEngine: unknown parameter(s) {unknown}; fit parameters: "
+                f"{sorted(FIT_PARAMETERS)}, run parameters: {sorted(RUN_PARAMETERS)}"
+            )
+        self.fit_params = TaxonomyConfig(
+            n_levels=n_levels,
+            branching_factor=branching_factor,
+            dim=dim,
+            **{k: v for k, v in params.items() if k in FIT_PARAMETERS},
+        ).to_dict()
+        self.run = RunConfig(**{k: v for k, v in params.items() if k in RUN_PARAMETERS})
+        self.storage_uri = storage_uri
+        self.storage_options = storage_options
+        self.progress = progress
+        self.partition_by = partition_by
+        self.last_fit: PipelineFit | None = None  # the driver of the last fit, its pass log
+        self.last_summary: dict[str, Any] = {}  # what the last fit or predict recorded
+
+    def __getattr__(self, name: str) -> Any:
+        """A run parameter by name (engine.num_replicas)."""
+        if name != "run" and name in RunConfig.__dataclass_fields__:
+            return getattr(self.run, name)
+        raise AttributeError(name)
+
+    # -- pipelines -------------------------------------------------------------------
+    def _loader_params(self, input: str | list[str], **extra: Any) -> dict[str, Any]:
+        """ParquetEmbeddingLoader's params: one place for the field and storage options."""
+        return {
+            "path": input,
+            "embedding_field": self.fit_params["embedding_field"],
+            "storage_options": self.storage_options,
+            "on_bad_file": self.on_bad_file,
+            **extra,
+        }
+
+    def _pipeline(
+        self,
+        input: str | list[str],
+        output: str | None,
+        fit: bool,
+        loader_extra: dict[str, Any] | None = None,
+    ) -> Any:
+        """The pipeline a user would write for this fit (`fit`) or labelling run, with
+        replicas sharing the cores the loaders leave."""
+        _mdf.load_host_components()
+        cpus = (
+            ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
+        )
+        per_replica = self.cpus_per_replica or max(
+            0.1, min(1.0, (cpus - self.num_loaders) / self.num_replicas)
+        )
+        common = {
+            "storage_uri": self.storage_uri,
+            "device": self.device,
+            "kernel_backend": self.kernel_backend,
+            "compute_dtype": self.compute_dtype,
+            "storage_options": self.storage_options,
+            "embedding_field": self.fit_params["embedding_field"],
+        }
+        ops = []
+        if fit:
+            ops.append(
+                _mdf.OperatorConfig(
+                    name="kmeans_level_refiner",
+                    params={
+                        **common,
+                        **{k: v for k, v in self.fit_params.items() if k != "embedding_field"},
+                        "backend_buckets": self.backend_buckets,
+                        "flush_rows": self.flush_rows,
+                    },
+                )
+            )
+        ops.append(_mdf.OperatorConfig(name="taxonomy_path_refiner", params=dict(common)))
+        writer = (
+            _mdf.DataWriterConfig(type="ParquetDataWriter", params=self._writer_params(output))
+            if output
+            else _mdf.DataWriterConfig(type="DiscardWriter", params={})
+        )
+        return _mdf.PipelineConfig(
+            data_loader=_mdf.DataLoaderConfig(
+                type="ParquetEmbeddingLoader",
+                params=self._loader_params(input, **(loader_extra or {})),
+                num_workers=self.num_loaders,
+            ),
+            stages=[
+                _mdf.StageConfig(
+                    name="taxonomy",
+                    operators=ops,
+                    worker=_mdf.StageWorkerConfig(
+                        resources={"cpu": per_replica, "gpu": self.gpus_per_replica},
+                        min_replicas=self.num_replicas,
+                        max_replicas=self.num_replicas,
+                    ),
+                )
+            ],
+            data_writer=writer,
+            executor=_mdf.ExecutorConfig(
+                batch_size=self.batch_size,
+                max_in_flight=max(2 * self.num_replicas, self.num_loaders),
+                metrics=_mdf.MetricsConfig(enabled=False),
+            ),
+        )
+
+    def _writer_params(self, output: str) -> dict[str, Any]:
+        """ParquetDataWriter's params in the dialect of the runtime's writer."""
+        params: dict[str, Any] = {"output_path": output}
+        if _mdf.WRITER_TAKES_OPTIONS:
+            params.update(
+                {
+                    k: v
+                    for k, v in (
+                        ("partition_by", self.partition_by),
+                        ("storage_options", self.storage_options),
+                    )
+                    if v is not None
+                }
+            )
+            return params
+        if self.storage_options:
+            raise ValueError(
+                "storage_options: MDF's ParquetDataWriter takes none (it reads "
+                "credentials from the environment); leave it unset under MDF"
+            )
+        if self.partition_by:
+            if len(self.partition_by) != 1:
+                raise ValueError(
+                    f"partition_by={self.partition_by!r}: MDF's ParquetDataWriter "
+                    "partitions by one column"
+                )
+            params["partition_by"] = self.partition_by[0]
+        return params
+
+    # -- API ----------------------------------------------------------------------
+    def fit(
+        self,
+        input: str | list[str],
+        output: str | None = None,
+        filter: Any = None,
+        overwrite: bool = False,
+    ) -> Taxonomy:  # noqa: A002
+        """Fit (or resume) the taxonomy on `input`; write labelled records to `output`
+        (refused if it holds data, unless `overwrite`)."""
+        extra = {"filter": filter} if filter is not None else {}
+        staged = (
+            StagedOutput(output, self.storage_options, overwrite) if output is not None else None
+        )
+        config = self._pipeline(input, None, fit=True, loader_extra=extra)
+        run = PipelineFit(
+            config,
+            progress=self.progress,
+            max_pass_retries=self.max_pass_retries,
+            columnar=self.columnar,
+            cache_bytes=self.cache_bytes,
+        )
+        self.last_fit = run
+        tax = run.run()
+        summary: dict[str, Any] = {
+            "command": "fit",
+            "runtime": _mdf.MDF_FLAVOUR,
+            "fit": run.summary,
+        }
+        if output is not None:
+            final = pinned(
+                self._pipeline(input, output, fit=False, loader_extra=extra), tax, fit_pass=False
+            )
+            result = staged_run(
+                final,
+                staged,
+                progress=self.progress,
+                desc="label",
+                columnar=self.columnar,
+                taxonomy=tax,
+            )
+            summary["label"] = label_summary(result)
+        summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
+        self.last_summary = summary
+        return tax
+
+    def load(self) -> Taxonomy:
+        """The latest snapshot in the store."""
+        return TaxonomyStore(self.storage_uri, self.storage_options).load()
+
+    def predict(
+        self,
+        input: str | list[str] | np.ndarray | torch.Tensor,
+        output: str | None = None,
+        overwrite: bool = False,
+    ) -> np.ndarray | str:
+        """Paths of `input` rows: an array in, (N, n_levels) int32 node ids out.
+
+        A URI with `output` runs the labelling pipeline and returns `output` (refused if
+        it holds data, unless `overwrite`); a URI without it is read in this process and
+        labelled in memory (-1 rows for records with a rejected embedding).
+        """
+        tax = self.load()
+        if isinstance(input, np.ndarray | torch.Tensor):
+            return tax.assign_paths(input, backend=self.kernel_backend)[0]
+        if output is not None:
+            staged = StagedOutput(output, self.storage_options, overwrite)
+            final = pinned(self._pipeline(input, output, fit=False), tax, fit_pass=False)
+            result = staged_run(
+                final,
+                staged,
+                progress=self.progress,
+                desc="label",
+                columnar=self.columnar,
+                taxonomy=tax,
+            )
+            self.last_summary = {
+                "command": "predict",
+                "runtime": _mdf.MDF_FLAVOUR,
+                "label": label_summary(result),
+            }
+            return output
+        source = ParquetInput(**self._loader_params(input))
+        field = self.fit_params["embedding_field"]
+        out = []
+        for _, batches in source.read_items(source.get_file_list()):
+            column = pa.Table.from_batches(batches).column(field)
+            parsed = parse_arrow(column, field, tax.dim, metric=tax.config.metric)
+            paths = np.full((len(column), tax.n_levels), -1, dtype=np.int32)
+            if len(parsed.valid):
+                paths[parsed.valid] = tax.assign_paths(parsed.x, backend=self.kernel_backend)[0]
+            out.append(paths)
+        return np.concatenate(out) if out else np.zeros((0, tax.n_levels), np.int32)
+
+
+#: The type and meaning of the engine's own parameters; their defaults are the
+#: signature's, and every other parameter is documented where its table declares it.
+_OWN_DOCS = {
+    "storage_uri": ("str", "Where the taxonomy's snapshots live (any fsspec URI)."),
+    "storage_options": ("dict or None", "Fsspec options for the input, the output and the store."),
+    "progress": ("bool", "Progress bars and one line per pass on stderr."),
+    "partition_by": (
+        "list of str or None",
+        "Output columns to partition the labelled Parquet by (Hive).",
+    ),
+}
+
+
+def _parameters_doc() -> str:
+    """The docstring's Parameters entries, scikit-learn style: the tables' own entries
+    (TaxonomyConfig's, RunConfig's) and the signature's defaults, so none is written twice."""
+    tables = {**parameter_docs(TaxonomyConfig), **parameter_docs(RunConfig)}
+    entries = []
+    for p in inspect.signature(TaxonomyEngine).parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            continue
+        if p.name in tables:
+            entries.append((p.name, *tables.pop(p.name)))
+        else:
+            kind, meaning = _OWN_DOCS[p.name]
+            entries.append((p.name, f"{kind}, default={p.default!r}", meaning))
+    entries += [
+        (name, spec, meaning)
+        for name, (spec, meaning) in tables.items()
+        if name in FIT_PARAMETERS | RUN_PARAMETERS
+    ]
+    lines = []
+    for name, spec, meaning in entries:
+        lines.append(f"    {name} : {spec}")
+        lines += textwrap.wrap(meaning, 88, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return "\n".join(lines) + "\n"
+
+
+TaxonomyEngine.__doc__ = (TaxonomyEngine.__doc__ or "").rstrip() + "\n" + _parameters_doc()
