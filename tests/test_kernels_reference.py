@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mdf_taxonomy import kernels as K
+from mdf_taxonomy.kernels import fixed_point as FP
 from mdf_taxonomy.kernels import reference as R
 
 
@@ -211,8 +212,68 @@ def test_quantize_matches_fp64_formula(dtype):
         vals = vals.to(dtype)
         vals = vals[torch.isfinite(vals)]
     old = torch.floor(vals.to(torch.float64) * 2.0**24 + 0.5).to(torch.int64)
-    assert torch.equal(R.quantize(vals), old)
+    assert torch.equal(FP.quantize(vals), old)
     ids = torch.arange(vals.numel()) % 5
     sums, _ = R.partial_sums_torch(vals[:, None], ids, 5)
     ref = torch.zeros(5, 1, dtype=torch.int64).index_add_(0, ids, old[:, None])
     assert torch.equal(sums, ref)
+
+
+def test_make_assigner_names_and_checks():
+    """A kernel_backend name becomes an assigner once; a bad name is refused with the text
+    the config tables and the operators have always shown."""
+    for name, cls in (
+        ("torch", K.TorchAssigner),
+        ("triton", K.TritonAssigner),
+        ("auto", K.AutoAssigner),
+    ):
+        a = K.make_assigner(name)
+        assert isinstance(a, cls) and isinstance(a, K.Assigner)
+        assert a.name == name and a.exact
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton'"):
+        K.make_assigner("trtion")
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton'"):
+        K.assign(torch.ones(2, 3), torch.ones(1, 3), backend="cuda")
+    assert K.METRICS == ("l2", "cosine")
+    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine'"):
+        K.check_metric("dot")
+    with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine'"):
+        K.TorchAssigner().assign(torch.ones(2, 3), torch.ones(1, 3), metric="dot")
+
+
+def test_auto_assigner_runs_torch_on_cpu_tensors():
+    """'auto' decides per call from the tensor's device: CPU rows get the torch reference
+    (so x_sqnorm is never returned), whatever else is installed."""
+    x, c = make(40, 7, 5)
+    auto = K.AutoAssigner().assign(x, c, with_second=True)
+    ref = K.TorchAssigner().assign(x, c, with_second=True)
+    assert all(torch.equal(u, v) for u, v in zip(auto[:3], ref[:3], strict=True))
+    assert auto.x_sqnorm is None
+    ids = auto.ids
+    assert all(
+        torch.equal(u, v)
+        for u, v in zip(
+            K.AutoAssigner().partial_sums(x, ids, 7),
+            K.partial_sums(x, ids, 7, backend="torch"),
+            strict=True,
+        )
+    )
+
+
+def test_fp8_shortlist_assigner_is_marked_inexact_and_exact_on_torch():
+    a = K.make_assigner("torch", fp8_shortlist=True)
+    if K.triton_available():
+        assert not a.exact and a.name == "torch+fp8"
+    x, c = make(30, 9, 6)
+    got = a.assign(x, c, with_second=True)  # torch backend: the exact result
+    ref = K.assign(x, c, backend="torch", with_second=True)
+    assert all(torch.equal(u, v) for u, v in zip(got[:3], ref[:3], strict=True))
+
+
+def test_inertia_fixed_point_rounds_half_to_even_and_sums_round_half_up():
+    """The two fixed-point conventions, stated once in kernels/fixed_point.py."""
+    half = torch.tensor([0.5, 1.5, 2.5]) * 2.0**-FP.INERTIA_FIXED_POINT_BITS
+    assert FP.quantize_inertia(half).tolist() == [0.0, 2.0, 2.0]
+    assert FP.inertia_from_fixed(3 * 2**FP.INERTIA_FIXED_POINT_BITS) == 3.0
+    halves = torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64) * 2.0**-FP.FIXED_POINT_BITS
+    assert FP.quantize(halves).tolist() == [1, 2, 3]

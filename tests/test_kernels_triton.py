@@ -20,14 +20,17 @@ pytest.importorskip("triton")
 
 from mdf_taxonomy import kernels as K  # noqa: E402
 
-if "mdf_taxonomy.kernels.triton_kernels" in sys.modules and os.environ["TRITON_INTERPRET"] != "1":
+if "mdf_taxonomy.kernels.assign_kernels" in sys.modules and os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("triton kernels already compiled without the interpreter", allow_module_level=True)
 if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("needs TRITON_INTERPRET=1", allow_module_level=True)
 
-from mdf_taxonomy.kernels import triton_kernels as T  # noqa: E402
+from mdf_taxonomy.kernels import assign_kernels as AK  # noqa: E402
+from mdf_taxonomy.kernels import fp8_shortlist as F8  # noqa: E402
+from mdf_taxonomy.kernels import launch as L  # noqa: E402
+from mdf_taxonomy.kernels import triton_dispatch as TD  # noqa: E402
 
-if not T._INTERPRET:
+if not AK.INTERPRET:
     pytest.skip("triton kernels not in interpreter mode", allow_module_level=True)
 
 # triton 3.6's interpreter (the GPU target's version, pinned in scripts/constraints.txt)
@@ -47,6 +50,11 @@ def dot_rows_alike(m=16, n=16, k=16) -> bool:
         if not (out == out[0]).all():
             return False
     return True
+
+
+def tuned(**assign) -> K.TritonAssigner:
+    """The Triton assigner with a fixed launch config (``KernelTuning.assign``)."""
+    return K.TritonAssigner(K.KernelTuning(assign=assign))
 
 
 def make(n, k, d, metric="l2", dtype=torch.float32, seed=0):
@@ -187,7 +195,7 @@ def test_partial_sums_rounding_edges():
 
 
 def test_centroid_cache_sees_inplace_updates(monkeypatch):
-    monkeypatch.setattr(T, "_CACHE_MIN_ELEMS", 0)
+    monkeypatch.setattr(TD, "CACHE_MIN_ELEMS", 0)
     x, c = make(20, 6, 16, seed=4)
     a = K.assign(x, c, backend="triton")
     assert torch.equal(K.assign(x, c, backend="triton").ids, a.ids)  # cached path
@@ -195,14 +203,14 @@ def test_centroid_cache_sees_inplace_updates(monkeypatch):
     b = K.assign(x, c, backend="triton")
     ref = K.assign(x, c, backend="torch")
     assert torch.equal(b.ids, ref.ids) and b.ids[0] != a.ids[0]
-    T._CENTROID_CACHE.clear()
+    TD.clear_caches()
 
 
 def test_centroid_cache_is_bounded_and_keeps_nothing_alive(monkeypatch):
     """Cast and fp8 entries share one bounded cache that holds no strong reference to the
     centroids it was built from."""
-    monkeypatch.setattr(T, "_CACHE_MIN_ELEMS", 0)
-    T._CENTROID_CACHE.clear()
+    monkeypatch.setattr(TD, "CACHE_MIN_ELEMS", 0)
+    TD.clear_caches()
     x = torch.randn(8, 16)
     refs = []
     for _ in range(6):
@@ -210,23 +218,23 @@ def test_centroid_cache_is_bounded_and_keeps_nothing_alive(monkeypatch):
         K.assign(x, c, backend="triton", fp8_shortlist=True)
         refs.append(weakref.ref(c))
         del c
-    assert 0 < len(T._CENTROID_CACHE) <= T._CACHE_SIZE
+    assert 0 < TD.cache_size() <= TD.CACHE_SIZE
     gc.collect()
     assert all(r() is None for r in refs)
-    T._CENTROID_CACHE.clear()
+    TD.clear_caches()
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(40, 50, 32), (37, 33, 48), (5, 200, 16), (21, 7, 24)])
-def test_tma_loads_match_pointer_loads(monkeypatch, metric, dtype, shape):
+def test_tma_loads_match_pointer_loads(metric, dtype, shape):
     """Tensor-descriptor (TMA) loads compute what the clamped pointer loads do, including
     ragged N, K and D (hardware zero fill past the edges)."""
     n, k, d = shape
     x, c = make(n, k, d, metric, dtype=dtype, seed=8)
     ref = K.assign(x, c, metric=metric, backend="triton", with_second=True)
-    monkeypatch.setattr(T, "_OVERRIDE", dict(T._config(x.dtype, d, k, x.device), TMA=True))
-    out = K.assign(x, c, metric=metric, backend="triton", with_second=True)
+    tma = tuned(**dict(L.config(x.dtype, d, k, x.device), TMA=True))
+    out = tma.assign(x, c, metric=metric, with_second=True)
     assert torch.equal(out.ids, ref.ids)
     assert torch.allclose(out.distance, ref.distance, rtol=1e-6, atol=1e-5)
     assert torch.allclose(out.second, ref.second, rtol=1e-6, atol=1e-5)
@@ -243,8 +251,8 @@ def test_fp8_shortlist_reranks_exactly(metric, shape):
     exact = K.assign(x, c, metric=metric, backend="torch", with_second=True)
     out = K.assign(x, c, metric=metric, backend="triton", with_second=True, fp8_shortlist=True)
     # what the fp8 pass ranks: per-row e4m3 quantisation of both sides
-    qx, sx = T._to_fp8_rows(x)
-    qc, sc = T._to_fp8_rows(c)
+    qx, sx = F8.to_fp8_rows(x)
+    qc, sc = F8.to_fp8_rows(c)
     approx = (qx.float() * sx[:, None]) @ (qc.float() * sc[:, None]).T
     score = c.pow(2).sum(1)[None] - 2 * approx if metric == "l2" else -approx
     top2 = score.topk(min(2, k), dim=1, largest=False).indices
@@ -261,7 +269,7 @@ def test_fp8_shortlist_reranks_exactly(metric, shape):
 
 def test_fp8_shortlist_without_fp8_hardware_runs_exact(monkeypatch):
     x, c = make(30, 20, 16, seed=15)
-    monkeypatch.setattr(T, "fp8_supported", lambda device: False)
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: False)
     with pytest.warns(RuntimeWarning, match="exact kernel"):
         out = K.assign(x, c, backend="triton", fp8_shortlist=True)
     ref = K.assign(x, c, backend="triton")
@@ -277,12 +285,11 @@ def test_fp8_shortlist_batch_independent():
 
 
 @pytest.mark.parametrize("tma", [False, True])
-def test_grouped_fast_paths(monkeypatch, tma):
+def test_grouped_fast_paths(tma):
     """One parent (plain kernel on the children block), rows pre-sorted by parent (no
     sort) and the general sorted-bucket path agree with the torch reference."""
-    monkeypatch.setattr(
-        T, "_OVERRIDE", dict(T._config(torch.float32, 32, 1, torch.device("cpu")), TMA=tma)
-    )
+    cfg = dict(L.config(torch.float32, 32, 1, torch.device("cpu")), TMA=tma)
+    triton = tuned(**cfg)
     g = torch.Generator().manual_seed(11)
     sizes = torch.tensor([5, 0, 1, 40, 17])
     offs = torch.zeros(6, dtype=torch.int64)
@@ -297,7 +304,7 @@ def test_grouped_fast_paths(monkeypatch, tma):
         torch.randint(0, 5, (90,), generator=g),
     ]
     for groups in cases:
-        out = K.grouped_assign(x, groups, c, offs, backend="triton", with_second=True)
+        out = triton.grouped_assign(x, groups, c, offs, with_second=True)
         ref = K.grouped_assign(x, groups, c, offs, backend="torch", with_second=True)
         assert torch.equal(out.ids, ref.ids)
         fin = ~torch.isinf(ref.distance)
@@ -309,11 +316,10 @@ def test_grouped_fast_paths(monkeypatch, tma):
     # rounds every position alike (benchmarks/check_kernels_gpu.py checks the bits there),
     # but the interpreter's tl.dot is numpy's matmul, whose BLAS may not (dot_rows_alike).
     mixed = cases[4]
-    out = K.grouped_assign(x, mixed, c, offs, backend="triton", with_second=True)
+    out = triton.grouped_assign(x, mixed, c, offs, with_second=True)
     rows = (mixed == 3).nonzero()[:, 0]
-    one = K.grouped_assign(x[rows], mixed[rows], c, offs, backend="triton", with_second=True)
+    one = triton.grouped_assign(x[rows], mixed[rows], c, offs, with_second=True)
     assert torch.equal(one.ids, out.ids[rows])
-    cfg = T._OVERRIDE
     if dot_rows_alike(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]):
         assert torch.equal(one.distance, out.distance[rows])
         assert torch.equal(one.second, out.second[rows])
@@ -325,22 +331,22 @@ def test_grouped_fast_paths(monkeypatch, tma):
 def test_grouped_offsets_read_once_per_tensor_and_refreshed_in_place():
     """A level's offsets are summarised once per tensor (no GPU read-back per call); an
     in-place change to them is seen."""
-    T._CENTROID_CACHE.clear()
+    TD.clear_caches()
     g = torch.Generator().manual_seed(3)
     c, x = torch.randn(6, 8, generator=g), torch.randn(20, 8, generator=g)
     offs, groups = torch.tensor([0, 3, 6]), torch.randint(0, 2, (20,), generator=g)
     K.grouped_assign(x, groups, c, offs, backend="triton")
-    assert T._offsets_info(offs) == (2, 3, 0, 3)
+    assert TD.offsets_info(offs) == (2, 3, 0, 3)
     offs[1] = 1  # parent 0 now has 1 child, parent 1 has 5
     got = K.grouped_assign(x, groups, c, offs, backend="triton")
     assert torch.equal(got.ids, K.grouped_assign(x, groups, c, offs, backend="torch").ids)
-    assert T._offsets_info(offs) == (2, 5, 0, 1)
-    T._CENTROID_CACHE.clear()
+    assert TD.offsets_info(offs) == (2, 5, 0, 1)
+    TD.clear_caches()
 
 
 def test_work_items_padding():
     keys = torch.tensor([2, 0, 2, 2, 4, 0, 2])
-    perm, ik, ipos, iend, counts = T._work_items(keys, 5, 2)
+    perm, ik, ipos, iend, counts = TD.work_items(keys, 5, 2)
     assert torch.equal(counts, torch.tensor([2, 0, 4, 0, 1]))
     assert ik.numel() == 7 // 2 + 5
     real = ik >= 0
@@ -383,14 +389,13 @@ def test_invalid_ids_raise():
 
 
 @pytest.mark.parametrize("xn_block,xn_unroll", [(64, 1), (16, 4), (16, 2)])
-def test_norm_pass_chunking(monkeypatch, xn_block, xn_unroll):
+def test_norm_pass_chunking(xn_block, xn_unroll):
     """The ||x||^2 pass's chunk width changes only the summation order; unrolling (ragged
     D included) nothing."""
     x, c = make(37, 33, 48, seed=14)
     ref = K.assign(x, c, backend="triton", with_second=True)
-    cfg = dict(T._config(x.dtype, 48, 33, x.device), XN_BLOCK=xn_block, XN_UNROLL=xn_unroll)
-    monkeypatch.setattr(T, "_OVERRIDE", cfg)
-    out = K.assign(x, c, backend="triton", with_second=True)
+    cfg = dict(L.config(x.dtype, 48, 33, x.device), XN_BLOCK=xn_block, XN_UNROLL=xn_unroll)
+    out = tuned(**cfg).assign(x, c, with_second=True)
     assert torch.equal(out.ids, ref.ids)
     if xn_block == 16:  # the default chunk width: the same additions in the same order
         assert torch.equal(out.distance, ref.distance)
@@ -398,19 +403,19 @@ def test_norm_pass_chunking(monkeypatch, xn_block, xn_unroll):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_norm_pass_order_is_bit_identical(monkeypatch, grouped):
+def test_norm_pass_order_is_bit_identical(grouped):
     """||x||^2 before the centroid tiles (bucketed GPU levels) or after them: same bits."""
     x, c = make(37, 33, 48, seed=21)
     groups = torch.randint(0, 3, (37,), generator=torch.Generator().manual_seed(2))
     offs = torch.tensor([0, 10, 20, 33])
-    base = T._config(x.dtype, 48, 33, x.device)
+    base = L.config(x.dtype, 48, 33, x.device)
     outs = []
     for first in (False, True):
-        monkeypatch.setattr(T, "_OVERRIDE", dict(base, XN_FIRST=first))
+        a = tuned(**base, XN_FIRST=first)
         outs.append(
-            K.grouped_assign(x, groups, c, offs, backend="triton", with_second=True)
+            a.grouped_assign(x, groups, c, offs, with_second=True)
             if grouped
-            else K.assign(x, c, backend="triton", with_second=True)
+            else a.assign(x, c, with_second=True)
         )
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
 
@@ -419,13 +424,12 @@ def test_gluon_kernel_only_where_validated():
     """The warp-specialised Gluon kernel is picked only at small K on CUDA (sm90, 16-bit,
     validated Triton); everywhere else the tl kernel runs, so CPU runs and other GPUs
     never import Gluon."""
-    from mdf_taxonomy.kernels import triton_kernels as tk
-
     x = torch.randn(64, 32)
     c = torch.randn(8, 32)
-    assert not tk._use_ws(x, c, "cosine", 8)  # CPU
-    assert not tk._use_ws(x, c, "l2", 8)
-    assert tk.WS_MAX_K >= 1024 and tk.WS_TRITON
+    assert not L.use_ws(x, c, "cosine", 8)  # CPU
+    assert not L.use_ws(x, c, "l2", 8)
+    assert L.WS_MAX_K >= 1024 and L.WS_TRITON
+    assert L.KernelTuning().ws_max_k == L.WS_MAX_K
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -486,10 +490,43 @@ def test_walk_reuses_the_first_levels_norms():
     ]
     tax = Taxonomy(config=cfg, dim=16, levels=levels)
     x = tax.prepare(torch.randn(50, 16, generator=g))
-    paths, ids, dist = tax.walk(x, 3, backend="triton")
+    paths, ids, dist = tax.walk(x, 3, assigner=K.TritonAssigner())
     parents = torch.zeros(50, dtype=torch.int64)
     for level in range(1, 4):  # each level on its own, norm pass included
-        a = tax.assign_level(x, parents, level, backend="triton")
+        a = tax.assign_level(x, parents, level, assigner=K.TritonAssigner())
         assert torch.equal(torch.from_numpy(paths[:, level - 1]).long(), a.ids)
         parents = a.ids
     assert torch.equal(dist, a.distance)
+
+
+def test_tuning_is_an_argument_and_changes_no_bit():
+    """Launch choices travel as KernelTuning (no module state): a fixed assign config, a
+    patch over the table's configs and partial-sum keys give the default's results."""
+    x, c = make(37, 33, 48, seed=22)
+    ref = K.TritonAssigner().assign(x, c, with_second=True)
+    base = L.config(x.dtype, 48, 33, x.device)
+    for tuning in (
+        K.KernelTuning(assign=dict(base)),
+        K.KernelTuning(patch={"XN_UNROLL": 1}),
+        K.KernelTuning(warp_specialized=False),
+    ):
+        out = K.make_assigner("triton", tuning=tuning).assign(x, c, with_second=True)
+        assert all(torch.equal(u, v) for u, v in zip(out, ref, strict=True))
+    ids = ref.ids
+    want = K.partial_sums(x, ids, 33, backend="torch")
+    ps = K.TritonAssigner(K.KernelTuning(partial_sums=dict(CHUNK=8, BLOCK_R=2)))
+    assert all(torch.equal(u, v) for u, v in zip(ps.partial_sums(x, ids, 33), want, strict=True))
+    assert L.KernelTuning(patch={"TMA": True}).assign_config(x.dtype, 48, 33, x.device)["TMA"]
+
+
+def test_fp8_assigner_is_the_shortlist_on_triton():
+    x, c = make(40, 24, 32, seed=23)
+    a = K.make_assigner("triton", fp8_shortlist=True)
+    assert isinstance(a, F8.Fp8ShortlistAssigner) and not a.exact
+    got = a.assign(x, c, with_second=True)
+    want = K.assign(x, c, backend="triton", with_second=True, fp8_shortlist=True)
+    assert all(torch.equal(u, v) for u, v in zip(got[:3], want[:3], strict=True))
+    g = torch.zeros(40, dtype=torch.int64)  # grouped levels and sums: the exact kernels
+    o = torch.tensor([0, 24])
+    exact = K.grouped_assign(x, g, c, o, backend="triton")
+    assert torch.equal(a.grouped_assign(x, g, c, o).ids, exact.ids)

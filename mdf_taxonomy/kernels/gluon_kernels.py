@@ -24,9 +24,9 @@ the MMA layout after the tile (64 registers: spills).
 
 Scores are those of the ``tl.*`` kernel bit for bit (fp32 wgmma accumulation over D in
 16-wide steps, ``||c||^2 - 2 x.c``, ``||x||^2`` summed over the same 64-column chunks in
-the same order; lowest id wins ties). Scope (``triton_kernels._use_ws`` decides):
+the same order; lowest id wins ties). Scope (``launch.use_ws`` decides):
 bf16/fp16 on sm90 with TMA-compatible rows, K <= WS_MAX_K (a tree's single-parent first
-level included); everything else uses ``triton_kernels``: fp32, large K, fp8, and grouped
+level included); everything else uses ``assign_kernels``: fp32, large K, fp8, and grouped
 levels with many parents, whose rows come through a permutation that Hopper's TMA cannot
 gather (a cp.async gathering producer measured slower than the ``tl.*`` kernel there).
 Import only on CUDA.
@@ -49,7 +49,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .triton_kernels import _n_sms, _store_rows
+from .assign_kernels import store_rows
+from .launch import n_sms
 
 # triton >= 3.7 names the TMA load ``async_load`` (3.6: ``async_copy_global_to_shared``)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -174,7 +175,7 @@ def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, 
             mbarrier.arrive(xn_free.index(j % 2), count=1)
             if XN_OUT:
                 gl.store(xn_ptr + gl.minimum(rows, N - 1), xn, mask=rows < N)
-        _store_rows(ids_ptr, dist_ptr, sec_ptr, gl.minimum(rows, N - 1), rows < N,
+        store_rows(ids_ptr, dist_ptr, sec_ptr, gl.minimum(rows, N - 1), rows < N,
                     best, best_id, second, xn, L2, WITH_SECOND)
         j += 1
 
@@ -286,7 +287,7 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
               dist: torch.Tensor, sec: torch.Tensor | None, *, metric: str,
               xn: torch.Tensor | None = None, xn_given: bool = False,
               conf: dict | None = None) -> None:
-    """Fill ids/dist/sec for all rows of x (prepared inputs, as ``_assign_prepared``); xn
+    """Fill ids/dist/sec for all rows of x (inputs prepared by ``triton_dispatch``); xn
     (l2) holds the rows' ||x||^2, read (``xn_given``) or written."""
     conf = conf or CONFIG
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
@@ -298,7 +299,7 @@ def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Ten
     n_blocks = triton.cdiv(n, 2 * bm)
     l2 = metric == "l2"
     xn_in = l2 and xn_given  # else the norm worker sums them (and XN_OUT stores them)
-    _ws_assign_kernel[(min(n_blocks, _n_sms(x.device)),)](
+    _ws_assign_kernel[(min(n_blocks, n_sms(x.device)),)](
         x_desc, c_desc, cn, ids, dist, dist if sec is None else sec,
         dist if xn is None else xn, n, c.shape[0], n_blocks, D=d, L2=l2,
         WITH_SECOND=sec is not None, XN_IN=xn_in, XN_OUT=l2 and not xn_in and xn is not None,

@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-FIXED_POINT_BITS: int = 24
-_SCALE = float(2**FIXED_POINT_BITS)
+from .fixed_point import quantize
+from .metrics import check_metric
 
 #: Centroids per chunk; fixed so per-row results do not depend on N.
 CENTROID_CHUNK: int = 4096
@@ -45,11 +45,6 @@ _LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
 def _rows_per_chunk(n_cols: int, bytes_per_elem: int, copies: int = 3) -> int:
     return max(1, BLOCK_BUDGET_BYTES // max(1, n_cols * bytes_per_elem * copies))
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in ("l2", "cosine"):
-        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
 
 
 def _gamma(n: int) -> float:
@@ -302,7 +297,7 @@ def assign_torch(
     distances (and the second distance, never below the first) are recomputed row by row
     from the chosen ids, so they are the same whichever path a row took.
     """
-    _check_metric(metric)
+    check_metric(metric)
     if x.dim() != 2 or centroids.dim() != 2 or x.shape[1] != centroids.shape[1]:
         raise ValueError(f"bad shapes x={tuple(x.shape)} centroids={tuple(centroids.shape)}")
     n = x.shape[0]
@@ -347,7 +342,7 @@ def grouped_assign_torch(
     Rows are bucketed by parent (a stable sort); the per-row result equals
     ``assign_torch`` of that row against ``centroids[off[p]:off[p+1]]`` shifted by off[p].
     """
-    _check_metric(metric)
+    check_metric(metric)
     n = x.shape[0]
     dev = x.device
     ids = torch.full((n,), -1, dtype=torch.int64, device=dev)
@@ -386,24 +381,6 @@ def grouped_assign_torch(
     return ids, dist, sec
 
 
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Fixed point: floor(x * 2**FIXED_POINT_BITS + 0.5), exactly, as int64.
-
-    float32/bf16/fp16 inputs are rounded in fp32, as the Triton kernel does: y = x * 2**24
-    is exact (a power of two), and so are floor(y) and y - floor(y) wherever the result
-    matters, so ``floor(y) + (y - floor(y) >= 0.5)`` equals the fp64 formula bit for bit
-    with half the memory traffic. float64 inputs keep the fp64 formula (exact for
-    |x| < 2**28).
-    """
-    if x.dtype == torch.float64:
-        return torch.floor(x * _SCALE + 0.5).to(torch.int64)
-    y = x.to(torch.float32) * _SCALE
-    f = torch.floor(y)
-    q = f.to(torch.int64)
-    q += y.sub_(f) >= 0.5
-    return q
-
-
 def partial_sums_torch(
     x: torch.Tensor, ids: torch.Tensor, n_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +406,3 @@ def partial_sums_torch(
         sums.index_add_(0, ids[r0 : r0 + rows], quantize(x[r0 : r0 + rows]))
     return sums, counts
 
-
-def from_fixed_point(sums: torch.Tensor) -> torch.Tensor:
-    """Int64 fixed-point sums back to float64."""
-    return sums.to(torch.float64) / _SCALE

@@ -1,0 +1,172 @@
+"""Launch configuration of the Triton kernels: the config table, the tuning a caller passes,
+and where the warp-specialised Gluon kernel serves a call.
+
+Determinism: a config depends on (dtype, D, K, device type) only, never on N, so a row's
+arithmetic does not depend on the batch it came in. Tuning (``KernelTuning``) exists for
+the benchmarks' sweeps and the tests of alternative load paths; results stay exact
+whatever it is (configs change the summation order of fp32 dot products only).
+
+Imports no Triton (``use_ws`` asks its version lazily), so ``KernelTuning`` can be built
+where Triton is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+# The warp-specialised Gluon kernel (gluon_kernels.py) serves K <= WS_MAX_K, where it
+# measured faster (benchmarks/DECISIONS.md); its results are bit-identical to the tl
+# kernel's, so the choice never changes a result. Checked on the H100 with these Tritons.
+WS_TRITON = ("3.6.",)
+# measured (N=1M, D=1024): l2 +9-17% at K=1024, +11% at 2048, +4% at 4096, +1% at 8192,
+# -1% at 16384; cosine +8-13% at 1024, +1-8% at 2048, parity at 4096 and 8192
+WS_MAX_K = 4096
+
+
+def config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
+    """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
+    if device.type != "cuda":  # interpreter: tiny tiles keep it quick
+        return dict(
+            BLOCK_M=16,
+            BLOCK_N=16,
+            BLOCK_K=16,
+            num_warps=1,
+            num_stages=1,
+            TMA=False,
+            XN_BLOCK=16,
+            XN_UNROLL=1,
+        )
+    if dtype == torch.float32:
+        return dict(
+            BLOCK_M=128,
+            BLOCK_N=64,
+            BLOCK_K=32,
+            num_warps=4,
+            num_stages=3,
+            TMA=False,
+            XN_BLOCK=32,
+            XN_UNROLL=1,
+        )
+    if dtype == torch.float8_e4m3fn:  # the shortlist pass: same bytes per k-step as bf16
+        return dict(
+            BLOCK_M=128,
+            BLOCK_N=256,
+            BLOCK_K=128,
+            num_warps=8,
+            num_stages=3,
+            TMA=True,
+            XN_BLOCK=128,
+            XN_UNROLL=1,
+        )
+    # swept on H100 (benchmarks/DECISIONS.md). The ||x||^2 pass is only right on the GPU
+    # with 64-column chunks (BLOCK_K or XN_BLOCK 32/128/256 gave wrong norms: sweep
+    # gates); two chunks per step measured +3-8% at K=1024 (ab_norm_pass.py, bit-identical).
+    return dict(
+        BLOCK_M=128,
+        BLOCK_N=256,
+        BLOCK_K=64,
+        num_warps=8,
+        num_stages=3,
+        TMA=False,
+        XN_BLOCK=64,
+        XN_UNROLL=2,
+    )
+
+
+def partial_sums_config(n_clusters: int, device: torch.device) -> dict:
+    """The partial-sum kernel's config (swept on H100; the sums are exact whatever it is)."""
+    if device.type != "cuda":
+        return dict(CHUNK=32, BLOCK_R=8, NUM_STAGES=1, num_warps=1)
+    if n_clusters <= 4096:
+        return dict(CHUNK=1024, BLOCK_R=8, NUM_STAGES=3, num_warps=4)
+    return dict(CHUNK=1024, BLOCK_R=2, NUM_STAGES=4, num_warps=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTuning:
+    """Launch choices a caller fixes instead of the table's (benchmarks, tests).
+
+    assign: the exact kernel's config for every shape (plain, split and grouped calls; a
+    bucketed level then runs it as given, without its deeper-pipeline adjustment); a config
+    is the tl kernel's, so it also keeps the Gluon kernel out. fp8: the shortlist pass's.
+    partial_sums: keys set over the partial-sum table's. warp_specialized: False keeps the
+    Gluon kernel out; ws_max_k: the largest K it serves. patch: keys set in every config
+    the table gives (assign and fp8), e.g. ``{"TMA": 1}`` to check a load path everywhere.
+    """
+
+    assign: dict | None = None
+    fp8: dict | None = None
+    partial_sums: dict | None = None
+    warp_specialized: bool = True
+    ws_max_k: int = WS_MAX_K
+    patch: dict | None = None
+
+    def assign_config(self, dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
+        if self.assign is not None:
+            return self.assign
+        return dict(config(dtype, d, k, device), **(self.patch or {}))
+
+    def fp8_config(self, d: int, k: int, device: torch.device) -> dict:
+        if self.fp8 is not None:
+            return self.fp8
+        return dict(config(torch.float8_e4m3fn, d, k, device), **(self.patch or {}))
+
+    def partial_sums_config(self, n_clusters: int, device: torch.device) -> dict:
+        return dict(partial_sums_config(n_clusters, device), **(self.partial_sums or {}))
+
+
+DEFAULT_TUNING = KernelTuning()
+
+
+@functools.cache
+def capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, asked once (it is on every launch's path)."""
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
+def n_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_ok(t: torch.Tensor) -> bool:
+    """Tensor descriptors (TMA) need Hopper (or the interpreter), unit inner stride and
+    16-byte aligned rows."""
+    if t.device.type == "cuda" and capability(t.device)[0] < 9:
+        return False
+    es = t.element_size()
+    return (
+        t.stride(1) == 1
+        and t.data_ptr() % 16 == 0
+        and (t.stride(0) * es) % 16 == 0
+        and t.shape[1] * es >= 16
+    )
+
+
+def use_ws(
+    xs: torch.Tensor, c: torch.Tensor, metric: str, k: int, tuning: KernelTuning = DEFAULT_TUNING
+) -> bool:
+    """Whether the Gluon kernel serves this call: 16-bit inputs with TMA rows on sm90 (it
+    uses wgmma), small K, a validated Triton, and no tl config fixed by the caller."""
+    if not (
+        tuning.warp_specialized
+        and k <= tuning.ws_max_k
+        and tuning.assign is None
+        and xs.is_cuda
+        and xs.dtype in (torch.bfloat16, torch.float16)
+        and c.dtype == xs.dtype
+    ):
+        return False
+    import triton
+
+    return (
+        triton.__version__.startswith(WS_TRITON)
+        and capability(xs.device) == (9, 0)
+        and tma_ok(xs)
+        and tma_ok(c)
+    )
