@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 
-import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
-import torch
-from bench_kernels import DEV, D, clustered, three_level_tree, timeit
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
-from mdf_taxonomy.kernels import triton_kernels as T
+import torch  # noqa: E402
+from bench_kernels import DEV, D, clustered, three_level_tree, timeit  # noqa: E402
+
+from mdf_taxonomy import kernels as KR  # noqa: E402
+from mdf_taxonomy.kernels import launch as L  # noqa: E402
 
 VARIANTS = {"xn after the tiles": dict(XN_FIRST=False), "xn first": dict(XN_FIRST=True),
             "xn skipped (diag)": dict(XN_FIRST=True, XN_UNROLL=0)}
@@ -31,35 +34,30 @@ def main() -> None:
     x = clustered(1 << 20)
     n = x.shape[0]
     _, lv1, _, lv2, _, off2 = three_level_tree(x)
-    a1 = T.assign_triton(x, lv1, metric="l2")[0]
+    a1 = KR.TritonAssigner().assign(x, lv1).ids
     c16k = x[torch.randperm(n, device=DEV)[:16384]].clone()
     c64k = x[torch.randperm(n, device=DEV)[:65536]].clone()
     xq = x[: 1 << 18]
-    base = dict(T._config(x.dtype, D, 1024, x.device), num_stages=4)  # the bucketed config
-    plain = T._config(x.dtype, D, 16384, x.device)
-    cases = {"level 2 (grouped)": (base, lambda: T.grouped_assign_triton(
+    base = dict(L.config(x.dtype, D, 1024, x.device), num_stages=4)  # the bucketed config
+    plain = L.config(x.dtype, D, 16384, x.device)
+    cases = {"level 2 (grouped)": (base, lambda a: a.grouped_assign(
                  x, a1, lv2, off2, with_second=True)),
-             "plain K=16384, N=256k": (plain, lambda: T.assign_triton(
-                 xq, c16k, with_second=True)),
-             "plain K=65536, N=256k": (plain, lambda: T.assign_triton(
-                 xq, c64k, with_second=True))}
+             "plain K=16384, N=256k": (plain, lambda a: a.assign(xq, c16k, with_second=True)),
+             "plain K=65536, N=256k": (plain, lambda a: a.assign(xq, c64k, with_second=True))}
     rounds = int(os.environ.get("AB_ROUNDS", "3"))
     out = []
     for case, (cfg, fn) in cases.items():
-        variants = VARIANTS
-        T._OVERRIDE = cfg
-        ref = fn()
+        variants = {v: KR.TritonAssigner(KR.KernelTuning(assign=dict(cfg, **extra)))
+                    for v, extra in VARIANTS.items()}
+        ref = fn(KR.TritonAssigner(KR.KernelTuning(assign=cfg)))
         times = {v: [] for v in variants}
         same = {}
-        for v, extra in variants.items():
-            T._OVERRIDE = dict(cfg, **extra)
-            got = fn()
+        for v, tuned in variants.items():
+            got = fn(tuned)
             same[v] = all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
         for _ in range(rounds):
-            for v, extra in variants.items():
-                T._OVERRIDE = dict(cfg, **extra)
-                times[v].append(timeit(fn, max_reps=8, budget_s=0.5))
-        T._OVERRIDE = None
+            for v, tuned in variants.items():
+                times[v].append(timeit(lambda fn=fn, a=tuned: fn(a), max_reps=8, budget_s=0.5))
         for v in variants:
             ms = 1e3 * statistics.median(times[v])
             out.append(dict(case=case, variant=v, ms=ms, bit_identical=same[v]))

@@ -15,12 +15,17 @@ import statistics
 import sys
 import time
 
-import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
-import torch
-from bench_kernels import DEV, D, clustered, timeit
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
-from mdf_taxonomy import kernels as KR
-from mdf_taxonomy.kernels import triton_kernels as T
+import torch  # noqa: E402
+from bench_kernels import DEV, D, clustered, timeit  # noqa: E402
+
+from mdf_taxonomy import kernels as KR  # noqa: E402
+from mdf_taxonomy.kernels import launch as L  # noqa: E402
+
+
+def tuned(cfg: dict | None) -> KR.TritonAssigner:
+    return KR.TritonAssigner(KR.KernelTuning(assign=cfg))
 
 
 def main() -> int:
@@ -29,27 +34,24 @@ def main() -> int:
     for k, n in [(1024, 1 << 20), (16384, 1 << 18)]:
         x = x_all[:n]
         c = x[torch.randperm(n, device=DEV)[:k]].clone()
-        base = T._config(x.dtype, D, k, x.device)
+        base = L.config(x.dtype, D, k, x.device)
         ref = KR.assign(x, c).distance
         variants = {f"default XN_UNROLL={base['XN_UNROLL']}": (base, "l2")}
         same = {}
-        T._OVERRIDE = dict(base, XN_UNROLL=0)
-        variants["l2 without the norm pass (wrong distances)"] = (T._OVERRIDE, "l2")
+        variants["l2 without the norm pass (wrong distances)"] = (dict(base, XN_UNROLL=0), "l2")
         for u in (2, 4):
             if u != base["XN_UNROLL"]:
-                T._OVERRIDE = dict(base, XN_UNROLL=u)
-                same[u] = bool(torch.equal(KR.assign(x, c).distance, ref))
-                variants[f"XN_UNROLL={u}"] = (T._OVERRIDE, "l2")
-        T._OVERRIDE = None
+                cfg = dict(base, XN_UNROLL=u)
+                same[u] = bool(torch.equal(tuned(cfg).assign(x, c).distance, ref))
+                variants[f"XN_UNROLL={u}"] = (cfg, "l2")
         variants["cosine (no norm pass)"] = (base, "cosine")
         times: dict = {v: [] for v in variants}
         for _ in range(5):
             for name, (cfg, metric) in variants.items():
-                T._OVERRIDE = cfg
-                t = timeit(lambda metric=metric, x=x, c=c: KR.assign(x, c, metric=metric),
+                a = tuned(cfg)
+                t = timeit(lambda metric=metric, x=x, c=c, a=a: a.assign(x, c, metric=metric),
                            max_reps=8, budget_s=0.5)
                 times[name].append(t)
-        T._OVERRIDE = None
         for name, ts in times.items():
             rows.append(dict(K=k, N=n, variant=name, rows_per_s=n / statistics.median(ts),
                              spread=(max(ts) - min(ts)) / statistics.median(ts),

@@ -19,32 +19,33 @@ import statistics
 import sys
 import time
 
-import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
-import torch
-from bench_kernels import DEV, D, clustered, matmul_rate, timeit
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
-from mdf_taxonomy.kernels import gluon_kernels as G
-from mdf_taxonomy.kernels import triton_kernels as T
+import torch  # noqa: E402
+from bench_kernels import DEV, D, clustered, matmul_rate, timeit  # noqa: E402
+
+from mdf_taxonomy import kernels as KR  # noqa: E402
+from mdf_taxonomy.kernels import gluon_kernels as G  # noqa: E402
+from mdf_taxonomy.kernels import triton_dispatch as TD  # noqa: E402
+
+TL_ONLY = KR.TritonAssigner(KR.KernelTuning(warp_specialized=False))
+DISPATCH = KR.TritonAssigner()
 
 
 def run_ws(x, c, metric, conf=None):
-    xs, cp, cn = T._prep(x, c, metric)
-    ids, dist, sec = T._empty_out(xs.shape[0], xs.device, True)
+    xs, cp, cn = TD.prep(x, c, metric)
+    ids, dist, sec = TD.empty_out(xs.shape[0], xs.device, True)
     xn = torch.empty_like(dist) if metric == "l2" else None  # the kernel writes ||x||^2
     G.assign_ws(xs, cp, cn, ids, dist, sec, metric=metric, xn=xn, conf=conf)
     return ids, dist, sec, xn
 
 
 def run_tl(x, c, metric):
-    T.USE_WS = False
-    try:
-        return T.assign_triton(x, c, metric=metric, with_second=True)
-    finally:
-        T.USE_WS = True
+    return TL_ONLY.assign(x, c, metric=metric, with_second=True)
 
 
 def run_dispatch(x, c, metric):
-    return T.assign_triton(x, c, metric=metric, with_second=True)
+    return DISPATCH.assign(x, c, metric=metric, with_second=True)
 
 
 def check(conf) -> list[dict]:

@@ -21,12 +21,15 @@ import sys
 import time
 from typing import NamedTuple
 
-import _kernels_only  # noqa: E402,F401 - must precede the mdf_taxonomy imports
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+
+import torch  # noqa: E402
 
 from mdf_taxonomy import kernels as KR  # noqa: E402
+from mdf_taxonomy.kernels import fp8_shortlist  # noqa: E402
+from mdf_taxonomy.kernels import launch as L  # noqa: E402
 from mdf_taxonomy.kernels import reference as REF  # noqa: E402
-from mdf_taxonomy.kernels import triton_kernels as T  # noqa: E402
+from mdf_taxonomy.kernels import triton_dispatch as TD  # noqa: E402
 
 DEV = "cuda"
 D = 1024
@@ -99,13 +102,15 @@ def three_level_tree(x: torch.Tensor) -> Tree:
                 torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV))
 
 
-def label_three_levels(x: torch.Tensor, t: Tree, reuse_norms: bool = True) -> torch.Tensor:
+def label_three_levels(x: torch.Tensor, t: Tree, reuse_norms: bool = True,
+                       assigner: KR.Assigner | None = None) -> torch.Tensor:
     """Every row labelled at every level, each level in one grouped call; the deeper
     levels reuse level 1's ||x||^2 as ``Taxonomy.walk`` does (``reuse_norms``)."""
-    a = KR.grouped_assign(x, t.g1, t.lv1, t.off1)
+    assigner = assigner or KR.make_assigner()
+    a = assigner.grouped_assign(x, t.g1, t.lv1, t.off1)
     xn = a.x_sqnorm if reuse_norms else None
-    b = KR.grouped_assign(x, a.ids, t.lv2, t.off2, x_sqnorm=xn).ids
-    return KR.grouped_assign(x, b % 1024, t.lv3, t.off2, x_sqnorm=xn).ids
+    b = assigner.grouped_assign(x, a.ids, t.lv2, t.off2, x_sqnorm=xn).ids
+    return assigner.grouped_assign(x, b % 1024, t.lv3, t.off2, x_sqnorm=xn).ids
 
 
 # ---------------------------------------------------------------- baseline A (obvious torch)
@@ -129,13 +134,16 @@ def torch_lloyd(x, c):
 
 
 # ---------------------------------------------------------------- ours
-def our_assign(x, c):
-    return KR.assign(x, c, backend="triton").ids
+TRITON = KR.TritonAssigner()
 
 
-def our_lloyd(x, c, fp8_shortlist=False):
-    ids = KR.assign(x, c, backend="triton", fp8_shortlist=fp8_shortlist).ids
-    sums, cnt = KR.partial_sums(x, ids, c.shape[0], backend="triton")
+def our_assign(x, c, assigner=TRITON):
+    return assigner.assign(x, c).ids
+
+
+def our_lloyd(x, c, assigner=TRITON):
+    ids = assigner.assign(x, c).ids
+    sums, cnt = assigner.partial_sums(x, ids, c.shape[0])
     return (KR.from_fixed_point(sums) / cnt.clamp_min(1)[:, None]).to(x.dtype)
 
 
@@ -179,24 +187,21 @@ def sweep_psums(x, log):
     for k, n in [(1024, x.shape[0]), (16384, x.shape[0]), (65536, x.shape[0] // 4)]:
         xs = x[:n]
         c = xs[torch.randperm(n, device=DEV)[:k]].clone()
-        ids = KR.assign(xs, c, backend="triton").ids
-        T._PS_OVERRIDE = None
-        ref = KR.partial_sums(xs, ids, k, backend="triton")
-        wi = 1e3 * timeit(lambda ids=ids, k=k: T._work_items(ids + 1, k + 1, 1024))
+        ids = TRITON.assign(xs, c).ids
+        ref = TRITON.partial_sums(xs, ids, k)
+        wi = 1e3 * timeit(lambda ids=ids, k=k: TD.work_items(ids + 1, k + 1, 1024))
         for ps in PS_SWEEP:
-            T._PS_OVERRIDE = ps
+            tuned = KR.TritonAssigner(KR.KernelTuning(partial_sums=ps))
             try:
-                out = KR.partial_sums(xs, ids, k, backend="triton")
+                out = tuned.partial_sums(xs, ids, k)
                 ok = bool(torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]))
-                t = timeit(lambda xs=xs, ids=ids, k=k: KR.partial_sums(xs, ids, k,
-                                                                       backend="triton"))
+                t = timeit(lambda xs=xs, ids=ids, k=k, a=tuned: a.partial_sums(xs, ids, k))
             except Exception as e:  # noqa: BLE001
                 print("psweep", k, ps, "ERROR", repr(e)[:200], flush=True)
                 continue
             log.append(dict(psum_k=k, n=n, ps=ps, ms=1e3 * t, valid=ok, work_items_ms=wi))
             print(f"psweep K={k} n={n} {ps} {1e3 * t:.3f} ms valid={ok} "
                   f"(work items {wi:.3f} ms)", flush=True)
-    T._PS_OVERRIDE = None
 
 
 def sweep(x, rate, log):
@@ -206,16 +211,16 @@ def sweep(x, rate, log):
             continue
         c = x[torch.randperm(x.shape[0], device=DEV)[:k]].clone()
         xs = x[:n]
-        T._OVERRIDE = None
-        ref = KR.assign(xs, c, backend="triton", with_second=True)  # default config
+        ref = TRITON.assign(xs, c, with_second=True)  # default config
         for cfg in SWEEP:
-            T._OVERRIDE = cfg
+            tuned = KR.TritonAssigner(KR.KernelTuning(assign=cfg))
             try:
-                out = KR.assign(xs, c, backend="triton", with_second=True)
+                out = tuned.assign(xs, c, with_second=True)
                 agree = float((out.ids == ref.ids).float().mean())
                 drel = float(((out.distance - ref.distance).abs()
                               / ref.distance.abs().clamp_min(1e-6)).max())
-                t = timeit(lambda xs=xs, c=c: our_assign(xs, c), max_reps=10, budget_s=1.0)
+                t = timeit(lambda xs=xs, c=c, a=tuned: our_assign(xs, c, a), max_reps=10,
+                           budget_s=1.0)
             except Exception as e:  # noqa: BLE001 - a config may not compile
                 log.append(dict(sweep_k=k, cfg=cfg, error=repr(e)[:200]))
                 print("sweep", k, cfg, "ERROR", repr(e)[:200], flush=True)
@@ -228,22 +233,19 @@ def sweep(x, rate, log):
                   f"agree={agree:.6f} drel={drel:.1e} valid={valid}", flush=True)
             if valid and (k not in best or t < best[k][0]):
                 best[k] = (t, cfg)
-    T._OVERRIDE = None
     for k, n in [(1024, x.shape[0]), (16384, min(x.shape[0], 1 << 18))]:
         if os.environ.get("SWEEP_NO_FP8"):
             break
         c = x[torch.randperm(x.shape[0], device=DEV)[:k]].clone()
         xs = x[:n]
-        T._OVERRIDE_FP8 = None
-        ref = KR.assign(xs, c, backend="triton", fp8_shortlist=True)
+        ref = KR.make_assigner("triton", fp8_shortlist=True).assign(xs, c)
         for cfg in FP8_SWEEP:
-            T._OVERRIDE_FP8 = cfg
+            fp8 = KR.make_assigner("triton", fp8_shortlist=True,
+                                   tuning=KR.KernelTuning(fp8=cfg))
             try:
-                out = KR.assign(xs, c, backend="triton", fp8_shortlist=True)
+                out = fp8.assign(xs, c)
                 agree = float((out.ids == ref.ids).float().mean())
-                t = timeit(lambda xs=xs, c=c: KR.assign(xs, c, backend="triton",
-                                                        fp8_shortlist=True),
-                           max_reps=10, budget_s=1.0)
+                t = timeit(lambda xs=xs, c=c, a=fp8: a.assign(xs, c), max_reps=10, budget_s=1.0)
             except Exception as e:  # noqa: BLE001
                 print("fp8 sweep", k, cfg, "ERROR", repr(e)[:300], flush=True)
                 continue
@@ -255,7 +257,6 @@ def sweep(x, rate, log):
                   f"roofline) agree={agree:.6f} valid={valid}", flush=True)
             if valid and (("fp8", k) not in best or t < best[("fp8", k)][0]):
                 best[("fp8", k)] = (t, cfg)
-    T._OVERRIDE_FP8 = None
     return {k: v[1] for k, v in best.items()}
 
 
@@ -276,13 +277,14 @@ def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
     n = x.shape[0]
     c = x[torch.randperm(n, device=DEV)[:k]].clone()
     r = dict(K=k, N=n, roofline=rate / (2 * k * D), cfg=cfg, fp8_cfg=fp8_cfg)
-    T._OVERRIDE = cfg
-    T._OVERRIDE_FP8 = fp8_cfg
-    exact = KR.assign(x, c, backend="triton", with_second=True)
+    tuning = KR.KernelTuning(assign=cfg, fp8=fp8_cfg)  # None, None: the table's
+    tri = KR.TritonAssigner(tuning)
+    fp8 = KR.make_assigner("triton", fp8_shortlist=True, tuning=tuning)
+    exact = tri.assign(x, c, with_second=True)
     ids_ours = exact.ids
-    short = KR.assign(x, c, backend="triton", with_second=True, fp8_shortlist=True)
-    r["ours_fp8"] = n / timeit(lambda: KR.assign(x, c, backend="triton", fp8_shortlist=True))
-    r["fp8_quantize_x_ms"] = 1e3 * timeit(lambda: T._to_fp8_rows(x))
+    short = fp8.assign(x, c, with_second=True)
+    r["ours_fp8"] = n / timeit(lambda: fp8.assign(x, c))
+    r["fp8_quantize_x_ms"] = 1e3 * timeit(lambda: fp8_shortlist.to_fp8_rows(x))
     mism = short.ids != exact.ids
     r["fp8_agree"] = float((~mism).float().mean())
     # how near the disagreements are: exact distance of the shortlist's pick over the
@@ -295,16 +297,15 @@ def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
                                                   / exact.distance[mism].clamp_min(1e-6)).median())
     r["exact_rel_gap_median"] = float(((exact.second - exact.distance)
                                        / exact.distance.clamp_min(1e-6)).median())
-    r["ours_assign"] = n / timeit(lambda: our_assign(x, c))
+    r["ours_assign"] = n / timeit(lambda: our_assign(x, c, tri))
     if k <= 4096:  # host time per call is visible here: calls queued back to back hide it
-        r["ours_assign_b2b"] = 10 * n / timeit(lambda: [our_assign(x, c) for _ in range(10)])
-    r["ours_lloyd"] = n / timeit(lambda: our_lloyd(x, c))
-    r["ours_lloyd_fp8"] = n / timeit(lambda: our_lloyd(x, c, fp8_shortlist=True))
-    r["ours_psums_ms"] = 1e3 * timeit(lambda: KR.partial_sums(x, ids_ours, k))
+        r["ours_assign_b2b"] = 10 * n / timeit(lambda: [our_assign(x, c, tri)
+                                                        for _ in range(10)])
+    r["ours_lloyd"] = n / timeit(lambda: our_lloyd(x, c, tri))
+    r["ours_lloyd_fp8"] = n / timeit(lambda: our_lloyd(x, c, fp8))
+    r["ours_psums_ms"] = 1e3 * timeit(lambda: tri.partial_sums(x, ids_ours, k))
     # diagnostic: cosine skips the ||x||^2 pass (same GEMM and top-2 epilogue otherwise)
-    r["ours_assign_cosine"] = n / timeit(lambda: KR.assign(x, c, metric="cosine").ids)
-    T._OVERRIDE = None
-    T._OVERRIDE_FP8 = None
+    r["ours_assign_cosine"] = n / timeit(lambda: tri.assign(x, c, metric="cosine").ids)
     r["agree_vs_torch"] = float((torch_assign(x, c) == ids_ours).float().mean())
     r["A_assign"] = n / timeit(lambda: torch_assign(x, c), max_reps=5)
     r["A_lloyd"] = n / timeit(lambda: torch_lloyd(x, c), max_reps=5)
@@ -380,30 +381,31 @@ def main() -> int:
     first = KR.grouped_assign(x, g1, lv1, off1)
     a1, xn = first.ids, first.x_sqnorm
 
-    T._OVERRIDE = chosen.get(1024)
-    t3 = timeit(lambda: label_three_levels(x, tree))
-    t3_own = timeit(lambda: label_three_levels(x, tree, reuse_norms=False))
-    grouped_cfg = T._OVERRIDE
-    a2 = KR.grouped_assign(x, a1, lv2, off2).ids
-    lvl_ms = [1e3 * timeit(lambda: KR.grouped_assign(x, g1, lv1, off1)),
-              1e3 * timeit(lambda: KR.grouped_assign(x, a1, lv2, off2, x_sqnorm=xn)),
-              1e3 * timeit(lambda: KR.grouped_assign(x, a2 % 1024, lv3, off2, x_sqnorm=xn))]
+    grouped_cfg = chosen.get(1024)
+    grouped = KR.TritonAssigner(KR.KernelTuning(assign=grouped_cfg))
+    t3 = timeit(lambda: label_three_levels(x, tree, assigner=grouped))
+    t3_own = timeit(lambda: label_three_levels(x, tree, reuse_norms=False, assigner=grouped))
+    a2 = grouped.grouped_assign(x, a1, lv2, off2).ids
+    lvl_ms = [1e3 * timeit(lambda: grouped.grouped_assign(x, g1, lv1, off1)),
+              1e3 * timeit(lambda: grouped.grouped_assign(x, a1, lv2, off2, x_sqnorm=xn)),
+              1e3 * timeit(lambda: grouped.grouped_assign(x, a2 % 1024, lv3, off2,
+                                                          x_sqnorm=xn))]
     # bucketing alone on an idle GPU: launch-bound (~20 small ops); inside a level it is
     # enqueued while the previous level's kernel runs
-    prep_ms = 1e3 * timeit(lambda: T._work_items(a1, 1024, 128))
+    prep_ms = 1e3 * timeit(lambda: TD.work_items(a1, 1024, 128))
     # diagnostics for level 2: one parent (all rows share one 1024-children block) and
     # rows spread uniformly over the 1024 parents
     one = torch.zeros_like(a1)
     unif = torch.arange(n, device=DEV) % 1024
     srt = torch.sort(a1).values  # rows arriving already ascending by parent: no sort
-    diag_ms = [1e3 * timeit(lambda: KR.grouped_assign(x, one, lv2, off2)),
-               1e3 * timeit(lambda: KR.grouped_assign(x, unif, lv2, off2)),
-               1e3 * timeit(lambda: KR.grouped_assign(x, srt, lv2, off2))]
+    diag_ms = [1e3 * timeit(lambda: grouped.grouped_assign(x, one, lv2, off2)),
+               1e3 * timeit(lambda: grouped.grouped_assign(x, unif, lv2, off2)),
+               1e3 * timeit(lambda: grouped.grouped_assign(x, srt, lv2, off2))]
     rows_per_parent = torch.bincount(a1, minlength=1024)
     # diagnostic: a deeper pipeline for the multi-parent level (children come from HBM)
-    T._OVERRIDE = dict(grouped_cfg or T._config(x.dtype, D, 1024, x.device), num_stages=4)
-    lv2_s4_ms = 1e3 * timeit(lambda: KR.grouped_assign(x, a1, lv2, off2))
-    T._OVERRIDE = None
+    stages4 = KR.TritonAssigner(KR.KernelTuning(assign=dict(
+        grouped_cfg or L.config(x.dtype, D, 1024, x.device), num_stages=4)))
+    lv2_s4_ms = 1e3 * timeit(lambda: stages4.grouped_assign(x, a1, lv2, off2))
     g_row = dict(N=n, levels=3, cfg=grouped_cfg, children=1024, rows_per_s=n / t3,
                  rows_per_s_own_norms=n / t3_own, level_ms=lvl_ms,
                  work_items_ms=prep_ms, lv2_one_parent_ms=diag_ms[0],

@@ -7,18 +7,22 @@ the best); distances' relative error (norm-wise) under 1e-3 (bf16/fp16) / 1e-5 (
 Agreement with fp32 (unrounded) centroids is reported too, for information. Partial sums
 bit-identical to the torch reference and
 independent of row order and batch split. Prints one line per case and a summary; writes
-JSON to $OUT (or benchmarks/results).
+JSON to $OUT (or benchmarks/results). tests/test_gpu_kernels.py asserts the same at the same
+tolerances; this script records the measured errors, at larger sizes, and takes a variant
+(``TMA=1``, ``XN_UNROLL=4``: keys forced into every launch config, ``KernelTuning.patch``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 
-import _kernels_only  # noqa: E402,F401 - must precede the mdf_taxonomy imports
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+
+import torch  # noqa: E402
 
 from mdf_taxonomy import kernels as K  # noqa: E402
 
@@ -26,6 +30,15 @@ DEV = "cuda"
 REL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 # near-tie bound on the fp64 gap, relative to ||x||^2 + ||c||^2 (input rounding)
 TIE = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+TUNING = K.KernelTuning()  # main() sets the variant's
+
+
+def tri() -> K.Assigner:
+    return K.TritonAssigner(TUNING)
+
+
+def fp8() -> K.Assigner:
+    return K.make_assigner("triton", fp8_shortlist=True, tuning=TUNING)
 
 
 def clustered(n, k, d, metric, dtype, seed):
@@ -66,7 +79,7 @@ def chosen_dist(x, c, ids, metric):
 
 def check_assign(n, k, d, metric, dtype, seed=0):
     x, c = clustered(n, k, d, metric, dtype, seed)
-    out = K.assign(x, c, metric=metric, backend="triton", with_second=True)
+    out = tri().assign(x, c, metric=metric, with_second=True)
     if DEV == "cuda":
         torch.cuda.synchronize()
     info_agree = float((fp64_top2(x, c, metric)[0] == out.ids).float().mean())
@@ -97,15 +110,15 @@ def check_grouped_paths(n, d, dtype, n_parents=37, seed=3):
     offs[1:] = sizes.cumsum(0)
     x, c = clustered(n, int(offs[-1]), d, "l2", dtype, seed)
     groups = torch.randint(0, n_parents, (n,), device=DEV, generator=g)
-    out = K.grouped_assign(x, groups, c, offs, with_second=True)
+    out = tri().grouped_assign(x, groups, c, offs, with_second=True)
     ok = True
     srt, perm = torch.sort(groups)
-    o2 = K.grouped_assign(x[perm], srt, c, offs, with_second=True)
+    o2 = tri().grouped_assign(x[perm], srt, c, offs, with_second=True)
     ok &= bool(torch.equal(o2.ids, out.ids[perm]) and torch.equal(o2.distance, out.distance[perm])
                and torch.equal(o2.second, out.second[perm]))
     for p in (0, 7, n_parents - 1):
         rows = (groups == p).nonzero()[:, 0]
-        o1 = K.grouped_assign(x[rows], groups[rows], c, offs, with_second=True)
+        o1 = tri().grouped_assign(x[rows], groups[rows], c, offs, with_second=True)
         ok &= bool(torch.equal(o1.ids, out.ids[rows])
                    and torch.equal(o1.distance, out.distance[rows])
                    and torch.equal(o1.second, out.second[rows]))
@@ -115,26 +128,23 @@ def check_grouped_paths(n, d, dtype, n_parents=37, seed=3):
 def check_sqnorm_reuse(n, k, d, dtype, seed=6):
     """Assignment.x_sqnorm: the Gluon and tl kernels return the same bits, and handing it
     back (x_sqnorm=) changes no bit of any result, plain, split or bucketed."""
-    from mdf_taxonomy.kernels import triton_kernels as T
 
     def same(a, b):
         return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
     x, c = clustered(n, k, d, "l2", dtype, seed)
-    a = K.assign(x, c, with_second=True)
-    ok = same(a, K.assign(x, c, with_second=True, x_sqnorm=a.x_sqnorm))
-    T.USE_WS = False
-    try:
-        b = K.assign(x, c, with_second=True)
-        ok &= same(a, b) and same(b, K.assign(x, c, with_second=True, x_sqnorm=b.x_sqnorm))
-    finally:
-        T.USE_WS = True
+    a = tri().assign(x, c, with_second=True)
+    ok = same(a, tri().assign(x, c, with_second=True, x_sqnorm=a.x_sqnorm))
+    tl_only = K.TritonAssigner(dataclasses.replace(TUNING, warp_specialized=False))
+    b = tl_only.assign(x, c, with_second=True)
+    ok &= same(a, b) and same(b, tl_only.assign(x, c, with_second=True, x_sqnorm=b.x_sqnorm))
     n_parents = 7
     offs = torch.linspace(0, k, n_parents + 1, device=DEV).long()
     groups = torch.randint(0, n_parents, (n,), device=DEV,
                            generator=torch.Generator(device=DEV).manual_seed(seed))
-    g = K.grouped_assign(x, groups, c, offs, with_second=True)
-    ok &= same(g, K.grouped_assign(x, groups, c, offs, with_second=True, x_sqnorm=a.x_sqnorm))
+    g = tri().grouped_assign(x, groups, c, offs, with_second=True)
+    ok &= same(g, tri().grouped_assign(x, groups, c, offs, with_second=True,
+                                       x_sqnorm=a.x_sqnorm))
     return dict(kind="sqnorm_reuse", n=n, k=k, d=d, dtype=str(dtype), ok=bool(ok))
 
 
@@ -151,8 +161,7 @@ def check_grouped(n, d, metric, dtype, n_parents=37, seed=1, mode="random"):
         groups = torch.sort(groups).values
     elif mode == "one":
         groups.fill_(5)
-    out = K.grouped_assign(x, groups, c, offs, metric=metric, backend="triton",
-                           with_second=True)
+    out = tri().grouped_assign(x, groups, c, offs, metric=metric, with_second=True)
     c = c.to(dtype).float()
     ok, ties, badn = True, 0, 0
     rel_num, rel_den = 0.0, 0.0
@@ -184,17 +193,17 @@ def check_shortlist(n, k, d, metric, seed=4):
     """fp8 shortlist: the returned id's distance is exact (bf16 inputs, fp64 reference);
     an id differs from the exact nearest only when that one was not in the fp8 top-2
     (emulated with torch on the same quantised values); counts both."""
-    from mdf_taxonomy.kernels import triton_kernels as T
+    from mdf_taxonomy.kernels import fp8_shortlist as F8
 
     x, c = clustered(n, k, d, metric, torch.bfloat16, seed)
-    out = K.assign(x, c, metric=metric, backend="triton", with_second=True, fp8_shortlist=True)
+    out = fp8().assign(x, c, metric=metric, with_second=True)
     c = c.to(torch.bfloat16).float()
     arg, best, sec = fp64_top2(x, c, metric)
     written = bool((out.ids >= 0).all() and (out.ids < k).all())
     d_chosen = chosen_dist(x, c, out.ids.clamp(0, k - 1), metric)
     rel_d = float((out.distance.double() - d_chosen).norm() / d_chosen.norm())
-    qx, sx = T._to_fp8_rows(x)
-    qc, sc = T._to_fp8_rows(c.to(torch.bfloat16))
+    qx, sx = F8.to_fp8_rows(x)
+    qc, sc = F8.to_fp8_rows(c.to(torch.bfloat16))
     in_top2 = torch.empty(n, dtype=torch.bool, device=DEV)
     for i in range(0, n, 4096):
         ap = (qx[i : i + 4096].float() * sx[i : i + 4096, None]) @ (qc.float() * sc[:, None]).T
@@ -217,7 +226,7 @@ def check_shortlist(n, k, d, metric, seed=4):
 def check_quantize(n, d, dtype, seed=5):
     """The one-pass Triton e4m3 quantiser equals the torch reference bit for bit (values
     spanning many binades, a zero row, a ragged D)."""
-    from mdf_taxonomy.kernels import triton_kernels as T
+    from mdf_taxonomy.kernels import fp8_shortlist as F8
 
     g = torch.Generator(device=DEV).manual_seed(seed)
     x = torch.randn(n, d, device=DEV, generator=g)
@@ -225,8 +234,8 @@ def check_quantize(n, d, dtype, seed=5):
     x = (x * torch.exp(spread * torch.randn(n, 1, device=DEV, generator=g))).to(dtype)
     assert bool(torch.isfinite(x).all())
     x[3] = 0
-    q, sc = T._to_fp8_rows(x)
-    qr, scr = T._to_fp8_rows(x.cpu())
+    q, sc = F8.to_fp8_rows(x)
+    qr, scr = F8.to_fp8_rows(x.cpu())
     same_q = bool(torch.equal(q.view(torch.uint8).cpu(), qr.view(torch.uint8)))
     same_s = bool(torch.equal(sc.cpu(), scr))
     return dict(kind="fp8_quantize", n=n, d=d, dtype=str(dtype), ok=same_q and same_s,
@@ -252,13 +261,11 @@ def check_partial_sums(n, k, d, dtype, seed=2):
 
 def main() -> int:
     t0 = time.time()
+    global TUNING
     variant = sys.argv[1] if len(sys.argv) > 1 else "default"
     if variant != "default":  # e.g. "TMA=1" or "XN_UNROLL=4": forced everywhere
-        from mdf_taxonomy.kernels import triton_kernels as T
-
         forced = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in variant.split(",")}
-        base = T._config
-        T._config = lambda *a: dict(base(*a), **forced)
+        TUNING = K.KernelTuning(patch=forced)
     res = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for metric in ("l2", "cosine"):
@@ -291,12 +298,12 @@ def main() -> int:
         print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     # determinism: same row, different batch, bit-identical
     x, c = clustered(20000, 4096, 1024, "l2", torch.bfloat16, 9)
-    a = K.assign(x, c, with_second=True)
-    b = K.assign(x[5:900], c, with_second=True)
+    a = tri().assign(x, c, with_second=True)
+    b = tri().assign(x[5:900], c, with_second=True)
     det = bool(torch.equal(a.ids[5:900], b.ids) and torch.equal(a.distance[5:900], b.distance)
                and torch.equal(a.second[5:900], b.second))
-    a = K.assign(x, c, with_second=True, fp8_shortlist=True)
-    b = K.assign(x[5:900], c, with_second=True, fp8_shortlist=True)
+    a = fp8().assign(x, c, with_second=True)
+    b = fp8().assign(x[5:900], c, with_second=True)
     det &= bool(torch.equal(a.ids[5:900], b.ids) and torch.equal(a.distance[5:900], b.distance)
                 and torch.equal(a.second[5:900], b.second))
     res.append(dict(kind="batch_independence", ok=det))

@@ -10,24 +10,27 @@ random order) or the plain K=1024 assignment twice; profile the second launch, e
 
 from __future__ import annotations
 
+import os
 import sys
 
-import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
-import torch
-from bench_kernels import clustered, three_level_tree
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
-from mdf_taxonomy.kernels import triton_kernels as T
+import torch  # noqa: E402
+from bench_kernels import clustered, three_level_tree  # noqa: E402
+
+from mdf_taxonomy import kernels as KR  # noqa: E402
 
 
 def main() -> None:
     x = clustered(1 << 20)
     _, lv1, _, lv2, _, off2 = three_level_tree(x)
-    a1 = T.assign_triton(x, lv1, metric="l2")[0]
+    triton = KR.TritonAssigner()
+    a1 = triton.assign(x, lv1, metric="l2").ids
     for _ in range(2):
         if sys.argv[1:] == ["plain"]:
-            T.assign_triton(x, lv1, metric="l2")
+            triton.assign(x, lv1, metric="l2")
         else:
-            T.grouped_assign_triton(x, a1, lv2, off2)
+            triton.grouped_assign(x, a1, lv2, off2)
     torch.cuda.synchronize()
 
 

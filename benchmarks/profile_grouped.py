@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
-import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
-import torch
-from bench_kernels import DEV, clustered, label_three_levels, three_level_tree, timeit
-from torch.profiler import ProfilerActivity, profile
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
-from mdf_taxonomy import kernels as KR
-from mdf_taxonomy.kernels import triton_kernels as T
+import torch  # noqa: E402
+from bench_kernels import DEV, clustered, label_three_levels, three_level_tree, timeit  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from mdf_taxonomy import kernels as KR  # noqa: E402
+from mdf_taxonomy.kernels import triton_dispatch as TD  # noqa: E402
 
 
 def kernel_table(fn, reps=3):
@@ -67,7 +69,7 @@ def main():
         "level1_single_parent": lambda: KR.grouped_assign(x, g1, lv1, off1),
         "level2_unsorted": lambda: KR.grouped_assign(x, a1, lv2, off2),
         "level3_unsorted": lambda: KR.grouped_assign(x, a2, lv2, off2),
-        "work_items_only": lambda: T._work_items(a1, 1024, 128),
+        "work_items_only": lambda: TD.work_items(a1, 1024, 128),
     }
     cases["three_levels"] = lambda: label_three_levels(x, tree)  # bench_kernels' figure
     cases["three_levels_own_norms"] = lambda: label_three_levels(x, tree, reuse_norms=False)
