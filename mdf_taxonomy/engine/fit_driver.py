@@ -45,6 +45,7 @@ from mdf_taxonomy.model.fitting import (
 )
 from mdf_taxonomy.model.phase import Phase
 from mdf_taxonomy.operators import KMeansLevelRefiner
+from mdf_taxonomy.operators.registry import register
 from mdf_taxonomy.passes.columnar import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class PipelineFit:
     def _start_or_resume(self) -> Taxonomy:
         """The stored snapshot when it is a fit of these parameters and this input (else
         refused, saying what differs), or a new empty fit."""
+        register()  # the loader is looked up by name
         loader = _mdf.DataLoaderRegistry.create(
             self.config.data_loader.type, self.config.data_loader.params
         )
