@@ -18,6 +18,7 @@ from mdf_taxonomy.engine.fit_driver import PipelineFit
 from mdf_taxonomy.engine.plan import pinned
 from mdf_taxonomy.engine.running import label_summary, record_run
 from mdf_taxonomy.engine.staging import StagedOutput, staged_run
+from mdf_taxonomy.kernels import make_assigner
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
 from mdf_taxonomy.model.config import RunConfig, parameter_docs
 from mdf_taxonomy.passes.parquet_input import ParquetInput
@@ -254,7 +255,7 @@ class TaxonomyEngine:
         """
         tax = self.load()
         if isinstance(input, np.ndarray | torch.Tensor):
-            return tax.assign_paths(input, backend=self.kernel_backend)[0]
+            return tax.assign_paths(input, assigner=make_assigner(self.kernel_backend))[0]
         if output is not None:
             staged = StagedOutput(output, self.storage_options, overwrite)
             final = pinned(self._pipeline(input, output, fit=False), tax, fit_pass=False)
@@ -274,13 +275,14 @@ class TaxonomyEngine:
             return output
         source = ParquetInput(**self._loader_params(input))
         field = self.fit_params["embedding_field"]
+        assigner = make_assigner(self.kernel_backend)
         out = []
         for _, batches in source.read_items(source.get_file_list()):
             column = pa.Table.from_batches(batches).column(field)
             parsed = parse_arrow(column, field, tax.dim, metric=tax.config.metric)
             paths = np.full((len(column), tax.n_levels), -1, dtype=np.int32)
             if len(parsed.valid):
-                paths[parsed.valid] = tax.assign_paths(parsed.x, backend=self.kernel_backend)[0]
+                paths[parsed.valid] = tax.assign_paths(parsed.x, assigner=assigner)[0]
             out.append(paths)
         return np.concatenate(out) if out else np.zeros((0, tax.n_levels), np.int32)
 

@@ -17,9 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from mdf_taxonomy.kernels import KERNEL_BACKENDS
+from mdf_taxonomy.kernels import KERNEL_BACKENDS, METRICS
 
-METRICS = ("l2", "cosine")
 MAX_LEVELS = 64
 MAX_BRANCHING = 2**24
 MAX_ITER = 10**6

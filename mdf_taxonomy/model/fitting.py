@@ -35,6 +35,11 @@ import numpy as np
 import torch
 
 from mdf_taxonomy import kernels
+from mdf_taxonomy.kernels.fixed_point import (  # inertia's fixed point: order-free too
+    INERTIA_FIXED_POINT_BITS,  # noqa: F401 - callers import it here
+    inertia_from_fixed,
+    quantize_inertia,
+)
 from mdf_taxonomy.model.config import TaxonomyConfig
 from mdf_taxonomy.model.sampling import (
     sample_priorities,  # noqa: F401 - callers import it here
@@ -45,7 +50,6 @@ from mdf_taxonomy.model.taxonomy import FitState, Level, Taxonomy
 log = logging.getLogger(__name__)
 
 REPAIR_EPS = 1.0 / 1024
-INERTIA_FIXED_POINT_BITS = 16  # inertia is summed as int64 too, so convergence is order-free
 
 MAX_ABS_VALUE: float = 2.0**15
 """The fit's range: parse_embeddings rejects a row holding a |value| above it.
@@ -90,7 +94,7 @@ def kmeans_plus_plus(
     n = sample.shape[0]
     if k > n:
         raise ValueError(f"k-means++ needs at least k={k} rows, got {n}")
-    if k < 1 or metric not in ("l2", "cosine"):
+    if k < 1 or metric not in kernels.METRICS:
         raise ValueError(f"k-means++ needs k >= 1 and metric l2 or cosine, got {k}, {metric!r}")
     gen = torch.Generator().manual_seed(seed)
     trials = 2 + int(np.log(k))
@@ -318,7 +322,7 @@ def finish_pass(tax: Taxonomy, result: LloydResult) -> Taxonomy:
     centroids, repaired = update_centroids(
         result.sums, result.counts, lv.centroids, lv.parents, cfg.metric
     )
-    inertia = result.inertia_fixed / float(2**INERTIA_FIXED_POINT_BITS)
+    inertia = inertia_from_fixed(result.inertia_fixed)
     iteration = st.iteration + 1
     converged = st.inertia is not None and st.inertia > 0 and (
         (st.inertia - inertia) / st.inertia < cfg.tol
@@ -344,7 +348,7 @@ def finish_pass(tax: Taxonomy, result: LloydResult) -> Taxonomy:
 def inertia_to_fixed(distance: torch.Tensor) -> int:
     """Sum of distances in fixed point, exact (order-free) for any finite distances: summed
     in int64 chunks that cannot overflow, the chunks as Python ints."""
-    q = torch.round(distance.double().clamp_min(0) * 2**INERTIA_FIXED_POINT_BITS).flatten()
+    q = quantize_inertia(distance)
     if q.numel() == 0:
         return 0
     peak = float(q.max())

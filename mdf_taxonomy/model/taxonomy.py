@@ -110,19 +110,20 @@ class Taxonomy:
         return t.to(dtype)
 
     def assign_level(self, x: torch.Tensor, parents: torch.Tensor, level: int,
-                     backend: str = "auto", with_second: bool = False,
+                     assigner: kernels.Assigner | None = None, with_second: bool = False,
                      x_sqnorm: torch.Tensor | None = None) -> kernels.Assignment:
         """Nearest child of each row's parent at `level` (1-based); rows already prepared.
-        `x_sqnorm`: the rows' norms from the level above (see `kernels.Assignment`)."""
+        `assigner`: the kernels (None: `kernels.AutoAssigner()`). `x_sqnorm`: the rows'
+        norms from the level above (see `kernels.Assignment`)."""
         lv = self.levels[level - 1]
         n_parents = 1 if level == 1 else self.levels[level - 2].n_nodes
         centroids, offsets = lv.on_device(x.device, n_parents)
-        return kernels.grouped_assign(
-            x, parents, centroids, offsets, metric=self.config.metric, backend=backend,
+        return (assigner or kernels.AutoAssigner()).grouped_assign(
+            x, parents, centroids, offsets, metric=self.config.metric,
             with_second=with_second, x_sqnorm=x_sqnorm,
         )
 
-    def walk(self, x: torch.Tensor, upto: int, backend: str = "auto"
+    def walk(self, x: torch.Tensor, upto: int, assigner: kernels.Assigner | None = None
              ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Descend `upto` levels from the root for prepared rows.
 
@@ -134,8 +135,9 @@ class Taxonomy:
         distance = torch.zeros(n, dtype=torch.float32, device=x.device)
         per_level = []
         x_sqnorm = None  # computed by the first level, reused by the next ones
+        assigner = assigner or kernels.AutoAssigner()
         for level in range(1, upto + 1):
-            a = self.assign_level(x, ids, level, backend=backend, x_sqnorm=x_sqnorm)
+            a = self.assign_level(x, ids, level, assigner=assigner, x_sqnorm=x_sqnorm)
             ids, distance, x_sqnorm = a.ids, a.distance, a.x_sqnorm
             per_level.append(ids)
         # one copy to the host at the end: the GPU labels the next level meanwhile
@@ -143,16 +145,18 @@ class Taxonomy:
         return paths.to(torch.int32).cpu().numpy(), ids, distance
 
     def assign_paths(self, x: np.ndarray | torch.Tensor, upto: int | None = None,
-                     backend: str = "auto", device: str | torch.device = "cpu",
+                     assigner: kernels.Assigner | None = None,
+                     device: str | torch.device = "cpu",
                      prepared: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Node id per level for every row, and the distance to the deepest centroid.
 
         Returns (paths (N, upto) int32, distance (N,) float32); the distance is
         Euclidean for "l2" and 1 - cosine similarity for "cosine". `prepared` rows
-        have been through `prepare` already.
+        have been through `prepare` already; `assigner` as for `walk`.
         """
         upto = self.n_levels if upto is None else upto
-        paths, _, distance = self.walk(x if prepared else self.prepare(x, device), upto, backend)
+        paths, _, distance = self.walk(x if prepared else self.prepare(x, device), upto,
+                                       assigner)
         distance = distance.float().cpu().numpy()
         if self.config.metric == "l2":
             distance = np.sqrt(np.maximum(distance, 0.0))

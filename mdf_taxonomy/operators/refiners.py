@@ -23,6 +23,7 @@ import torch
 from mdf_taxonomy import _mdf
 from mdf_taxonomy._mdf import BatchResult, Refiner
 from mdf_taxonomy.backend import FitBackend, PartialsCombiner
+from mdf_taxonomy.kernels import make_assigner
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
 from mdf_taxonomy.model.config import check_parameter
 from mdf_taxonomy.passes import batch
@@ -65,6 +66,7 @@ class _TaxonomyRefiner(Refiner):
         self.snapshot = snapshot
         self.device = device
         self.kernel_backend = kernel_backend
+        self.assigner = make_assigner(kernel_backend)  # the kernels, chosen once
         self.storage_options = storage_options
         self._taxonomy: Taxonomy | None = None
         self.rejected: dict[str, int] = {}
@@ -190,7 +192,7 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         if not len(parsed.valid):
             return batch.label_columns(tax.n_levels, n_rows, parsed)
         started = time.perf_counter()
-        paths, dist = tax.assign_paths(self._rows(tax, parsed), backend=self.kernel_backend,
+        paths, dist = tax.assign_paths(self._rows(tax, parsed), assigner=self.assigner,
                                        prepared=True)
         self.timings["assign_s"] += time.perf_counter() - started
         return batch.label_columns(tax.n_levels, n_rows, parsed, paths, dist)
@@ -310,7 +312,7 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         st = tax.state
         started = time.perf_counter()
         x = self._rows(tax, parsed)
-        paths, nodes, distance = batch.walk(tax, x, self.kernel_backend)
+        paths, nodes, distance = batch.walk(tax, x, self.assigner)
         columns = batch.fit_columns(self.config.n_levels, n_rows, parsed, paths)
         if st.complete:
             self.timings["assign_s"] += time.perf_counter() - started
@@ -330,7 +332,7 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
                     parsed.reasons()))
             else:
                 sums, counts, totals["inertia_fixed"] = batch.lloyd_partials(
-                    tax, x, nodes, distance, self.kernel_backend)
+                    tax, x, nodes, distance, self.assigner)
                 self.timings["assign_s"] += time.perf_counter() - started
                 started = time.perf_counter()
                 combiner = self._combiner

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mdf_taxonomy.kernels import partial_sums
+from mdf_taxonomy.kernels import Assigner
 from mdf_taxonomy.model import Taxonomy
 from mdf_taxonomy.model.fitting import inertia_to_fixed
 from mdf_taxonomy.model.sampling import BottomK, rows_by_key, sample_priorities
@@ -54,19 +54,19 @@ def fit_depth(tax: Taxonomy) -> int:
     return tax.n_levels if st.phase != "sample" else st.level - 1
 
 
-def walk(tax: Taxonomy, x: torch.Tensor, kernel_backend: str
+def walk(tax: Taxonomy, x: torch.Tensor, assigner: Assigner
          ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """(paths so far, deepest node per row, distance to it) for a fit pass."""
-    return tax.walk(x, fit_depth(tax), kernel_backend)
+    return tax.walk(x, fit_depth(tax), assigner)
 
 
 def lloyd_partials(tax: Taxonomy, x: torch.Tensor, nodes: torch.Tensor,
-                   distance: torch.Tensor, kernel_backend: str
+                   distance: torch.Tensor, assigner: Assigner
                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fixed-point sums and counts per node of the level being refined, and the batch's
     inertia in fixed point: exact, so any split of the rows adds up to the same bits."""
     n_nodes = tax.levels[tax.state.level - 1].n_nodes
-    sums, counts = partial_sums(x, nodes, n_nodes, backend=kernel_backend)
+    sums, counts = assigner.partial_sums(x, nodes, n_nodes)
     return sums, counts, inertia_to_fixed(distance)
 
 
