@@ -11,10 +11,10 @@ ranking scores are computed in float32 by BLAS over fixed ``CENTROID_CHUNK`` chu
 rigorous per-row bound on their rounding error (``_fp32_score_bound``) decides whether the
 fp32 argmin is provably the exact one; the rows where it is not (margin between best and
 second <= twice the bound) are re-ranked against all centroids in float64. Either way the id
-is the exact argmin (lowest id on ties), up to the fp64 ranking's own ~1e-16 relative
-resolution for exact or near-exact ties (duplicated centroids), the residual caveat. The
+is the exact argmin (lowest id on ties): fp64 scores within the GEMM's own rounding bound
+of the best (duplicated centroids, say) are settled row-wise (``rowwise.settle_ties``). The
 distances are then recomputed from the chosen id row by row in float64 with a fixed
-pairwise summation tree (``_rowwise_distance``), so they do not depend on the batch, the
+pairwise summation tree (``rowwise.distance``), so they do not depend on the batch, the
 path a row took, or the thread count.
 """
 
@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import rowwise
 from .fixed_point import quantize
 from .metrics import check_metric
 
@@ -32,9 +33,6 @@ from .metrics import check_metric
 CENTROID_CHUNK: int = 4096
 #: Upper bound for the temporary score block (and the int64 quantised block).
 BLOCK_BUDGET_BYTES: int = 256 * 2**20
-#: Values per block of the row-wise passes (distance, quantisation): temporaries stay in
-#: cache, and blocks are large enough that the per-op overhead is small.
-ROWWISE_BLOCK_ELEMS: int = 2**17
 
 _INF = float("inf")
 _NAN = float("nan")
@@ -171,62 +169,20 @@ def _top2_block(
         s = _chunk_scores(xf, cf, cn, c0, metric)
         tmin, targ = s.min(dim=1)  # first occurrence on ties
         take = tmin < best
+        s.scatter_(1, targ[:, None], _INF)
+        tsec, tsarg = s.min(dim=1)
+        old_best = best <= tsec  # on a tie the earlier chunk has the lower id
+        old_sec = second <= tmin
         if with_second:
-            s.scatter_(1, targ[:, None], _INF)
-            tsec, tsarg = s.min(dim=1)
-            old_best = best <= tsec  # on a tie the earlier chunk has the lower id
-            sec_if_take = torch.where(old_best, best, tsec)
             sid_if_take = torch.where(old_best, best_id, tsarg + c0)
-            old_sec = second <= tmin
-            sec_if_keep = torch.where(old_sec, second, tmin)
             sid_if_keep = torch.where(old_sec, second_id, targ + c0)
-            second = torch.where(take, sec_if_take, sec_if_keep)
             second_id = torch.where(take, sid_if_take, sid_if_keep)
+        second = torch.where(take, torch.where(old_best, best, tsec),
+                             torch.where(old_sec, second, tmin))
         best = torch.where(take, tmin, best)
         best_id = torch.where(take, targ + c0, best_id)
+    rowwise.settle_ties(xf, cf, cn, metric, best, second, best_id, second_id)
     return best_id, second_id
-
-
-def _fold_rowsum_(p: torch.Tensor) -> torch.Tensor:
-    """Row sums of ``p`` (overwritten) by a fixed pairwise tree of elementwise adds.
-
-    Each add is one IEEE operation on one pair, so a row's sum depends only on that row:
-    not on the number of rows, their layout or the thread count, unlike a reduction kernel.
-    """
-    w = p.shape[1]
-    if w == 0:
-        return p.new_zeros(p.shape[0])
-    while w > 1:
-        h = (w + 1) // 2
-        p[:, : w - h].add_(p[:, h:w])
-        w = h
-    return p[:, 0]
-
-
-def _rowwise_distance(
-    x: torch.Tensor, c64: torch.Tensor, ids: torch.Tensor, metric: str
-) -> torch.Tensor:
-    """fp32 distance of each row to centroid ``ids[i]``, computed row by row in fp64.
-
-    l2 is ``sum((x - c)^2)`` (no cancellation, exactly 0 for a row equal to its centroid),
-    cosine ``1 - x.c``; the fixed summation tree makes the value a function of the row and
-    its centroid only. Rows with id < 0 get NaN.
-    """
-    n, d = x.shape
-    out = torch.empty((n,), dtype=torch.float32, device=x.device)
-    rows = max(1, ROWWISE_BLOCK_ELEMS // max(1, d))
-    for r0 in range(0, n, rows):
-        i = ids[r0 : r0 + rows]
-        valid = i >= 0
-        p = x[r0 : r0 + rows].to(torch.float64, copy=True)
-        cb = c64.index_select(0, i.clamp_min(0))
-        if metric == "l2":
-            p.sub_(cb).square_()
-            s = _fold_rowsum_(p)
-        else:
-            s = 1.0 - _fold_rowsum_(p.mul_(cb))
-        out[r0 : r0 + rows] = torch.where(valid, s, _NAN)
-    return out
 
 
 def _fp64_ids(
@@ -318,10 +274,10 @@ def assign_torch(
         rerank = flagged.nonzero()[:, 0]
         if rerank.numel():
             ids[rerank] = _fp64_ids(x[rerank], cf, cn, metric, False)[0]
-    dist = _rowwise_distance(x, cf, ids, metric)
+    dist = rowwise.distance(x, cf, ids, metric)
     sec = None
     if with_second:
-        sec = _rowwise_distance(x, cf, sec_ids, metric)
+        sec = rowwise.distance(x, cf, sec_ids, metric)
         # no runner-up (a single centroid) -> +inf; a bad row keeps its NaN
         sec = torch.where(sec_ids < 0, torch.where(ids < 0, _NAN, _INF), sec)
         sec = torch.maximum(sec, dist)
@@ -386,7 +342,7 @@ def partial_sums_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Int64 fixed-point sums and counts per id; exact, so independent of row order.
 
-    Rows are quantised and added in blocks of ``ROWWISE_BLOCK_ELEMS`` values so the
+    Rows are quantised and added in blocks of ``rowwise.ROWWISE_BLOCK_ELEMS`` values so the
     temporaries stay in cache (the pass is memory-bound); the sums are exact integers,
     so the blocking does not change them.
     """
@@ -401,7 +357,7 @@ def partial_sums_torch(
     if n and not bool(keep.all()):
         x, ids = x[keep], ids[keep]
         n = x.shape[0]
-    rows = max(1, ROWWISE_BLOCK_ELEMS // max(1, d))
+    rows = max(1, rowwise.ROWWISE_BLOCK_ELEMS // max(1, d))
     for r0 in range(0, n, rows):
         sums.index_add_(0, ids[r0 : r0 + rows], quantize(x[r0 : r0 + rows]))
     return sums, counts
