@@ -26,8 +26,11 @@ from bench_kernels import DEV, D, clustered, three_level_tree, timeit  # noqa: E
 from mdf_taxonomy import kernels as KR  # noqa: E402
 from mdf_taxonomy.kernels import launch as L  # noqa: E402
 
-VARIANTS = {"xn after the tiles": dict(XN_FIRST=False), "xn first": dict(XN_FIRST=True),
-            "xn skipped (diag)": dict(XN_FIRST=True, XN_UNROLL=0)}
+VARIANTS = {
+    "xn after the tiles": dict(XN_FIRST=False),
+    "xn first": dict(XN_FIRST=True),
+    "xn skipped (diag)": dict(XN_FIRST=True, XN_UNROLL=0),
+}
 
 
 def main() -> None:
@@ -40,15 +43,18 @@ def main() -> None:
     xq = x[: 1 << 18]
     base = dict(L.config(x.dtype, D, 1024, x.device), num_stages=4)  # the bucketed config
     plain = L.config(x.dtype, D, 16384, x.device)
-    cases = {"level 2 (grouped)": (base, lambda a: a.grouped_assign(
-                 x, a1, lv2, off2, with_second=True)),
-             "plain K=16384, N=256k": (plain, lambda a: a.assign(xq, c16k, with_second=True)),
-             "plain K=65536, N=256k": (plain, lambda a: a.assign(xq, c64k, with_second=True))}
+    cases = {
+        "level 2 (grouped)": (base, lambda a: a.grouped_assign(x, a1, lv2, off2, with_second=True)),
+        "plain K=16384, N=256k": (plain, lambda a: a.assign(xq, c16k, with_second=True)),
+        "plain K=65536, N=256k": (plain, lambda a: a.assign(xq, c64k, with_second=True)),
+    }
     rounds = int(os.environ.get("AB_ROUNDS", "3"))
     out = []
     for case, (cfg, fn) in cases.items():
-        variants = {v: KR.TritonAssigner(KR.KernelTuning(assign=dict(cfg, **extra)))
-                    for v, extra in VARIANTS.items()}
+        variants = {
+            v: KR.TritonAssigner(KR.KernelTuning(assign=dict(cfg, **extra)))
+            for v, extra in VARIANTS.items()
+        }
         ref = fn(KR.TritonAssigner(KR.KernelTuning(assign=cfg)))
         times = {v: [] for v in variants}
         same = {}

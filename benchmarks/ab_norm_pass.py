@@ -49,26 +49,38 @@ def main() -> int:
         for _ in range(5):
             for name, (cfg, metric) in variants.items():
                 a = tuned(cfg)
-                t = timeit(lambda metric=metric, x=x, c=c, a=a: a.assign(x, c, metric=metric),
-                           max_reps=8, budget_s=0.5)
+                t = timeit(
+                    lambda metric=metric, x=x, c=c, a=a: a.assign(x, c, metric=metric),
+                    max_reps=8,
+                    budget_s=0.5,
+                )
                 times[name].append(t)
         for name, ts in times.items():
-            rows.append(dict(K=k, N=n, variant=name, rows_per_s=n / statistics.median(ts),
-                             spread=(max(ts) - min(ts)) / statistics.median(ts),
-                             bit_identical_distances=same))
+            rows.append(
+                dict(
+                    K=k,
+                    N=n,
+                    variant=name,
+                    rows_per_s=n / statistics.median(ts),
+                    spread=(max(ts) - min(ts)) / statistics.median(ts),
+                    bit_identical_distances=same,
+                )
+            )
     print("bit-identical distances vs default:", [r["bit_identical_distances"] for r in rows])
     out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    info = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     with open(os.path.join(out, "ab_norm_pass.json"), "w") as f:
         json.dump(dict(info=info, rows=rows), f, indent=1)
     print(info)
     print("| K | variant | rows/s (median of 5 rounds) | spread |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['K']} | {r['variant']} | {r['rows_per_s'] / 1e6:.1f} M | "
-              f"{r['spread']:.1%} |")
+        print(f"| {r['K']} | {r['variant']} | {r['rows_per_s'] / 1e6:.1f} M | {r['spread']:.1%} |")
     return 0
 
 

@@ -50,15 +50,23 @@ def run_dispatch(x, c, metric):
 
 def check(conf) -> list[dict]:
     out = []
-    shapes = [(70001, 1024, 1024), (5000, 1000, 1024), (777, 16384, 768), (300, 1, 1024),
-              (4096, 130, 384), (129, 257, 64), (1 << 16, 4096, 1024)]
+    shapes = [
+        (70001, 1024, 1024),
+        (5000, 1000, 1024),
+        (777, 16384, 768),
+        (300, 1, 1024),
+        (4096, 130, 384),
+        (129, 257, 64),
+        (1 << 16, 4096, 1024),
+    ]
     for dtype in (torch.bfloat16, torch.float16):
         for metric in ("l2", "cosine"):
             for n, k, d in shapes:
                 g = torch.Generator(device=DEV).manual_seed(n + k + d)
                 x = torch.randn(n, d, device=DEV, generator=g)
-                c = x[torch.randint(0, n, (k,), device=DEV, generator=g)] + \
-                    0.3 * torch.randn(k, d, device=DEV, generator=g)
+                c = x[torch.randint(0, n, (k,), device=DEV, generator=g)] + 0.3 * torch.randn(
+                    k, d, device=DEV, generator=g
+                )
                 if metric == "cosine":
                     x = torch.nn.functional.normalize(x, dim=1)
                     c = torch.nn.functional.normalize(c, dim=1)
@@ -66,12 +74,12 @@ def check(conf) -> list[dict]:
                 a = run_ws(x, c, metric, conf)
                 b = run_tl(x, c, metric)
                 torch.cuda.synchronize()
-                same_ids = (a[0] == b[0])
+                same_ids = a[0] == b[0]
                 # a differing id must be a tie in the tl kernel's own scores
                 diff = (~same_ids).nonzero().flatten()
                 ties = bool(torch.all(a[1][diff] == b[1][diff])) if len(diff) else True
                 rel = ((a[1] - b[1]).abs() / b[1].abs().clamp_min(1e-6)).max().item()
-                rel2 = ((a[2] - b[2]).abs() / b[2].abs().clamp_min(1e-6))
+                rel2 = (a[2] - b[2]).abs() / b[2].abs().clamp_min(1e-6)
                 rel2 = rel2[torch.isfinite(b[2])].max().item() if k > 1 else 0.0
                 sec_inf = bool(torch.all(torch.isinf(a[2]) == torch.isinf(b[2])))
                 ok = ties and rel < 1e-5 and rel2 < 1e-5 and sec_inf
@@ -79,9 +87,21 @@ def check(conf) -> list[dict]:
                 # dispatcher relies on it when it picks the Gluon kernel)
                 same = all(u is v or torch.equal(u, v) for u, v in zip(a, b, strict=True))
                 ok = ok and same
-                out.append(dict(dtype=str(dtype), metric=metric, n=n, k=k, d=d,
-                                ids_equal=float(same_ids.float().mean()), diff_are_ties=ties,
-                                dist_rel=rel, second_rel=rel2, bit_identical=same, ok=ok))
+                out.append(
+                    dict(
+                        dtype=str(dtype),
+                        metric=metric,
+                        n=n,
+                        k=k,
+                        d=d,
+                        ids_equal=float(same_ids.float().mean()),
+                        diff_are_ties=ties,
+                        dist_rel=rel,
+                        second_rel=rel2,
+                        bit_identical=same,
+                        ok=ok,
+                    )
+                )
                 print(("PASS" if ok else "FAIL"), out[-1], flush=True)
     return out
 
@@ -95,15 +115,18 @@ def bench(conf) -> list[dict]:
         x = x_all[:n]
         c = x[torch.randperm(n, device=DEV)[:k]].clone()
         roof = rate / (2 * k * D)
-        variants = {"tl (current default)": lambda x=x, c=c: run_tl(x, c, "l2"),
-                    "gluon ws": lambda x=x, c=c: run_ws(x, c, "l2", conf),
-                    "tl cosine": lambda x=x, c=c: run_tl(x, c, "cosine"),
-                    "gluon ws cosine": lambda x=x, c=c: run_ws(x, c, "cosine", conf)}
+        variants = {
+            "tl (current default)": lambda x=x, c=c: run_tl(x, c, "l2"),
+            "gluon ws": lambda x=x, c=c: run_ws(x, c, "l2", conf),
+            "tl cosine": lambda x=x, c=c: run_tl(x, c, "cosine"),
+            "gluon ws cosine": lambda x=x, c=c: run_ws(x, c, "cosine", conf),
+        }
         for extra in filter(None, os.environ.get("WS_VARIANTS", "").split(";")):
             metric, _, kvs = extra.rpartition(":")  # "cosine:LAG=2" or "LAG=2" (l2)
             v = dict(conf, **{a: int(b) for a, b in (kv.split("=") for kv in kvs.split(","))})
-            variants[f"gluon ws {extra}"] = \
-                lambda x=x, c=c, v=v, m=metric or "l2": run_ws(x, c, m, v)
+            variants[f"gluon ws {extra}"] = lambda x=x, c=c, v=v, m=metric or "l2": run_ws(
+                x, c, m, v
+            )
         times: dict = {v: [] for v in variants}
         budget = 0.4 if k < 65536 else 0.8
         for _ in range(4):
@@ -111,18 +134,30 @@ def bench(conf) -> list[dict]:
                 times[name].append(timeit(fn, max_reps=8, budget_s=budget))
         for name, ts in times.items():
             r = n / statistics.median(ts)
-            rows.append(dict(K=k, N=n, variant=name, rows_per_s=r, roofline=roof,
-                             frac=r / roof,
-                             spread=(max(ts) - min(ts)) / statistics.median(ts)))
+            rows.append(
+                dict(
+                    K=k,
+                    N=n,
+                    variant=name,
+                    rows_per_s=r,
+                    roofline=roof,
+                    frac=r / roof,
+                    spread=(max(ts) - min(ts)) / statistics.median(ts),
+                )
+            )
     # over K, both metrics: where the dispatcher should pick the Gluon kernel (WS_MAX_K)
     x = torch.nn.functional.normalize(x_all.float(), dim=1).bfloat16()
     for k in (1024, 2048, 4096, 8192) if os.environ.get("AB_SWEEP", "1") == "1" else ():
         c = x[torch.randperm(x.shape[0], device=DEV)[:k]].clone()
-        variants = {f"{name} {m}": (lambda c=c, f=f, m=m: f(x, c, m))
-                    for m in ("cosine", "l2")
-                    for name, f in (("tl", run_tl),
-                                    ("gluon ws", lambda x, c, m: run_ws(x, c, m, conf)),
-                                    ("dispatcher", run_dispatch))}
+        variants = {
+            f"{name} {m}": (lambda c=c, f=f, m=m: f(x, c, m))
+            for m in ("cosine", "l2")
+            for name, f in (
+                ("tl", run_tl),
+                ("gluon ws", lambda x, c, m: run_ws(x, c, m, conf)),
+                ("dispatcher", run_dispatch),
+            )
+        }
         times = {v: [] for v in variants}
         for _ in range(4):
             for name, fn in variants.items():
@@ -130,15 +165,25 @@ def bench(conf) -> list[dict]:
         for name, ts in times.items():
             r = x.shape[0] / statistics.median(ts)
             roof = rate / (2 * k * D)
-            rows.append(dict(K=k, N=x.shape[0], variant=name, rows_per_s=r, roofline=roof,
-                             frac=r / roof,
-                             spread=(max(ts) - min(ts)) / statistics.median(ts)))
+            rows.append(
+                dict(
+                    K=k,
+                    N=x.shape[0],
+                    variant=name,
+                    rows_per_s=r,
+                    roofline=roof,
+                    frac=r / roof,
+                    spread=(max(ts) - min(ts)) / statistics.median(ts),
+                )
+            )
     print(f"bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     print("| K | variant | rows/s (median of 4 rounds) | % of bf16 roofline | spread |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['K']} | {r['variant']} | {r['rows_per_s'] / 1e6:.1f} M | "
-              f"{r['frac']:.0%} | {r['spread']:.1%} |")
+        print(
+            f"| {r['K']} | {r['variant']} | {r['rows_per_s'] / 1e6:.1f} M | "
+            f"{r['frac']:.0%} | {r['spread']:.1%} |"
+        )
     return rows
 
 
@@ -148,9 +193,13 @@ def main() -> int:
     for a in sys.argv[2:]:
         key, val = a.split("=")
         conf[key] = int(val)
-    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__, conf=conf,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    info = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        conf=conf,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     print(info, flush=True)
     res = dict(info=info)
     if what in ("check", "all"):

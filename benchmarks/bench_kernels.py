@@ -93,17 +93,26 @@ class Tree(NamedTuple):
 def three_level_tree(x: torch.Tensor) -> Tree:
     n = x.shape[0]
     lv1 = x[torch.randperm(n, device=DEV)[:1024]].clone()
-    lv2 = (lv1.repeat_interleave(1024, 0).float()
-           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
-    lv3 = (lv2[::1024].float().repeat_interleave(1024, 0)
-           + 0.3 * torch.randn(1024 * 1024, D, device=DEV)).to(torch.bfloat16)
-    return Tree(torch.zeros(n, dtype=torch.int64, device=DEV), lv1,
-                torch.tensor([0, 1024], device=DEV), lv2, lv3,
-                torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV))
+    lv2 = (
+        lv1.repeat_interleave(1024, 0).float() + 0.3 * torch.randn(1024 * 1024, D, device=DEV)
+    ).to(torch.bfloat16)
+    lv3 = (
+        lv2[::1024].float().repeat_interleave(1024, 0)
+        + 0.3 * torch.randn(1024 * 1024, D, device=DEV)
+    ).to(torch.bfloat16)
+    return Tree(
+        torch.zeros(n, dtype=torch.int64, device=DEV),
+        lv1,
+        torch.tensor([0, 1024], device=DEV),
+        lv2,
+        lv3,
+        torch.arange(0, 1024 * 1024 + 1, 1024, device=DEV),
+    )
 
 
-def label_three_levels(x: torch.Tensor, t: Tree, reuse_norms: bool = True,
-                       assigner: KR.Assigner | None = None) -> torch.Tensor:
+def label_three_levels(
+    x: torch.Tensor, t: Tree, reuse_norms: bool = True, assigner: KR.Assigner | None = None
+) -> torch.Tensor:
     """Every row labelled at every level, each level in one grouped call; the deeper
     levels reuse level 1's ||x||^2 as ``Taxonomy.walk`` does (``reuse_norms``)."""
     assigner = assigner or KR.make_assigner()
@@ -150,8 +159,16 @@ def our_lloyd(x, c, assigner=TRITON):
 def _cfg(bm, bn, bk, w, st, tma=False, xnb=None, xnu=1):
     """A launch config. (tl.range flatten / warp_specialize were options once: they
     measured no gain or far worse on H100 with triton 3.6, benchmarks/DECISIONS.md.)"""
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
-                TMA=tma, XN_BLOCK=xnb or bk, XN_UNROLL=xnu)
+    return dict(
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=w,
+        num_stages=st,
+        TMA=tma,
+        XN_BLOCK=xnb or bk,
+        XN_UNROLL=xnu,
+    )
 
 
 SWEEP = [
@@ -200,8 +217,10 @@ def sweep_psums(x, log):
                 print("psweep", k, ps, "ERROR", repr(e)[:200], flush=True)
                 continue
             log.append(dict(psum_k=k, n=n, ps=ps, ms=1e3 * t, valid=ok, work_items_ms=wi))
-            print(f"psweep K={k} n={n} {ps} {1e3 * t:.3f} ms valid={ok} "
-                  f"(work items {wi:.3f} ms)", flush=True)
+            print(
+                f"psweep K={k} n={n} {ps} {1e3 * t:.3f} ms valid={ok} (work items {wi:.3f} ms)",
+                flush=True,
+            )
 
 
 def sweep(x, rate, log):
@@ -217,20 +236,35 @@ def sweep(x, rate, log):
             try:
                 out = tuned.assign(xs, c, with_second=True)
                 agree = float((out.ids == ref.ids).float().mean())
-                drel = float(((out.distance - ref.distance).abs()
-                              / ref.distance.abs().clamp_min(1e-6)).max())
-                t = timeit(lambda xs=xs, c=c, a=tuned: our_assign(xs, c, a), max_reps=10,
-                           budget_s=1.0)
+                drel = float(
+                    ((out.distance - ref.distance).abs() / ref.distance.abs().clamp_min(1e-6)).max()
+                )
+                t = timeit(
+                    lambda xs=xs, c=c, a=tuned: our_assign(xs, c, a), max_reps=10, budget_s=1.0
+                )
             except Exception as e:  # noqa: BLE001 - a config may not compile
                 log.append(dict(sweep_k=k, cfg=cfg, error=repr(e)[:200]))
                 print("sweep", k, cfg, "ERROR", repr(e)[:200], flush=True)
                 continue
             frac = n * 2 * k * D / t / rate
             valid = agree > 0.9999 and drel < 1e-4
-            log.append(dict(sweep_k=k, n=n, cfg=cfg, seconds=t, roofline_frac=frac,
-                            agree_with_default=agree, max_rel_dist_diff=drel, valid=valid))
-            print(f"sweep K={k} {cfg} {n / t / 1e6:.1f} M rows/s ({frac:.1%} roofline) "
-                  f"agree={agree:.6f} drel={drel:.1e} valid={valid}", flush=True)
+            log.append(
+                dict(
+                    sweep_k=k,
+                    n=n,
+                    cfg=cfg,
+                    seconds=t,
+                    roofline_frac=frac,
+                    agree_with_default=agree,
+                    max_rel_dist_diff=drel,
+                    valid=valid,
+                )
+            )
+            print(
+                f"sweep K={k} {cfg} {n / t / 1e6:.1f} M rows/s ({frac:.1%} roofline) "
+                f"agree={agree:.6f} drel={drel:.1e} valid={valid}",
+                flush=True,
+            )
             if valid and (k not in best or t < best[k][0]):
                 best[k] = (t, cfg)
     for k, n in [(1024, x.shape[0]), (16384, min(x.shape[0], 1 << 18))]:
@@ -240,8 +274,7 @@ def sweep(x, rate, log):
         xs = x[:n]
         ref = KR.make_assigner("triton", fp8_shortlist=True).assign(xs, c)
         for cfg in FP8_SWEEP:
-            fp8 = KR.make_assigner("triton", fp8_shortlist=True,
-                                   tuning=KR.KernelTuning(fp8=cfg))
+            fp8 = KR.make_assigner("triton", fp8_shortlist=True, tuning=KR.KernelTuning(fp8=cfg))
             try:
                 out = fp8.assign(xs, c)
                 agree = float((out.ids == ref.ids).float().mean())
@@ -251,10 +284,22 @@ def sweep(x, rate, log):
                 continue
             frac = n * 2 * k * D / t / rate
             valid = agree > 0.9999
-            log.append(dict(fp8_sweep_k=k, n=n, cfg=cfg, seconds=t, roofline_frac=frac,
-                            agree_with_default=agree, valid=valid))
-            print(f"fp8 sweep K={k} {cfg} {n / t / 1e6:.1f} M rows/s ({frac:.1%} bf16 "
-                  f"roofline) agree={agree:.6f} valid={valid}", flush=True)
+            log.append(
+                dict(
+                    fp8_sweep_k=k,
+                    n=n,
+                    cfg=cfg,
+                    seconds=t,
+                    roofline_frac=frac,
+                    agree_with_default=agree,
+                    valid=valid,
+                )
+            )
+            print(
+                f"fp8 sweep K={k} {cfg} {n / t / 1e6:.1f} M rows/s ({frac:.1%} bf16 "
+                f"roofline) agree={agree:.6f} valid={valid}",
+                flush=True,
+            )
             if valid and (("fp8", k) not in best or t < best[("fp8", k)][0]):
                 best[("fp8", k)] = (t, cfg)
     return {k: v[1] for k, v in best.items()}
@@ -263,11 +308,17 @@ def sweep(x, rate, log):
 def gpu_state() -> str:
     """SM clock, power, temperature and throttle reasons now: runs on one card differ by
     10-15% at large K (benchmarks/DECISIONS.md), and these tell a throttled run apart."""
-    q = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu," \
+    q = (
+        "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,"
         "clocks_throttle_reasons.active"
+    )
     try:
-        return subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         return f"nvidia-smi unavailable: {e!r}"
 
@@ -291,16 +342,18 @@ def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
     # exact best, relative to the row's exact margin scale (best distance)
     if bool(mism.any()):
         cd = (x[mism].float() - c[short.ids[mism]].float()).pow(2).sum(1)
-        r["fp8_mismatch_rel_gap_max"] = float(((cd - exact.distance[mism])
-                                                / exact.distance[mism].clamp_min(1e-6)).max())
-        r["fp8_mismatch_rel_gap_median"] = float(((cd - exact.distance[mism])
-                                                  / exact.distance[mism].clamp_min(1e-6)).median())
-    r["exact_rel_gap_median"] = float(((exact.second - exact.distance)
-                                       / exact.distance.clamp_min(1e-6)).median())
+        r["fp8_mismatch_rel_gap_max"] = float(
+            ((cd - exact.distance[mism]) / exact.distance[mism].clamp_min(1e-6)).max()
+        )
+        r["fp8_mismatch_rel_gap_median"] = float(
+            ((cd - exact.distance[mism]) / exact.distance[mism].clamp_min(1e-6)).median()
+        )
+    r["exact_rel_gap_median"] = float(
+        ((exact.second - exact.distance) / exact.distance.clamp_min(1e-6)).median()
+    )
     r["ours_assign"] = n / timeit(lambda: our_assign(x, c, tri))
     if k <= 4096:  # host time per call is visible here: calls queued back to back hide it
-        r["ours_assign_b2b"] = 10 * n / timeit(lambda: [our_assign(x, c, tri)
-                                                        for _ in range(10)])
+        r["ours_assign_b2b"] = 10 * n / timeit(lambda: [our_assign(x, c, tri) for _ in range(10)])
     r["ours_lloyd"] = n / timeit(lambda: our_lloyd(x, c, tri))
     r["ours_lloyd_fp8"] = n / timeit(lambda: our_lloyd(x, c, fp8))
     r["ours_psums_ms"] = 1e3 * timeit(lambda: tri.partial_sums(x, ids_ours, k))
@@ -312,8 +365,11 @@ def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
     nb = min(n, 1 << 15)
     xb = x[:nb]
     r["B_assign"] = nb / timeit(lambda: REF.assign_torch(xb, c.float()), min_reps=1, max_reps=3)
-    r["B_lloyd"] = nb / timeit(lambda: REF.partial_sums_torch(
-        xb, REF.assign_torch(xb, c.float())[0], k), min_reps=1, max_reps=3)
+    r["B_lloyd"] = nb / timeit(
+        lambda: REF.partial_sums_torch(xb, REF.assign_torch(xb, c.float())[0], k),
+        min_reps=1,
+        max_reps=3,
+    )
     if with_fk:
         from flash_kmeans import batch_kmeans_Euclid
         from flash_kmeans.assign_euclid_triton import euclid_assign_triton
@@ -322,19 +378,28 @@ def bench_k(x, k, rate, cfg, with_fk, fp8_cfg=None):
         xsq = x16.float().pow(2).sum(-1)
         csq = c16.float().pow(2).sum(-1)
         out = torch.empty((1, n), dtype=torch.int32, device=DEV)
-        r["fk_assign"] = n / timeit(lambda: euclid_assign_triton(
-            x16, c16, xsq, out=out, c_sq=csq))
+        r["fk_assign"] = n / timeit(lambda: euclid_assign_triton(x16, c16, xsq, out=out, c_sq=csq))
         r["fk_agree"] = float((out[0].long() == ids_ours).float().mean())
         if k <= 4096:
-            r["fk_assign_b2b"] = 10 * n / timeit(lambda: [euclid_assign_triton(
-                x16, c16, xsq, out=out, c_sq=csq) for _ in range(10)])
-        r["fk_lloyd"] = n / timeit(lambda: batch_kmeans_Euclid(
-            x16, k, max_iters=1, tol=-1.0, init_centroids=c16))
+            r["fk_assign_b2b"] = (
+                10
+                * n
+                / timeit(
+                    lambda: [
+                        euclid_assign_triton(x16, c16, xsq, out=out, c_sq=csq) for _ in range(10)
+                    ]
+                )
+            )
+        r["fk_lloyd"] = n / timeit(
+            lambda: batch_kmeans_Euclid(x16, k, max_iters=1, tol=-1.0, init_centroids=c16)
+        )
     r["assign_frac_roofline"] = r["ours_assign"] / r["roofline"]
     r["fp8_frac_roofline"] = r["ours_fp8"] / r["roofline"]
     r["gpu_after"] = gpu_state()
-    print({a: (round(b / 1e6, 2) if isinstance(b, float) and b > 1e3 else b)
-           for a, b in r.items()}, flush=True)
+    print(
+        {a: (round(b / 1e6, 2) if isinstance(b, float) and b > 1e3 else b) for a, b in r.items()},
+        flush=True,
+    )
     return r
 
 
@@ -347,6 +412,7 @@ def main() -> int:
     try:
         import flash_kmeans
         from flash_kmeans.assign_euclid_triton import euclid_assign_triton  # noqa: F401
+
         fk_version = getattr(flash_kmeans, "__version__", "0.3.1")
     except Exception as e:  # noqa: BLE001
         print("flash-kmeans not importable:", repr(e))
@@ -354,10 +420,16 @@ def main() -> int:
         fk_version = None
 
     import triton
-    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, flash_kmeans=fk_version,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), D=D,
-                gpu_start=gpu_state())
+
+    info = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        flash_kmeans=fk_version,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        D=D,
+        gpu_start=gpu_state(),
+    )
     rates = [matmul_rate()]
     print(info, "bf16 matmul TFLOP/s (first):", rates[0] / 1e12, flush=True)
 
@@ -372,8 +444,16 @@ def main() -> int:
     rows = []
     for k, n in [(1024, n_big), (16384, n_big), (65536, n_big // 4)]:
         kk = 1024 if k <= 4096 else 16384
-        rows.append(bench_k(x_all[:n], k, rate, chosen.get(kk), flash_kmeans is not None,
-                            chosen.get(("fp8", kk))))
+        rows.append(
+            bench_k(
+                x_all[:n],
+                k,
+                rate,
+                chosen.get(kk),
+                flash_kmeans is not None,
+                chosen.get(("fp8", kk)),
+            )
+        )
     # grouped: a 3-level tree, 1024 children per node, each row labelled at every level
     n = n_big
     x = x_all[:n]
@@ -386,10 +466,11 @@ def main() -> int:
     t3 = timeit(lambda: label_three_levels(x, tree, assigner=grouped))
     t3_own = timeit(lambda: label_three_levels(x, tree, reuse_norms=False, assigner=grouped))
     a2 = grouped.grouped_assign(x, a1, lv2, off2).ids
-    lvl_ms = [1e3 * timeit(lambda: grouped.grouped_assign(x, g1, lv1, off1)),
-              1e3 * timeit(lambda: grouped.grouped_assign(x, a1, lv2, off2, x_sqnorm=xn)),
-              1e3 * timeit(lambda: grouped.grouped_assign(x, a2 % 1024, lv3, off2,
-                                                          x_sqnorm=xn))]
+    lvl_ms = [
+        1e3 * timeit(lambda: grouped.grouped_assign(x, g1, lv1, off1)),
+        1e3 * timeit(lambda: grouped.grouped_assign(x, a1, lv2, off2, x_sqnorm=xn)),
+        1e3 * timeit(lambda: grouped.grouped_assign(x, a2 % 1024, lv3, off2, x_sqnorm=xn)),
+    ]
     # bucketing alone on an idle GPU: launch-bound (~20 small ops); inside a level it is
     # enqueued while the previous level's kernel runs
     prep_ms = 1e3 * timeit(lambda: TD.work_items(a1, 1024, 128))
@@ -398,23 +479,37 @@ def main() -> int:
     one = torch.zeros_like(a1)
     unif = torch.arange(n, device=DEV) % 1024
     srt = torch.sort(a1).values  # rows arriving already ascending by parent: no sort
-    diag_ms = [1e3 * timeit(lambda: grouped.grouped_assign(x, one, lv2, off2)),
-               1e3 * timeit(lambda: grouped.grouped_assign(x, unif, lv2, off2)),
-               1e3 * timeit(lambda: grouped.grouped_assign(x, srt, lv2, off2))]
+    diag_ms = [
+        1e3 * timeit(lambda: grouped.grouped_assign(x, one, lv2, off2)),
+        1e3 * timeit(lambda: grouped.grouped_assign(x, unif, lv2, off2)),
+        1e3 * timeit(lambda: grouped.grouped_assign(x, srt, lv2, off2)),
+    ]
     rows_per_parent = torch.bincount(a1, minlength=1024)
     # diagnostic: a deeper pipeline for the multi-parent level (children come from HBM)
-    stages4 = KR.TritonAssigner(KR.KernelTuning(assign=dict(
-        grouped_cfg or L.config(x.dtype, D, 1024, x.device), num_stages=4)))
+    stages4 = KR.TritonAssigner(
+        KR.KernelTuning(
+            assign=dict(grouped_cfg or L.config(x.dtype, D, 1024, x.device), num_stages=4)
+        )
+    )
     lv2_s4_ms = 1e3 * timeit(lambda: stages4.grouped_assign(x, a1, lv2, off2))
-    g_row = dict(N=n, levels=3, cfg=grouped_cfg, children=1024, rows_per_s=n / t3,
-                 rows_per_s_own_norms=n / t3_own, level_ms=lvl_ms,
-                 work_items_ms=prep_ms, lv2_one_parent_ms=diag_ms[0],
-                 lv2_uniform_parents_ms=diag_ms[1], lv2_presorted_ms=diag_ms[2],
-                 lv2_stages4_ms=lv2_s4_ms,
-                 lv2_rows_per_parent_max=int(rows_per_parent.max()),
-                 lv2_parents_with_rows=int((rows_per_parent > 0).sum()),
-                 roofline=rate / (3 * 2 * 1024 * D), check_lv1_equals_plain=bool(
-                     torch.equal(a1, KR.assign(x, lv1).ids)))
+    g_row = dict(
+        N=n,
+        levels=3,
+        cfg=grouped_cfg,
+        children=1024,
+        rows_per_s=n / t3,
+        rows_per_s_own_norms=n / t3_own,
+        level_ms=lvl_ms,
+        work_items_ms=prep_ms,
+        lv2_one_parent_ms=diag_ms[0],
+        lv2_uniform_parents_ms=diag_ms[1],
+        lv2_presorted_ms=diag_ms[2],
+        lv2_stages4_ms=lv2_s4_ms,
+        lv2_rows_per_parent_max=int(rows_per_parent.max()),
+        lv2_parents_with_rows=int((rows_per_parent > 0).sum()),
+        roofline=rate / (3 * 2 * 1024 * D),
+        check_lv1_equals_plain=bool(torch.equal(a1, KR.assign(x, lv1).ids)),
+    )
     print(g_row, flush=True)
 
     rates.append(matmul_rate())
@@ -429,8 +524,7 @@ def main() -> int:
         g_row["roofline"] = max(rates) / (3 * 2 * 1024 * D)
         rate = max(rates)
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    res = dict(info=info, rows=rows, grouped=g_row, sweep=log,
-               seconds=round(time.time() - t0, 1))
+    res = dict(info=info, rows=rows, grouped=g_row, sweep=log, seconds=round(time.time() - t0, 1))
     with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
         json.dump(res, f, indent=1)
 
@@ -455,42 +549,63 @@ def main() -> int:
             f"| {r['K']} | {r['N']} | {m(r['A_assign'])} | {m(r['A_lloyd'])} | "
             f"{m(r['B_assign'])} | {m(r['B_lloyd'])} | {m(fa)} | {m(fl)} | "
             f"{m(r['ours_assign'])} | {m(r['ours_lloyd'])} | {m(r['roofline'])} | "
-            f"{r['assign_frac_roofline']:.0%} | {va} | {vl} |")
-    lines += ["", "fp8 (e4m3) shortlist + exact re-ranking of the top 2 (x quantised per "
-              "call, included):", "",
-              "| K | ours fp8 shortlist | vs bf16 roofline | vs ours bf16 | ids equal to "
-              "bf16 kernel | quantise x | Lloyd step with it | its Lloyd vs fk |",
-              "|---|---|---|---|---|---|---|---|"]
+            f"{r['assign_frac_roofline']:.0%} | {va} | {vl} |"
+        )
+    lines += [
+        "",
+        "fp8 (e4m3) shortlist + exact re-ranking of the top 2 (x quantised per call, included):",
+        "",
+        "| K | ours fp8 shortlist | vs bf16 roofline | vs ours bf16 | ids equal to "
+        "bf16 kernel | quantise x | Lloyd step with it | its Lloyd vs fk |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         fl = r.get("fk_lloyd")
-        lines.append(f"| {r['K']} | {m(r['ours_fp8'])} | {r['fp8_frac_roofline']:.0%} | "
-                     f"{r['ours_fp8'] / r['ours_assign']:.2f}x | {r['fp8_agree']:.4%} | "
-                     f"{r['fp8_quantize_x_ms']:.2f} ms | {m(r['ours_lloyd_fp8'])} | "
-                     + ("-" if fl is None else f"{r['ours_lloyd_fp8'] / fl:.2f}x") + " |")
-    lines += ["", f"Grouped 3-level labelling (1024 children per node, N={n}): "
-              f"{m(g_row['rows_per_s'])} rows/s (roofline {m(g_row['roofline'])}; "
-              f"{m(g_row['rows_per_s_own_norms'])} with every level computing its own "
-              "||x||^2); levels " + " / ".join(f"{v:.2f}" for v in g_row["level_ms"])
-              + " ms (levels 2-3 reuse level 1's ||x||^2); "
-              f"bucketing alone {g_row['work_items_ms']:.3f} ms (idle GPU, launch-bound)"]
+        lines.append(
+            f"| {r['K']} | {m(r['ours_fp8'])} | {r['fp8_frac_roofline']:.0%} | "
+            f"{r['ours_fp8'] / r['ours_assign']:.2f}x | {r['fp8_agree']:.4%} | "
+            f"{r['fp8_quantize_x_ms']:.2f} ms | {m(r['ours_lloyd_fp8'])} | "
+            + ("-" if fl is None else f"{r['ours_lloyd_fp8'] / fl:.2f}x")
+            + " |"
+        )
+    lines += [
+        "",
+        f"Grouped 3-level labelling (1024 children per node, N={n}): "
+        f"{m(g_row['rows_per_s'])} rows/s (roofline {m(g_row['roofline'])}; "
+        f"{m(g_row['rows_per_s_own_norms'])} with every level computing its own "
+        "||x||^2); levels "
+        + " / ".join(f"{v:.2f}" for v in g_row["level_ms"])
+        + " ms (levels 2-3 reuse level 1's ||x||^2); "
+        f"bucketing alone {g_row['work_items_ms']:.3f} ms (idle GPU, launch-bound)",
+    ]
     sus = info["bf16_matmul_tflops_sustained"] * 1e12
-    lines += ["", f"Against the bf16 matmul under the same power cap ({sus / 1e12:.0f} TFLOP/s "
-              "after 3 s of back-to-back matmuls; the roofline above is a short burst at the "
-              "top clock; calls short enough to run at the top clock, see the GPU line, are "
-              "not like for like here): ours assign " + " / ".join(
-                  f"{r['ours_assign'] / (sus / (2 * r['K'] * D)):.0%}" for r in rows)
-              + " at K = " + " / ".join(str(r["K"]) for r in rows) + "."]
+    lines += [
+        "",
+        f"Against the bf16 matmul under the same power cap ({sus / 1e12:.0f} TFLOP/s "
+        "after 3 s of back-to-back matmuls; the roofline above is a short burst at the "
+        "top clock; calls short enough to run at the top clock, see the GPU line, are "
+        "not like for like here): ours assign "
+        + " / ".join(f"{r['ours_assign'] / (sus / (2 * r['K'] * D)):.0%}" for r in rows)
+        + " at K = "
+        + " / ".join(str(r["K"]) for r in rows)
+        + ".",
+    ]
     for r in rows:
         if "ours_assign_b2b" in r:
             fb = r.get("fk_assign_b2b")
-            lines.append(f"K={r['K']}, 10 calls queued back to back (host time hidden): ours "
-                         f"{m(r['ours_assign_b2b'])} rows/s = "
-                         f"{r['ours_assign_b2b'] / r['roofline']:.0%} of the roofline"
-                         + (f", flash-kmeans {m(fb)} ({r['ours_assign_b2b'] / fb:.2f}x)"
-                            if fb else "") + ".")
-    lines += ["", "GPU (SM clock, max clock, power, limit, temperature, throttle reasons): "
-              f"at start {info['gpu_start']}; "
-              + "; ".join(f"after K={r['K']} {r['gpu_after']}" for r in rows)]
+            lines.append(
+                f"K={r['K']}, 10 calls queued back to back (host time hidden): ours "
+                f"{m(r['ours_assign_b2b'])} rows/s = "
+                f"{r['ours_assign_b2b'] / r['roofline']:.0%} of the roofline"
+                + (f", flash-kmeans {m(fb)} ({r['ours_assign_b2b'] / fb:.2f}x)" if fb else "")
+                + "."
+            )
+    lines += [
+        "",
+        "GPU (SM clock, max clock, power, limit, temperature, throttle reasons): "
+        f"at start {info['gpu_start']}; "
+        + "; ".join(f"after K={r['K']} {r['gpu_after']}" for r in rows),
+    ]
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "bench_kernels.md"), "w") as f:
         f.write(table + "\n")

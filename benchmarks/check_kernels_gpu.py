@@ -60,7 +60,7 @@ def fp64_top2(x, c, metric, chunk=4096):
     for i in range(0, x.shape[0], chunk):
         x64 = x[i : i + chunk].double()
         if metric == "l2":
-            d = (x64.pow(2).sum(1)[:, None] - 2 * x64 @ c64.T + c64.pow(2).sum(1)[None])
+            d = x64.pow(2).sum(1)[:, None] - 2 * x64 @ c64.T + c64.pow(2).sum(1)[None]
         else:
             d = 1 - x64 @ c64.T
         t = d.topk(min(2, c.shape[0]), dim=1, largest=False)
@@ -95,10 +95,23 @@ def check_assign(n, k, d, metric, dtype, seed=0):
     rel_d = float((out.distance.double() - best).norm() / best.norm())
     rel_s = float((out.second.double() - sec).norm() / sec.norm()) if k > 1 else 0.0
     ok = written and not bool(bad.any()) and rel_d < REL[dtype] and rel_s < REL[dtype]
-    return dict(kind="assign", n=n, k=k, d=d, metric=metric, dtype=str(dtype), ok=ok,
-                written=written, mismatches=int(mism.sum()), near_ties=int((mism & ~bad).sum()),
-                bad=int(bad.sum()), max_tie_gap=float(gap[mism].max()) if mism.any() else 0.0,
-                rel_dist=rel_d, rel_second=rel_s, agree_vs_fp32_centroids=info_agree)
+    return dict(
+        kind="assign",
+        n=n,
+        k=k,
+        d=d,
+        metric=metric,
+        dtype=str(dtype),
+        ok=ok,
+        written=written,
+        mismatches=int(mism.sum()),
+        near_ties=int((mism & ~bad).sum()),
+        bad=int(bad.sum()),
+        max_tie_gap=float(gap[mism].max()) if mism.any() else 0.0,
+        rel_dist=rel_d,
+        rel_second=rel_s,
+        agree_vs_fp32_centroids=info_agree,
+    )
 
 
 def check_grouped_paths(n, d, dtype, n_parents=37, seed=3):
@@ -114,14 +127,19 @@ def check_grouped_paths(n, d, dtype, n_parents=37, seed=3):
     ok = True
     srt, perm = torch.sort(groups)
     o2 = tri().grouped_assign(x[perm], srt, c, offs, with_second=True)
-    ok &= bool(torch.equal(o2.ids, out.ids[perm]) and torch.equal(o2.distance, out.distance[perm])
-               and torch.equal(o2.second, out.second[perm]))
+    ok &= bool(
+        torch.equal(o2.ids, out.ids[perm])
+        and torch.equal(o2.distance, out.distance[perm])
+        and torch.equal(o2.second, out.second[perm])
+    )
     for p in (0, 7, n_parents - 1):
         rows = (groups == p).nonzero()[:, 0]
         o1 = tri().grouped_assign(x[rows], groups[rows], c, offs, with_second=True)
-        ok &= bool(torch.equal(o1.ids, out.ids[rows])
-                   and torch.equal(o1.distance, out.distance[rows])
-                   and torch.equal(o1.second, out.second[rows]))
+        ok &= bool(
+            torch.equal(o1.ids, out.ids[rows])
+            and torch.equal(o1.distance, out.distance[rows])
+            and torch.equal(o1.second, out.second[rows])
+        )
     return dict(kind="grouped_paths", n=n, d=d, dtype=str(dtype), ok=ok)
 
 
@@ -140,11 +158,11 @@ def check_sqnorm_reuse(n, k, d, dtype, seed=6):
     ok &= same(a, b) and same(b, tl_only.assign(x, c, with_second=True, x_sqnorm=b.x_sqnorm))
     n_parents = 7
     offs = torch.linspace(0, k, n_parents + 1, device=DEV).long()
-    groups = torch.randint(0, n_parents, (n,), device=DEV,
-                           generator=torch.Generator(device=DEV).manual_seed(seed))
+    groups = torch.randint(
+        0, n_parents, (n,), device=DEV, generator=torch.Generator(device=DEV).manual_seed(seed)
+    )
     g = tri().grouped_assign(x, groups, c, offs, with_second=True)
-    ok &= same(g, tri().grouped_assign(x, groups, c, offs, with_second=True,
-                                       x_sqnorm=a.x_sqnorm))
+    ok &= same(g, tri().grouped_assign(x, groups, c, offs, with_second=True, x_sqnorm=a.x_sqnorm))
     return dict(kind="sqnorm_reuse", n=n, k=k, d=d, dtype=str(dtype), ok=bool(ok))
 
 
@@ -185,8 +203,18 @@ def check_grouped(n, d, metric, dtype, n_parents=37, seed=1, mode="random"):
             ok &= bool(torch.isinf(out.second[rows]).all())
     rel = (rel_num / rel_den) ** 0.5
     ok = ok and badn == 0 and rel < REL[dtype]
-    return dict(kind="grouped", mode=mode, n=n, d=d, metric=metric, dtype=str(dtype), ok=ok,
-                near_ties=ties, bad=badn, rel_dist=rel)
+    return dict(
+        kind="grouped",
+        mode=mode,
+        n=n,
+        d=d,
+        metric=metric,
+        dtype=str(dtype),
+        ok=ok,
+        near_ties=ties,
+        bad=badn,
+        rel_dist=rel,
+    )
 
 
 def check_shortlist(n, k, d, metric, seed=4):
@@ -217,10 +245,20 @@ def check_shortlist(n, k, d, metric, seed=4):
         scale = torch.full_like(scale, 2.0)
     gap = (d_chosen - best) / scale
     ok = written and unexplained == 0 and rel_d < REL[torch.bfloat16]
-    return dict(kind="fp8_shortlist", n=n, k=k, d=d, metric=metric, ok=ok, written=written,
-                agree=float((~mism).float().mean()), mismatches=int(mism.sum()),
-                unexplained=unexplained, max_gap=float(gap[mism].max()) if mism.any() else 0.0,
-                rel_dist_chosen=rel_d)
+    return dict(
+        kind="fp8_shortlist",
+        n=n,
+        k=k,
+        d=d,
+        metric=metric,
+        ok=ok,
+        written=written,
+        agree=float((~mism).float().mean()),
+        mismatches=int(mism.sum()),
+        unexplained=unexplained,
+        max_gap=float(gap[mism].max()) if mism.any() else 0.0,
+        rel_dist_chosen=rel_d,
+    )
 
 
 def check_quantize(n, d, dtype, seed=5):
@@ -238,9 +276,16 @@ def check_quantize(n, d, dtype, seed=5):
     qr, scr = F8.to_fp8_rows(x.cpu())
     same_q = bool(torch.equal(q.view(torch.uint8).cpu(), qr.view(torch.uint8)))
     same_s = bool(torch.equal(sc.cpu(), scr))
-    return dict(kind="fp8_quantize", n=n, d=d, dtype=str(dtype), ok=same_q and same_s,
-                bytes_equal=same_q, scales_equal=same_s,
-                differing=int((q.view(torch.uint8).cpu() != qr.view(torch.uint8)).sum()))
+    return dict(
+        kind="fp8_quantize",
+        n=n,
+        d=d,
+        dtype=str(dtype),
+        ok=same_q and same_s,
+        bytes_equal=same_q,
+        scales_equal=same_s,
+        differing=int((q.view(torch.uint8).cpu() != qr.view(torch.uint8)).sum()),
+    )
 
 
 def check_partial_sums(n, k, d, dtype, seed=2):
@@ -254,8 +299,12 @@ def check_partial_sums(n, k, d, dtype, seed=2):
     h = n // 3
     s1, c1 = K.partial_sums(x[perm[:h]], ids[perm[:h]], k, backend="triton")
     s2, c2 = K.partial_sums(x[perm[h:]], ids[perm[h:]], k, backend="triton")
-    ok = bool(torch.equal(s, rs) and torch.equal(c, rc) and torch.equal(s1 + s2, rs)
-              and torch.equal(c1 + c2, rc))
+    ok = bool(
+        torch.equal(s, rs)
+        and torch.equal(c, rc)
+        and torch.equal(s1 + s2, rs)
+        and torch.equal(c1 + c2, rc)
+    )
     return dict(kind="partial_sums", n=n, k=k, d=d, dtype=str(dtype), ok=ok)
 
 
@@ -269,8 +318,15 @@ def main() -> int:
     res = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for metric in ("l2", "cosine"):
-            for n, k, d in [(4096, 1024, 1024), (3001, 777, 384), (2049, 5000, 768),
-                            (999, 300, 1000), (33, 16384, 1024), (1, 3, 77), (257, 1, 64)]:
+            for n, k, d in [
+                (4096, 1024, 1024),
+                (3001, 777, 384),
+                (2049, 5000, 768),
+                (999, 300, 1000),
+                (33, 16384, 1024),
+                (1, 3, 77),
+                (257, 1, 64),
+            ]:
                 res.append(check_assign(n, k, d, metric, dtype))
                 print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
         res.append(check_grouped(5000, 1024, "l2", dtype))
@@ -292,27 +348,43 @@ def main() -> int:
         for n, k, d in [(8192, 1024, 1024), (4099, 5000, 768), (999, 300, 1000), (64, 1, 64)]:
             res.append(check_shortlist(n, k, d, metric))
             print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
-    for n, k, d, dtype in [(8192, 1024, 1024, torch.bfloat16), (4099, 1000, 768, torch.float16),
-                           (300, 16384, 1024, torch.bfloat16), (2000, 1024, 1000, torch.float32)]:
+    for n, k, d, dtype in [
+        (8192, 1024, 1024, torch.bfloat16),
+        (4099, 1000, 768, torch.float16),
+        (300, 16384, 1024, torch.bfloat16),
+        (2000, 1024, 1000, torch.float32),
+    ]:
         res.append(check_sqnorm_reuse(n, k, d, dtype))
         print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     # determinism: same row, different batch, bit-identical
     x, c = clustered(20000, 4096, 1024, "l2", torch.bfloat16, 9)
     a = tri().assign(x, c, with_second=True)
     b = tri().assign(x[5:900], c, with_second=True)
-    det = bool(torch.equal(a.ids[5:900], b.ids) and torch.equal(a.distance[5:900], b.distance)
-               and torch.equal(a.second[5:900], b.second))
+    det = bool(
+        torch.equal(a.ids[5:900], b.ids)
+        and torch.equal(a.distance[5:900], b.distance)
+        and torch.equal(a.second[5:900], b.second)
+    )
     a = fp8().assign(x, c, with_second=True)
     b = fp8().assign(x[5:900], c, with_second=True)
-    det &= bool(torch.equal(a.ids[5:900], b.ids) and torch.equal(a.distance[5:900], b.distance)
-                and torch.equal(a.second[5:900], b.second))
+    det &= bool(
+        torch.equal(a.ids[5:900], b.ids)
+        and torch.equal(a.distance[5:900], b.distance)
+        and torch.equal(a.second[5:900], b.second)
+    )
     res.append(dict(kind="batch_independence", ok=det))
     print(f"{time.time() - t0:6.1f}s", res[-1], flush=True)
     n_ok = sum(r["ok"] for r in res)
-    summary = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                   triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"),
-                   passed=n_ok, total=len(res), seconds=round(time.time() - t0, 1),
-                   variant=variant)
+    summary = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        date=time.strftime("%Y-%m-%d"),
+        passed=n_ok,
+        total=len(res),
+        seconds=round(time.time() - t0, 1),
+        variant=variant,
+    )
     print("CHECK SUMMARY", summary, flush=True)
     for r in res:
         if not r["ok"]:

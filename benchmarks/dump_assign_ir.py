@@ -33,13 +33,21 @@ def main() -> int:
         for ext, text in (("ttgir", ttgir), ("ptx", ptx)):
             with open(os.path.join(out, f"assign_{i}.{ext}"), "w") as f:
                 f.write(text)
-        print(i, dict(regs=k.n_regs, spills=k.n_spills, smem=k.metadata.shared,
-                      convert_layout=ttgir.count("convert_layout"),
-                      local_alloc=ttgir.count("local_alloc"),
-                      wgmma=ttgir.count("warp_group_dot "),
-                      wgmma_wait=ttgir.count("warp_group_dot_wait"),
-                      ptx_wgmma=ptx.count("wgmma.mma_async"),
-                      ptx_bar=ptx.count("bar.sync"), cp_async=ptx.count("cp.async.cg")))
+        print(
+            i,
+            dict(
+                regs=k.n_regs,
+                spills=k.n_spills,
+                smem=k.metadata.shared,
+                convert_layout=ttgir.count("convert_layout"),
+                local_alloc=ttgir.count("local_alloc"),
+                wgmma=ttgir.count("warp_group_dot "),
+                wgmma_wait=ttgir.count("warp_group_dot_wait"),
+                ptx_wgmma=ptx.count("wgmma.mma_async"),
+                ptx_bar=ptx.count("bar.sync"),
+                cp_async=ptx.count("cp.async.cg"),
+            ),
+        )
     return 0
 
 

@@ -56,17 +56,26 @@ def cases(kernels, device: str) -> dict[str, str]:
         for dtype in (torch.bfloat16, torch.float32):
             xs = x.to(device, dtype)
             for metric in ("l2", "cosine"):
-                xm = torch.nn.functional.normalize(xs.float(), dim=1).to(dtype) \
-                    if metric == "cosine" else xs
+                xm = (
+                    torch.nn.functional.normalize(xs.float(), dim=1).to(dtype)
+                    if metric == "cosine"
+                    else xs
+                )
                 cm = torch.nn.functional.normalize(c, dim=1) if metric == "cosine" else c
                 a = kernels.assign(xm, cm, metric=metric, backend=backend, with_second=True)
                 out[f"assign d{d} k{k} n{n} {dtype} {metric}"] = _digest(
-                    a.ids, a.distance, a.second)
+                    a.ids, a.distance, a.second
+                )
             sums, counts = kernels.partial_sums(xs, a.ids, k, backend=backend)
             out[f"partial_sums d{d} k{k} n{n} {dtype}"] = _digest(sums, counts)
         if device == "cuda" and k >= 1024:
-            a = kernels.assign(x.to(device, torch.bfloat16), c, backend=backend,
-                               with_second=True, fp8_shortlist=True)
+            a = kernels.assign(
+                x.to(device, torch.bfloat16),
+                c,
+                backend=backend,
+                with_second=True,
+                fp8_shortlist=True,
+            )
             out[f"fp8 shortlist d{d} k{k} n{n}"] = _digest(a.ids, a.distance, a.second)
     # a tree level: 1024 parents x 64 children, and a single parent
     d, parents, per = 1024, 1024, 64

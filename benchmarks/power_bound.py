@@ -31,8 +31,11 @@ GLUON_ANY_K = KR.TritonAssigner(KR.KernelTuning(ws_max_k=1 << 30))
 def sustained(fn, seconds: float, flop_per_call: float) -> dict:
     """Calls ``fn`` back to back for ``seconds``; rate, clock and power over the 2nd half."""
     q = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
-    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader,nounits",
-                            "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    smi = subprocess.Popen(
+        ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader,nounits", "-lms", "100"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     fn()
     torch.cuda.synchronize()
     t0 = time.time()
@@ -52,14 +55,18 @@ def sustained(fn, seconds: float, flop_per_call: float) -> dict:
     half = len(marks) // 2
     gpu_ms = marks[half][1].elapsed_time(end)
     calls = len(marks) - half
-    late = samples[len(samples) // 2:]
+    late = samples[len(samples) // 2 :]
     clocks = [float(s[1]) for s in late if len(s) > 3]
     power = [float(s[2]) for s in late if len(s) > 3]
     reasons = sorted({s[3] for s in late if len(s) > 3})
-    return dict(tflops=flop_per_call * calls / (gpu_ms / 1e3) / 1e12,
-                ms_per_call=gpu_ms / calls, calls=calls,
-                sm_clock_mhz=sum(clocks) / max(1, len(clocks)),
-                power_w=sum(power) / max(1, len(power)), throttle_reasons=reasons)
+    return dict(
+        tflops=flop_per_call * calls / (gpu_ms / 1e3) / 1e12,
+        ms_per_call=gpu_ms / calls,
+        calls=calls,
+        sm_clock_mhz=sum(clocks) / max(1, len(clocks)),
+        power_w=sum(power) / max(1, len(power)),
+        throttle_reasons=reasons,
+    )
 
 
 def gluon(x, c):
@@ -87,19 +94,26 @@ def main() -> None:
         xsq, csq = x16.float().pow(2).sum(-1), c16.float().pow(2).sum(-1)
         out = torch.empty((1, n), dtype=torch.int32, device=DEV)
         work["flash-kmeans assign K=16384"] = (
-            lambda: euclid_assign_triton(x16, c16, xsq, out=out, c_sq=csq), 2 * n * 16384 * D)
+            lambda: euclid_assign_triton(x16, c16, xsq, out=out, c_sq=csq),
+            2 * n * 16384 * D,
+        )
     except ImportError:
         pass
     res = dict(device=torch.cuda.get_device_name(), gpu_start=gpu_state(), seconds=secs)
-    print("| workload | TFLOP/s (sustained) | ms per call | SM clock MHz | power W | "
-          "throttle reasons |")
+    print(
+        "| workload | TFLOP/s (sustained) | ms per call | SM clock MHz | power W | "
+        "throttle reasons |"
+    )
     print("|---|---|---|---|---|---|")
     for name, (fn, flop) in work.items():
         r = sustained(fn, secs, flop)
         res[name] = r
-        print(f"| {name} | {r['tflops']:.0f} | {r['ms_per_call']:.3f} | "
-              f"{r['sm_clock_mhz']:.0f} | {r['power_w']:.0f} | "
-              f"{' '.join(r['throttle_reasons'])} |", flush=True)
+        print(
+            f"| {name} | {r['tflops']:.0f} | {r['ms_per_call']:.3f} | "
+            f"{r['sm_clock_mhz']:.0f} | {r['power_w']:.0f} | "
+            f"{' '.join(r['throttle_reasons'])} |",
+            flush=True,
+        )
     path = os.path.join(os.environ.get("OUT") or "results", "power_bound.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

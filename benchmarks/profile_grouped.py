@@ -81,19 +81,30 @@ def main():
         ks = kernel_table(fn)
         ksum = sum(r[0] for r in ks)
         host = host_ms(fn) if name in ("plain_assign_k1024", "level1_single_parent") else None
-        out[name] = dict(ms=ms, kernel_ms=ksum, launches=sum(r[1] for r in ks), host_ms=host,
-                         rows_per_s=n / ms * 1e3,
-                         top=[(round(a, 3), b, c) for a, b, c in ks[:6]])
-        print(f"{name:24s} {ms:7.3f} ms  kernels {ksum:7.3f} ms  launches {out[name]['launches']}"
-              f"  {n / ms / 1e3:7.1f} M rows/s" + (f"  host {host:.3f} ms" if host else ""))
+        out[name] = dict(
+            ms=ms,
+            kernel_ms=ksum,
+            launches=sum(r[1] for r in ks),
+            host_ms=host,
+            rows_per_s=n / ms * 1e3,
+            top=[(round(a, 3), b, c) for a, b, c in ks[:6]],
+        )
+        print(
+            f"{name:24s} {ms:7.3f} ms  kernels {ksum:7.3f} ms  launches {out[name]['launches']}"
+            f"  {n / ms / 1e3:7.1f} M rows/s" + (f"  host {host:.3f} ms" if host else "")
+        )
         for a, b, c in ks[:6]:
             print(f"      {a:7.3f} ms x{b:3d} {c}")
     for name, g in (("level2", a1), ("level3", a2)):
         cnt = torch.bincount(g, minlength=1024)
         items = int(((cnt + 127) // 128).sum())
-        out[name + "_items"] = dict(items=items, ideal=n // 128,
-                                    parents_lt128=int((cnt < 128).sum()),
-                                    empty=int((cnt == 0).sum()), max=int(cnt.max()))
+        out[name + "_items"] = dict(
+            items=items,
+            ideal=n // 128,
+            parents_lt128=int((cnt < 128).sum()),
+            empty=int((cnt == 0).sum()),
+            max=int(cnt.max()),
+        )
         print(name, out[name + "_items"])
     path = os.path.join(os.environ.get("OUT") or "results", "profile_grouped.json")
     with open(path, "w") as f:

@@ -48,11 +48,14 @@ def pieces(x, c) -> dict:
     xn = torch.empty_like(dist)
     steps = {
         "prep (checks, cached centroids)": lambda: T._prep(x, c, "l2"),
-        "outputs (4 torch.empty)": lambda: (T._empty_out(n, x.device, False, filled=False),
-                                            torch.empty_like(dist)),
+        "outputs (4 torch.empty)": lambda: (
+            T._empty_out(n, x.device, False, filled=False),
+            torch.empty_like(dist),
+        ),
         "use_ws": lambda: T._use_ws(xs, cp, "l2", 1024),
         "assign_ws (descriptors + launch)": lambda: G.assign_ws(
-            xs, cp, cn, ids, dist, None, metric="l2", xn=xn),
+            xs, cp, cn, ids, dist, None, metric="l2", xn=xn
+        ),
         "whole KR.assign": lambda: KR.assign(x, c, backend="triton"),
     }
     big = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
@@ -79,10 +82,11 @@ def main() -> None:
     out = {}
     groups = torch.zeros(x.shape[0], dtype=torch.int64, device=DEV)
     offs = torch.tensor([0, 1024], device=DEV)
-    cases = {"assign K=1024": lambda: KR.assign(x, c, backend="triton"),
-             "grouped, one parent, K=1024": lambda: KR.grouped_assign(x, groups, c, offs),
-             "assign K=1024 with_second": lambda: KR.assign(x, c, backend="triton",
-                                                             with_second=True)}
+    cases = {
+        "assign K=1024": lambda: KR.assign(x, c, backend="triton"),
+        "grouped, one parent, K=1024": lambda: KR.grouped_assign(x, groups, c, offs),
+        "assign K=1024 with_second": lambda: KR.assign(x, c, backend="triton", with_second=True),
+    }
     for name, fn in cases.items():
         ev = 1e3 * timeit(fn)
         host = host_after_sync(fn)

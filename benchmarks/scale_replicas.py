@@ -54,20 +54,32 @@ def tree_around(centres: np.ndarray, branching: list[int], seed: int) -> list[Le
     return levels
 
 
-def stage_config(loader: dict, op: dict, replicas: int, gpu: bool, batch: int,
-                 loaders: int) -> object:
+def stage_config(
+    loader: dict, op: dict, replicas: int, gpu: bool, batch: int, loaders: int
+) -> object:
     cpus = ray.cluster_resources().get("CPU", 1)
     per = 1.0 if gpu else max(0.1, min(1.0, (cpus - loaders) / replicas))
     return _mdf.PipelineConfig(
-        data_loader=_mdf.DataLoaderConfig(type="SyntheticEmbeddingLoader", params=loader,
-                                          num_workers=loaders),
-        stages=[_mdf.StageConfig(name="taxonomy", operators=[_mdf.OperatorConfig(**op)],
-                                 worker=_mdf.StageWorkerConfig(
-                                     resources={"cpu": per, "gpu": 1 if gpu else 0},
-                                     min_replicas=replicas, max_replicas=replicas))],
+        data_loader=_mdf.DataLoaderConfig(
+            type="SyntheticEmbeddingLoader", params=loader, num_workers=loaders
+        ),
+        stages=[
+            _mdf.StageConfig(
+                name="taxonomy",
+                operators=[_mdf.OperatorConfig(**op)],
+                worker=_mdf.StageWorkerConfig(
+                    resources={"cpu": per, "gpu": 1 if gpu else 0},
+                    min_replicas=replicas,
+                    max_replicas=replicas,
+                ),
+            )
+        ],
         data_writer=_mdf.DataWriterConfig(type="DiscardWriter", params={}),
-        executor=_mdf.ExecutorConfig(batch_size=batch, max_in_flight=2 * max(replicas, loaders),
-                                     metrics=_mdf.MetricsConfig(enabled=False)),
+        executor=_mdf.ExecutorConfig(
+            batch_size=batch,
+            max_in_flight=2 * max(replicas, loaders),
+            metrics=_mdf.MetricsConfig(enabled=False),
+        ),
     )
 
 
@@ -94,48 +106,81 @@ def main() -> None:
     ensure_ray()
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     device = gpu_name or f"cpu {platform.machine()} x{os.cpu_count()}"
-    loader = {"rows": args.rows, "dim": args.dim, "n_centres": 4096, "seed": 0,
-              "rows_per_item": args.rows_per_item}
+    loader = {
+        "rows": args.rows,
+        "dim": args.dim,
+        "n_centres": 4096,
+        "seed": 0,
+        "rows_per_item": args.rows_per_item,
+    }
     centres = SyntheticEmbeddingLoader(**loader).centres()
-    common = {"embedding_field": "embedding", "device": "cuda" if args.gpu else "cpu",
-              "compute_dtype": args.compute_dtype}
+    common = {
+        "embedding_field": "embedding",
+        "device": "cuda" if args.gpu else "cpu",
+        "compute_dtype": args.compute_dtype,
+    }
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         fit_uri, label_uri = f"{tmp}/fit", f"{tmp}/label"
         cfg = TaxonomyConfig(n_levels=1, branching_factor=args.k, dim=args.dim)
-        fit_tax = Taxonomy(cfg, args.dim, tree_around(centres, [args.k], 1),
-                           FitState(level=1, phase="lloyd"))
+        fit_tax = Taxonomy(
+            cfg, args.dim, tree_around(centres, [args.k], 1), FitState(level=1, phase="lloyd")
+        )
         fit_version = TaxonomyStore(fit_uri).save(fit_tax)
         shape = [int(b) for b in args.label_tree.split(",")]
-        label_tax = Taxonomy(TaxonomyConfig(n_levels=len(shape), branching_factor=shape,
-                                            dim=args.dim), args.dim,
-                             tree_around(centres, shape, 2), FitState(phase="done"))
+        label_tax = Taxonomy(
+            TaxonomyConfig(n_levels=len(shape), branching_factor=shape, dim=args.dim),
+            args.dim,
+            tree_around(centres, shape, 2),
+            FitState(phase="done"),
+        )
         label_version = TaxonomyStore(label_uri).save(label_tax)
         backend = FitBackend(4, "scale_fit")
         for replicas in [int(r) for r in args.replicas.split(",")]:
             backend.start_pass(fit_version, args.k, args.dim)
-            fit_op = {"name": "kmeans_level_refiner", "params": {
-                **common, "storage_uri": fit_uri, "snapshot": fit_version, "n_levels": 1,
-                "branching_factor": args.k, "backend_buckets": 4, "backend_name": "scale_fit"}}
+            fit_op = {
+                "name": "kmeans_level_refiner",
+                "params": {
+                    **common,
+                    "storage_uri": fit_uri,
+                    "snapshot": fit_version,
+                    "n_levels": 1,
+                    "branching_factor": args.k,
+                    "backend_buckets": 4,
+                    "backend_name": "scale_fit",
+                },
+            }
             t0 = time.perf_counter()
-            fit = run_pipeline(stage_config(loader, fit_op, replicas, args.gpu, args.batch_size,
-                                            args.loaders), progress=False)
+            fit = run_pipeline(
+                stage_config(loader, fit_op, replicas, args.gpu, args.batch_size, args.loaders),
+                progress=False,
+            )
             fit_s = time.perf_counter() - t0
             totals = backend.collect(args.k, args.dim)["totals"]
-            label_op = {"name": "taxonomy_path_refiner", "params": {
-                **common, "storage_uri": label_uri, "snapshot": label_version}}
+            label_op = {
+                "name": "taxonomy_path_refiner",
+                "params": {**common, "storage_uri": label_uri, "snapshot": label_version},
+            }
             t0 = time.perf_counter()
-            lab = run_pipeline(stage_config(loader, label_op, replicas, args.gpu,
-                                            args.batch_size, args.loaders), progress=False)
+            lab = run_pipeline(
+                stage_config(loader, label_op, replicas, args.gpu, args.batch_size, args.loaders),
+                progress=False,
+            )
             label_s = time.perf_counter() - t0
-            runs.append({
-                "replicas": replicas, "fit_rows_per_s": fit["rows_in"] / fit_s,
-                "label_rows_per_s": lab["rows_in"] / label_s, "fit_s": fit_s, "label_s": label_s,
-                "rows_accounted": totals.get("rows", 0), "flushes": totals.get("flushes", 0),
-                "flush_bytes": totals.get("flush_bytes", 0),
-                "fit_timings": op_stats(fit["stats"], "KMeansLevelRefiner").get("timings"),
-                "label_timings": op_stats(lab["stats"], "TaxonomyPathRefiner").get("timings"),
-            })
+            runs.append(
+                {
+                    "replicas": replicas,
+                    "fit_rows_per_s": fit["rows_in"] / fit_s,
+                    "label_rows_per_s": lab["rows_in"] / label_s,
+                    "fit_s": fit_s,
+                    "label_s": label_s,
+                    "rows_accounted": totals.get("rows", 0),
+                    "flushes": totals.get("flushes", 0),
+                    "flush_bytes": totals.get("flush_bytes", 0),
+                    "fit_timings": op_stats(fit["stats"], "KMeansLevelRefiner").get("timings"),
+                    "label_timings": op_stats(lab["stats"], "TaxonomyPathRefiner").get("timings"),
+                }
+            )
             print(json.dumps(runs[-1]), flush=True)
         backend.shutdown()
     base = runs[0]
@@ -143,24 +188,37 @@ def main() -> None:
         scale = r["replicas"] / base["replicas"]
         r["fit_efficiency"] = r["fit_rows_per_s"] / (base["fit_rows_per_s"] * scale)
         r["label_efficiency"] = r["label_rows_per_s"] / (base["label_rows_per_s"] * scale)
-    result = {"date": datetime.date.today().isoformat(), "device": device,
-              "versions": {"torch": torch.__version__, "ray": ray.__version__,
-                           "python": platform.python_version()},
-              "args": vars(args), "runs": runs}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "versions": {
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "python": platform.python_version(),
+        },
+        "args": vars(args),
+        "runs": runs,
+    }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"scale_replicas_{'gpu' if args.gpu else 'cpu'}.json"
     out.write_text(json.dumps(result, indent=1))
-    print(f"\nwritten {out}\n\n{device}: {args.rows} rows x {args.dim}, K={args.k}, "
-          f"label tree {shape}, batch {args.batch_size}, {args.loaders} loader(s)")
-    print("| replicas | fit pass rows/s | eff. | label rows/s | eff. | fit parse/assign/flush s "
-          "| flush MB |")
+    print(
+        f"\nwritten {out}\n\n{device}: {args.rows} rows x {args.dim}, K={args.k}, "
+        f"label tree {shape}, batch {args.batch_size}, {args.loaders} loader(s)"
+    )
+    print(
+        "| replicas | fit pass rows/s | eff. | label rows/s | eff. | fit parse/assign/flush s "
+        "| flush MB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in runs:
         t = r["fit_timings"] or {}
-        print(f"| {r['replicas']} | {r['fit_rows_per_s']:.0f} | {r['fit_efficiency']:.0%} | "
-              f"{r['label_rows_per_s']:.0f} | {r['label_efficiency']:.0%} | "
-              f"{t.get('parse_s', 0):.1f}/{t.get('assign_s', 0):.1f}/{t.get('flush_s', 0):.1f} | "
-              f"{r['flush_bytes'] / 1e6:.0f} |")
+        print(
+            f"| {r['replicas']} | {r['fit_rows_per_s']:.0f} | {r['fit_efficiency']:.0%} | "
+            f"{r['label_rows_per_s']:.0f} | {r['label_efficiency']:.0%} | "
+            f"{t.get('parse_s', 0):.1f}/{t.get('assign_s', 0):.1f}/{t.get('flush_s', 0):.1f} | "
+            f"{r['flush_bytes'] / 1e6:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ KEEPS_RAY_SESSION = MDF_FLAVOUR == "rust_free_fallback"
 WRITER_TAKES_OPTIONS = MDF_FLAVOUR == "rust_free_fallback"
 
 
-
 def mdf_key(name: str) -> str:
     """How MDF spells a class after its snake-case YAML name: KMeansLevelRefiner ->
     kmeans_level_refiner -> KmeansLevelRefiner."""
@@ -62,8 +61,11 @@ def mdf_key(name: str) -> str:
 
 
 _HOST_COMPONENTS = {
-    "mega_data_factory": ("mega_data_factory.loaders", "mega_data_factory.operators",
-                          "mega_data_factory.writers"),
+    "mega_data_factory": (
+        "mega_data_factory.loaders",
+        "mega_data_factory.operators",
+        "mega_data_factory.writers",
+    ),
     "rust_free_fallback": ("rust_free_fallback.writers",),
 }
 
@@ -91,17 +93,17 @@ def operator_stats(executor: Any) -> dict[str, dict[str, dict[str, Any]]]:
 
     standard = executor.get_operator_stats()
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for i, (stage, workers) in enumerate(zip(executor.config.stages, executor.stages,
-                                             strict=True)):
+    for i, (stage, workers) in enumerate(zip(executor.config.stages, executor.stages, strict=True)):
         per_worker = ray.get([w.get_operator_stats.remote() for w in workers])
         merged: dict[str, dict[str, Any]] = {}
         for op_name in dict.fromkeys(name for stats in per_worker for name in stats):
             mine = [stats[op_name] for stats in per_worker if op_name in stats]
-            extra = merge_counts([{k: v for k, v in s.items() if k not in _STANDARD_STATS}
-                                  for s in mine])
+            extra = merge_counts(
+                [{k: v for k, v in s.items() if k not in _STANDARD_STATS} for s in mine]
+            )
             base = standard.get(f"stage_{i}", {}).get(op_name) or merge_counts(
-                [{k: s[k] for k in ("input_records", "output_records") if k in s}
-                 for s in mine])
+                [{k: s[k] for k in ("input_records", "output_records") if k in s} for s in mine]
+            )
             merged[op_name] = {**base, **extra}
         out[stage.name] = merged
     return out
@@ -126,10 +128,16 @@ def end_run(executor: Any) -> None:
     actors = [*executor.loader_workers, *(w for workers in executor.stages for w in workers)]
     names = [f"pipeline_loader_{i}" for i in range(len(executor.loader_workers))]
     for stage, workers in zip(executor.config.stages, executor.stages, strict=True):
-        names += [f"pipeline_{stage.name}_{i}" if stage.worker.max_replicas > 1
-                  else f"pipeline_{stage.name}" for i in range(len(workers))]
-    dedup = [f"pipeline_dedup_backend_bucket_{i}"
-             for i in range(executor.config.executor.dedup_num_buckets)]
+        names += [
+            f"pipeline_{stage.name}_{i}"
+            if stage.worker.max_replicas > 1
+            else f"pipeline_{stage.name}"
+            for i in range(len(workers))
+        ]
+    dedup = [
+        f"pipeline_dedup_backend_bucket_{i}"
+        for i in range(executor.config.executor.dedup_num_buckets)
+    ]
     for name in dedup:
         try:
             actors.append(ray.get_actor(name))
@@ -148,9 +156,21 @@ def end_run(executor: Any) -> None:
             time.sleep(0.05)
 
 
-_STANDARD_STATS = frozenset({
-    "input_records", "output_records", "pass_rate", "total_time", "avg_latency",
-    "min_latency", "max_latency", "p50_latency", "p95_latency", "p99_latency", "throughput"})
+_STANDARD_STATS = frozenset(
+    {
+        "input_records",
+        "output_records",
+        "pass_rate",
+        "total_time",
+        "avg_latency",
+        "min_latency",
+        "max_latency",
+        "p50_latency",
+        "p95_latency",
+        "p99_latency",
+        "throughput",
+    }
+)
 
 
 def merge_counts(dicts: list[dict[str, Any]]) -> dict[str, Any]:

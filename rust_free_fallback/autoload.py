@@ -74,11 +74,15 @@ def install() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rust_free_fallback.autoload",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m rust_free_fallback.autoload", description=__doc__.splitlines()[0]
+    )
     p.add_argument("action", choices=["install", "uninstall", "status"])
-    p.add_argument("--site-packages", default=sysconfig.get_paths()["purelib"],
-                   help="where the .pth goes (default: this interpreter's site-packages)")
+    p.add_argument(
+        "--site-packages",
+        default=sysconfig.get_paths()["purelib"],
+        help="where the .pth goes (default: this interpreter's site-packages)",
+    )
     args = p.parse_args(argv)
     pth = Path(args.site_packages) / PTH_NAME
     if args.action == "install":

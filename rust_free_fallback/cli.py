@@ -30,7 +30,8 @@ def format_operator_stats(stats: dict[str, Any]) -> str:
                 f"  {name}: in={s['input_records']} out={s['output_records']} "
                 f"pass={s['pass_rate']:.1f}% time={s['total_time']:.3f}s "
                 f"p50={s['p50_latency'] * 1e3:.3f}ms p99={s['p99_latency'] * 1e3:.3f}ms "
-                f"throughput={s['throughput']:.1f}/s dropped_batches={s.get('dropped_batches', 0)}")
+                f"throughput={s['throughput']:.1f}/s dropped_batches={s.get('dropped_batches', 0)}"
+            )
     return "\n".join(lines)
 
 
@@ -67,8 +68,10 @@ def run_pipeline(
         if verbose:
             print(format_operator_stats(op_stats))
             if pipe_stats["dropped_batches"]:
-                print(f"WARNING: {pipe_stats['dropped_batches']} batch(es) "
-                      f"({pipe_stats['dropped_records']} records) dropped by operator errors")
+                print(
+                    f"WARNING: {pipe_stats['dropped_batches']} batch(es) "
+                    f"({pipe_stats['dropped_records']} records) dropped by operator errors"
+                )
     finally:
         executor.shutdown()
     return {"operators": op_stats, "pipeline": pipe_stats}
@@ -82,10 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("-c", "--config", required=True, help="pipeline YAML file")
     run.add_argument("--max-samples", type=int, default=None)
     run.add_argument("--batch-size", type=int, default=None)
-    run.add_argument("-p", "--plugin", action="append", default=[],
-                     help="module[:function] to import (and call) before building the pipeline")
-    run.add_argument("--no-entry-points", action="store_true",
-                     help=f"do not load '{PLUGIN_GROUP}' entry points")
+    run.add_argument(
+        "-p",
+        "--plugin",
+        action="append",
+        default=[],
+        help="module[:function] to import (and call) before building the pipeline",
+    )
+    run.add_argument(
+        "--no-entry-points", action="store_true", help=f"do not load '{PLUGIN_GROUP}' entry points"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     load_plugins(args.plugin, None if args.no_entry_points else PLUGIN_GROUP)

@@ -115,16 +115,19 @@ class ParquetDataWriter(DataWriter):
             return
         missing = [c for c in self.partition_by if c not in rows[0]]
         if missing:
-            raise KeyError(f"partition_by columns {missing} not in records "
-                           f"(fields: {sorted(rows[0])})")
+            raise KeyError(
+                f"partition_by columns {missing} not in records (fields: {sorted(rows[0])})"
+            )
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for rec in rows:
             key = tuple(rec.get(c) for c in self.partition_by)
             groups.setdefault(key, []).append(
-                {k: v for k, v in rec.items() if k not in self.partition_by})
+                {k: v for k, v in rec.items() if k not in self.partition_by}
+            )
         for key, recs in groups.items():
-            sub = "/".join(_partition_segment(c, v)
-                           for c, v in zip(self.partition_by, key, strict=True))
+            sub = "/".join(
+                _partition_segment(c, v) for c, v in zip(self.partition_by, key, strict=True)
+            )
             self._write_table(pa.Table.from_pylist(recs), f"{root}/{sub}")
 
     def close(self) -> None:

@@ -29,14 +29,19 @@ def ray_session():
     if not ray.is_initialized():
         tests_dir = str(ROOT / "tests")
         path = os.pathsep.join([str(ROOT), tests_dir, os.environ.get("PYTHONPATH", "")])
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
     yield ray
     ray.shutdown()
 
 
-def blobs(n: int, dim: int, k: int, seed: int = 0, spread: float = 6.0
-          ) -> tuple[np.ndarray, np.ndarray]:
+def blobs(
+    n: int, dim: int, k: int, seed: int = 0, spread: float = 6.0
+) -> tuple[np.ndarray, np.ndarray]:
     """A clustered float32 sample and its true cluster per row."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(k, dim)) * spread
@@ -45,9 +50,14 @@ def blobs(n: int, dim: int, k: int, seed: int = 0, spread: float = 6.0
     return x.astype(np.float32), labels
 
 
-def write_embeddings(path: pathlib.Path, x: np.ndarray, ids: np.ndarray | None = None,
-                     extra: dict | None = None, row_group_size: int | None = None,
-                     list_type: str = "list") -> pathlib.Path:
+def write_embeddings(
+    path: pathlib.Path,
+    x: np.ndarray,
+    ids: np.ndarray | None = None,
+    extra: dict | None = None,
+    row_group_size: int | None = None,
+    list_type: str = "list",
+) -> pathlib.Path:
     """Parquet with an `id` and an `embedding` column (list<float> by default)."""
     ids = np.arange(len(x)) if ids is None else ids
     flat = pa.array(x.reshape(-1), pa.float32())

@@ -30,14 +30,20 @@ class ToyLoader(DataLoader):
     def get_file_list(self, max_samples: int | None = None, num_workers: int = 1) -> list[str]:
         return [f"shard-{i}" for i in range(self.num_files)]
 
-    def load_files(self, file_list: list[str], worker_id: int | None = None,
-                   checkpoint: dict | None = None) -> Iterator[dict[str, Any]]:
+    def load_files(
+        self, file_list: list[str], worker_id: int | None = None, checkpoint: dict | None = None
+    ) -> Iterator[dict[str, Any]]:
         for name in file_list:
             shard = int(name.split("-")[1])
             for j in range(self.records_per_file):
                 n = shard * self.records_per_file + j
-                yield {"id": n, "value": n, "group": n // 2, "worker": worker_id,
-                       "emb": np.full(self.dim, n, dtype=np.float32)}
+                yield {
+                    "id": n,
+                    "value": n,
+                    "group": n // 2,
+                    "worker": worker_id,
+                    "emb": np.full(self.dim, n, dtype=np.float32),
+                }
 
 
 class AddSquare(Refiner):
@@ -78,7 +84,11 @@ class GroupDedup(Deduplicator):
 def register() -> None:
     """Register in the driver under class name and the YAML snake_case-derived key."""
     DataLoaderRegistry.register("ToyLoader", ToyLoader)
-    for snake, cls in [("add_square", AddSquare), ("keep_even", KeepEven),
-                       ("explode_on", ExplodeOn), ("group_dedup", GroupDedup)]:
+    for snake, cls in [
+        ("add_square", AddSquare),
+        ("keep_even", KeepEven),
+        ("explode_on", ExplodeOn),
+        ("group_dedup", GroupDedup),
+    ]:
         OperatorRegistry.register(cls.__name__, cls)
         OperatorRegistry.register(OperatorConfig(name=snake).get_class_name(), cls)

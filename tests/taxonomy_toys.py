@@ -27,8 +27,9 @@ class KillingLoader(ParquetEmbeddingLoader):
     created atomically, so only one loader ever fires per victim) records the kills.
     """
 
-    def __init__(self, *args: Any, marker: str, actor_name: str | list[str] = FIT_BUCKET_0,
-                 **kwargs: Any):
+    def __init__(
+        self, *args: Any, marker: str, actor_name: str | list[str] = FIT_BUCKET_0, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.marker = marker
         self.victims = [actor_name] if isinstance(actor_name, str) else list(actor_name)
@@ -48,8 +49,9 @@ class KillingLoader(ParquetEmbeddingLoader):
             ray.kill(ray.get_actor(name), no_restart=True)
             return
 
-    def load_files(self, file_list: list[str], worker_id: int | None = None,
-                   checkpoint: dict | None = None) -> Iterator[dict]:
+    def load_files(
+        self, file_list: list[str], worker_id: int | None = None, checkpoint: dict | None = None
+    ) -> Iterator[dict]:
         for n, item in enumerate(file_list, start=1):
             if n == 2 and not all(os.path.exists(m) for m in self.markers()):
                 self._fire_once()
@@ -72,22 +74,28 @@ def tree_arrays(tax: Any) -> list[tuple[bytes, bytes]]:
 
 def assert_same_tree(got: Any, want: Any) -> None:
     """Same shape, same config, bit-identical centroids and parents on every level."""
-    assert [lv.centroids.shape for lv in got.levels] == \
-        [lv.centroids.shape for lv in want.levels]
+    assert [lv.centroids.shape for lv in got.levels] == [lv.centroids.shape for lv in want.levels]
     assert got.config.to_dict() == want.config.to_dict()
     assert got.state.complete and want.state.complete
-    for i, ((gc, gp), (wc, wp)) in enumerate(zip(tree_arrays(got), tree_arrays(want),
-                                                 strict=True), start=1):
+    for i, ((gc, gp), (wc, wp)) in enumerate(
+        zip(tree_arrays(got), tree_arrays(want), strict=True), start=1
+    ):
         assert gp == wp, f"level {i}: parents differ"
-        assert gc == wc, f"level {i}: centroids differ (max abs diff " \
+        assert gc == wc, (
+            f"level {i}: centroids differ (max abs diff "
             f"{abs(got.levels[i - 1].centroids - want.levels[i - 1].centroids).max():.3g})"
+        )
 
 
 def labels_by_id(path: Any, n_levels: int) -> dict[int, tuple]:
     """id -> (taxonomy_path, l1..lN, taxonomy_error) from a labelled Parquet output."""
     table = ds.dataset(str(path), format="parquet", partitioning="hive").to_table()
-    cols = ["id", "taxonomy_path", *[f"taxonomy_l{i}" for i in range(1, n_levels + 1)],
-            "taxonomy_error"]
+    cols = [
+        "id",
+        "taxonomy_path",
+        *[f"taxonomy_l{i}" for i in range(1, n_levels + 1)],
+        "taxonomy_error",
+    ]
     rows = table.select(cols).to_pylist()
     out = {r["id"]: tuple(r[c] for c in cols[1:]) for r in rows}
     assert len(out) == len(rows), "a record was written more than once"

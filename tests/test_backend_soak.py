@@ -29,8 +29,7 @@ def _flusher(backend: FitBackend, worker: int, pass_id: str, seconds: float) -> 
         cnt = rng.integers(1, 1000, len(nodes), dtype=np.int64)
         flush_id = f"w{worker}-{flushes}"
         for _ in range(2 if flushes % 5 == 0 else 1):
-            backend.add_partials(pass_id, flush_id, nodes, part, cnt,
-                                 {"rows": int(cnt.sum())}, {})
+            backend.add_partials(pass_id, flush_id, nodes, part, cnt, {"rows": int(cnt.sum())}, {})
         sums[nodes] += part
         counts[nodes] += cnt
         rows += int(cnt.sum())

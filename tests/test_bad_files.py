@@ -42,7 +42,7 @@ def corrupt_page(path, row_group: int = 1) -> None:
     """Overwrite the header of the embedding column's first data page in `row_group`."""
     col = pq.ParquetFile(path).metadata.row_group(row_group).column(1)
     raw = bytearray(path.read_bytes())
-    raw[col.data_page_offset:col.data_page_offset + 16] = b"\xff" * 16
+    raw[col.data_page_offset : col.data_page_offset + 16] = b"\xff" * 16
     path.write_bytes(bytes(raw))
 
 
@@ -119,8 +119,9 @@ def test_skip_leaves_out_only_the_bad_item_and_accounts_for_it(mixed, kind, capl
     assert entry["stage"] == ("listing" if at_listing else "load")
     assert one_line(entry["reason"]) and str(bad) in entry["reason"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(str(bad) in m and f"({'unknown' if rows is None else rows} rows)" in m
-               for m in warned)
+    assert any(
+        str(bad) in m and f"({'unknown' if rows is None else rows} rows)" in m for m in warned
+    )
     if at_listing:
         assert sorted(ids) == good_ids and not any(str(bad) in i for i in items)
     else:  # the other row groups of the file, and every later file, still come through
@@ -209,10 +210,18 @@ def test_expected_rows_reads_footers_only_without_a_filter(tmp_path):
 def test_expected_rows_with_a_filter_counts_what_passes(tmp_path):
     x, _ = blobs(40, DIM, 2)
     for i, kingdom in enumerate(["Animalia", "Plantae"]):
-        write_embeddings(tmp_path / f"kingdom={kingdom}" / "part.parquet", x[i * 20:(i + 1) * 20],
-                         ids=np.arange(i * 20, (i + 1) * 20), row_group_size=5)
-    cases = [([("kingdom", "==", "Plantae")], 20), ([("id", "<", 7)], 7),
-             ([("kingdom", "==", "Animalia"), ("id", ">=", 12)], 8), (None, 40)]
+        write_embeddings(
+            tmp_path / f"kingdom={kingdom}" / "part.parquet",
+            x[i * 20 : (i + 1) * 20],
+            ids=np.arange(i * 20, (i + 1) * 20),
+            row_group_size=5,
+        )
+    cases = [
+        ([("kingdom", "==", "Plantae")], 20),
+        ([("id", "<", 7)], 7),
+        ([("kingdom", "==", "Animalia"), ("id", ">=", 12)], 8),
+        (None, 40),
+    ]
     for flt, want in cases:
         loader = ParquetEmbeddingLoader(str(tmp_path), filter=flt)
         items = loader.get_file_list()
@@ -268,10 +277,17 @@ def test_an_empty_dataset_gives_no_items_and_no_rows(tmp_path):
 def test_a_foreign_file_sorted_last_keeps_its_columns(tmp_path):
     good_file(tmp_path / "a.parquet", 0)
     x, _ = blobs(5, DIM, 1)
-    write_embeddings(tmp_path / "z.parquet", x, ids=np.arange(500, 505),
-                     extra={"caption": pa.array(list("abcde"))})
-    recs = list(ParquetEmbeddingLoader(str(tmp_path)).load_files(
-        ParquetEmbeddingLoader(str(tmp_path)).get_file_list()))
+    write_embeddings(
+        tmp_path / "z.parquet",
+        x,
+        ids=np.arange(500, 505),
+        extra={"caption": pa.array(list("abcde"))},
+    )
+    recs = list(
+        ParquetEmbeddingLoader(str(tmp_path)).load_files(
+            ParquetEmbeddingLoader(str(tmp_path)).get_file_list()
+        )
+    )
     by_id = {r["id"]: r for r in recs}
     assert by_id[502]["caption"] == "c" and by_id[0]["caption"] is None
 
@@ -318,9 +334,12 @@ def test_loader_actors_report_to_the_driver(ray_session, mixed):
 
 
 # -- storage that cannot be reached -------------------------------------------------
-DEAD_S3 = {"key": "a", "secret": "b", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
-           "config_kwargs": {"connect_timeout": 1, "read_timeout": 1,
-                             "retries": {"max_attempts": 1}}}
+DEAD_S3 = {
+    "key": "a",
+    "secret": "b",
+    "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+    "config_kwargs": {"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 1}},
+}
 
 
 @pytest.mark.filterwarnings("ignore:Your installed version of s3fs:UserWarning")
@@ -330,8 +349,9 @@ def test_an_unreachable_store_is_one_line_naming_the_uri(call):
     started = time.monotonic()
     with pytest.raises(TaxonomyStoreError) as err:
         if call == "save":
-            store.save(Taxonomy(config=TaxonomyConfig(n_levels=1, branching_factor=2, dim=2),
-                                dim=2))
+            store.save(
+                Taxonomy(config=TaxonomyConfig(n_levels=1, branching_factor=2, dim=2), dim=2)
+            )
         elif call == "writer_lease":
             with store.writer_lease():
                 pass
@@ -362,8 +382,10 @@ def test_a_store_that_says_missing_while_unreachable_is_not_no_taxonomy(monkeypa
 
 
 @pytest.mark.filterwarnings("ignore:Your installed version of s3fs:UserWarning")
-@pytest.mark.parametrize("path", ["s3://bucket/x", "s3://bucket/x/*.parquet",
-                                  ["s3://bucket/x/a.parquet", "s3://bucket/y"]])
+@pytest.mark.parametrize(
+    "path",
+    ["s3://bucket/x", "s3://bucket/x/*.parquet", ["s3://bucket/x/a.parquet", "s3://bucket/y"]],
+)
 def test_an_unreachable_input_is_one_line_naming_the_uri(path):
     started = time.monotonic()
     with pytest.raises(InputError) as err:

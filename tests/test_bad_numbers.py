@@ -39,40 +39,48 @@ NAN, INF = float("nan"), float("inf")
 
 # -- 1. parse_embeddings ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, metric, reason", [
-    ([1.0, 2.0, 3.0], "l2", None),
-    ([1, 2, 3], "l2", None),  # ints are cast
-    (np.array([1, 2, 3], np.int64), "cosine", None),
-    (np.array([1, 2, 3], np.float64), "l2", None),
-    ((1.0, 2.0, 3.0), "l2", None),
-    ([MAX_ABS_VALUE, -MAX_ABS_VALUE, 0.0], "l2", None),  # the bound itself is in range
-    ([0.0, 0.0, 0.0], "l2", None),  # a zero vector is a point under l2
-    ([1e-30, 0.0, 0.0], "l2", None),
-    (None, "l2", "missing_embedding: field 'emb' is absent or null"),
-    ([], "l2", "wrong_length: field 'emb' has 0 values, expected 3"),
-    ([1.0, 2.0], "l2", "wrong_length: field 'emb' has 2 values, expected 3"),
-    ("1.0, 2.0, 3.0", "l2", "bad_embedding"),
-    ("1.5", "l2", "bad_embedding"),
-    (["1", "2", "3"], "l2", "bad_embedding"),
-    (b"\x00\x00\x80?\x00\x00\x80?\x00\x00\x80?", "l2", "bad_embedding"),
-    (bytearray(b"abc"), "l2", "bad_embedding"),
-    ({"x": 1.0}, "l2", "bad_embedding"),
-    (5.0, "l2", "bad_embedding"),
-    ([True, False, True], "l2", "bad_embedding"),
-    ([1.0, None, 3.0], "l2", "bad_embedding"),
-    ([[1.0, 2.0, 3.0]], "l2", "bad_embedding: field 'emb' is nested (shape (1, 3))"),
-    ([[1.0], [2.0, 3.0]], "l2", "bad_embedding"),
-    ([1.0, NAN, 3.0], "l2", "non_finite: field 'emb' contains NaN or inf"),
-    ([1.0, -INF, 3.0], "cosine", "non_finite"),
-    ([1e12, 0.0, 0.0], "l2",
-     f"out_of_range: field 'emb' has |value| up to 1e+12, the fit's range is ±{MAX_ABS_VALUE:g}"),
-    ([0.0, -1e30, 0.0], "cosine", "out_of_range: field 'emb' has |value| up to 1e+30"),
-    ([1e39, 0.0, 0.0], "l2", "out_of_range: field 'emb' has |value| up to 1e+39"),  # > float32
-    ([MAX_ABS_VALUE * 1.001, 0.0, 0.0], "l2", "out_of_range"),
-    ([0.0, 0.0, 0.0], "cosine", "zero_vector: field 'emb' has norm 0 (cosine is undefined)"),
-    ([1e-30, 0.0, 0.0], "cosine", "zero_vector: field 'emb' has norm 1e-30"),  # underflows
-    ([0.0, -0.0, 0.0], "cosine", "zero_vector"),
-])
+
+@pytest.mark.parametrize(
+    "value, metric, reason",
+    [
+        ([1.0, 2.0, 3.0], "l2", None),
+        ([1, 2, 3], "l2", None),  # ints are cast
+        (np.array([1, 2, 3], np.int64), "cosine", None),
+        (np.array([1, 2, 3], np.float64), "l2", None),
+        ((1.0, 2.0, 3.0), "l2", None),
+        ([MAX_ABS_VALUE, -MAX_ABS_VALUE, 0.0], "l2", None),  # the bound itself is in range
+        ([0.0, 0.0, 0.0], "l2", None),  # a zero vector is a point under l2
+        ([1e-30, 0.0, 0.0], "l2", None),
+        (None, "l2", "missing_embedding: field 'emb' is absent or null"),
+        ([], "l2", "wrong_length: field 'emb' has 0 values, expected 3"),
+        ([1.0, 2.0], "l2", "wrong_length: field 'emb' has 2 values, expected 3"),
+        ("1.0, 2.0, 3.0", "l2", "bad_embedding"),
+        ("1.5", "l2", "bad_embedding"),
+        (["1", "2", "3"], "l2", "bad_embedding"),
+        (b"\x00\x00\x80?\x00\x00\x80?\x00\x00\x80?", "l2", "bad_embedding"),
+        (bytearray(b"abc"), "l2", "bad_embedding"),
+        ({"x": 1.0}, "l2", "bad_embedding"),
+        (5.0, "l2", "bad_embedding"),
+        ([True, False, True], "l2", "bad_embedding"),
+        ([1.0, None, 3.0], "l2", "bad_embedding"),
+        ([[1.0, 2.0, 3.0]], "l2", "bad_embedding: field 'emb' is nested (shape (1, 3))"),
+        ([[1.0], [2.0, 3.0]], "l2", "bad_embedding"),
+        ([1.0, NAN, 3.0], "l2", "non_finite: field 'emb' contains NaN or inf"),
+        ([1.0, -INF, 3.0], "cosine", "non_finite"),
+        (
+            [1e12, 0.0, 0.0],
+            "l2",
+            "out_of_range: field 'emb' has |value| up to 1e+12, the fit's range is "
+            f"±{MAX_ABS_VALUE:g}",
+        ),
+        ([0.0, -1e30, 0.0], "cosine", "out_of_range: field 'emb' has |value| up to 1e+30"),
+        ([1e39, 0.0, 0.0], "l2", "out_of_range: field 'emb' has |value| up to 1e+39"),  # > float32
+        ([MAX_ABS_VALUE * 1.001, 0.0, 0.0], "l2", "out_of_range"),
+        ([0.0, 0.0, 0.0], "cosine", "zero_vector: field 'emb' has norm 0 (cosine is undefined)"),
+        ([1e-30, 0.0, 0.0], "cosine", "zero_vector: field 'emb' has norm 1e-30"),  # underflows
+        ([0.0, -0.0, 0.0], "cosine", "zero_vector"),
+    ],
+)
 def test_each_value_is_valid_or_named(value, metric, reason):
     records = [{"emb": [1.0, 1.0, 1.0]}, {"emb": value}, {"other": 1}]
     parsed = parse_embeddings(records, "emb", 3, metric=metric)  # never raises
@@ -104,6 +112,7 @@ def test_existing_callers_default_to_l2():
 
 # -- 2. infer_dim ----------------------------------------------------------------------------
 
+
 def _rows(*runs: tuple[object, int]) -> list[dict]:
     """Records from (value or length, count) runs, in order."""
     out = []
@@ -112,20 +121,25 @@ def _rows(*runs: tuple[object, int]) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("records, dim, others", [
-    (_rows((768, 5)), 768, {}),
-    (_rows((767, 1), (768, 1020), (770, 9)), 768, {767: 1, 770: 9}),  # the short first row
-    (_rows(([], 3), (None, 2), (4, 10)), 4, {}),  # empty and null first rows do not count
-    (_rows(([NAN] * 3, 50), ("abc", 50), ([[1.0] * 3], 50), (2, 1)), 2, {}),
-    (_rows((3, 2), (5, 2)), 5, {3: 2}),  # a tie goes to the longer length
-    (_rows((2, 10_000), (9, 50_000)), 2, {}),  # only the first max_rows rows are read
-])
+@pytest.mark.parametrize(
+    "records, dim, others",
+    [
+        (_rows((768, 5)), 768, {}),
+        (_rows((767, 1), (768, 1020), (770, 9)), 768, {767: 1, 770: 9}),  # the short first row
+        (_rows(([], 3), (None, 2), (4, 10)), 4, {}),  # empty and null first rows do not count
+        (_rows(([NAN] * 3, 50), ("abc", 50), ([[1.0] * 3], 50), (2, 1)), 2, {}),
+        (_rows((3, 2), (5, 2)), 5, {3: 2}),  # a tie goes to the longer length
+        (_rows((2, 10_000), (9, 50_000)), 2, {}),  # only the first max_rows rows are read
+    ],
+)
 def test_infer_dim_takes_the_majority_of_valid_rows(records, dim, others):
     assert infer_dim(iter(records), "emb") == (dim, others)
 
 
-@pytest.mark.parametrize("records", [[], _rows(([], 5)), _rows((None, 3), ("x", 1)),
-                                     _rows(([NAN, 1.0], 4)), [{"other": [1.0]}]])
+@pytest.mark.parametrize(
+    "records",
+    [[], _rows(([], 5)), _rows((None, 3), ("x", 1)), _rows(([NAN, 1.0], 4)), [{"other": [1.0]}]],
+)
 def test_infer_dim_without_a_valid_row_names_the_field(records):
     with pytest.raises(ValueError, match="'emb'.*cannot infer dim"):
         infer_dim(records, "emb")
@@ -148,19 +162,22 @@ def test_parse_without_dim_uses_the_majority_length():
 L = FIXED_SUM_LIMIT
 
 
-@pytest.mark.parametrize("a, b, want", [
-    (1, 2, 3),
-    (L - 1, 0, L - 1),
-    (L // 2, L // 2 - 1, L - 1),
-    (-(L - 1), -0, -(L - 1)),
-    (L // 2, L // 2, SUM_OVERFLOWED),  # reaches the limit
-    (-(L // 2), -(L // 2), SUM_OVERFLOWED),
-    (L - 1, L - 1, SUM_OVERFLOWED),  # would be 2**63 - 2: still no wrap seen as in range
-    (SUM_OVERFLOWED, 5, SUM_OVERFLOWED),
-    (SUM_OVERFLOWED, -5, SUM_OVERFLOWED),  # wraps to +2**63 - 5 without the guard
-    (SUM_OVERFLOWED, SUM_OVERFLOWED, SUM_OVERFLOWED),  # wraps to 0 without the guard
-    (7, SUM_OVERFLOWED, SUM_OVERFLOWED),
-])
+@pytest.mark.parametrize(
+    "a, b, want",
+    [
+        (1, 2, 3),
+        (L - 1, 0, L - 1),
+        (L // 2, L // 2 - 1, L - 1),
+        (-(L - 1), -0, -(L - 1)),
+        (L // 2, L // 2, SUM_OVERFLOWED),  # reaches the limit
+        (-(L // 2), -(L // 2), SUM_OVERFLOWED),
+        (L - 1, L - 1, SUM_OVERFLOWED),  # would be 2**63 - 2: still no wrap seen as in range
+        (SUM_OVERFLOWED, 5, SUM_OVERFLOWED),
+        (SUM_OVERFLOWED, -5, SUM_OVERFLOWED),  # wraps to +2**63 - 5 without the guard
+        (SUM_OVERFLOWED, SUM_OVERFLOWED, SUM_OVERFLOWED),  # wraps to 0 without the guard
+        (7, SUM_OVERFLOWED, SUM_OVERFLOWED),
+    ],
+)
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_fixed_sums_add_exactly_or_are_marked(a, b, want, lib):
     if lib == "numpy":
@@ -204,18 +221,23 @@ M = MAX_ROWS_PER_SUM
 TOP = M * (int(MAX_ABS_VALUE) * 2**kernels.FIXED_POINT_BITS)  # M rows at the bound
 
 
-@pytest.mark.parametrize("batches, want", [
-    # (per batch: node sums, node counts, rows), flushed sums
-    ([([5, -3], [1, 1], 2), ([7, 0], [1, 0], 1)], [12, -3]),
-    ([([L // 2, 1], [M // 2, 1], M), ([L // 2, 1], [M // 2, 1], M)], [SUM_OVERFLOWED, 2]),
-    # the running sum crosses the limit, then comes back under it: still refused
-    ([([L // 2, 0], [M, 1], M), ([L // 2, 0], [M, 1], M), ([-(L // 2), 0], [M, 1], M)],
-     [SUM_OVERFLOWED, 0]),
-    # 4 x M rows at the bound sum to ~2**64, which wraps to ~0 unless checked every M rows
-    ([([TOP, 0], [M, 0], M)] * 4, [SUM_OVERFLOWED, 0]),
-    # a batch with more rows in a node than M may have wrapped in the kernel: refused
-    ([([123, 4], [M + 1, 1], M + 2)], [SUM_OVERFLOWED, 4]),
-])
+@pytest.mark.parametrize(
+    "batches, want",
+    [
+        # (per batch: node sums, node counts, rows), flushed sums
+        ([([5, -3], [1, 1], 2), ([7, 0], [1, 0], 1)], [12, -3]),
+        ([([L // 2, 1], [M // 2, 1], M), ([L // 2, 1], [M // 2, 1], M)], [SUM_OVERFLOWED, 2]),
+        # the running sum crosses the limit, then comes back under it: still refused
+        (
+            [([L // 2, 0], [M, 1], M), ([L // 2, 0], [M, 1], M), ([-(L // 2), 0], [M, 1], M)],
+            [SUM_OVERFLOWED, 0],
+        ),
+        # 4 x M rows at the bound sum to ~2**64, which wraps to ~0 unless checked every M rows
+        ([([TOP, 0], [M, 0], M)] * 4, [SUM_OVERFLOWED, 0]),
+        # a batch with more rows in a node than M may have wrapped in the kernel: refused
+        ([([123, 4], [M + 1, 1], M + 2)], [SUM_OVERFLOWED, 4]),
+    ],
+)
 def test_the_combiner_never_sends_a_wrapped_sum(batches, want):
     comb = PartialsCombiner("p", n_nodes=2, dim=1, device=torch.device("cpu"))
     for i, (values, counts, rows) in enumerate(batches):
@@ -223,7 +245,7 @@ def test_the_combiner_never_sends_a_wrapped_sum(batches, want):
         comb.add(f"f{i}", sums, cnt, {"rows": rows}, {})
     backend = _Backend()
     comb.flush(backend)
-    (nodes, sums, _), = backend.sent
+    ((nodes, sums, _),) = backend.sent
     got = dict(zip(nodes, sums[:, 0].tolist(), strict=True))
     assert [got.get(n, 0) for n in range(2)] == want
 
@@ -236,8 +258,15 @@ def test_the_bucket_never_wraps(ray_session):
         backend.start_pass("p", 4, 1)
         nodes = np.arange(4)
         for i, v in enumerate([[L // 2, 3, SUM_OVERFLOWED, -1], [L // 2, 4, -9, -(L - 2)]]):
-            backend.add_partials("p", f"f{i}", nodes, np.array(v, np.int64)[:, None],
-                                 np.ones(4, np.int64), {"rows": 4}, {})
+            backend.add_partials(
+                "p",
+                f"f{i}",
+                nodes,
+                np.array(v, np.int64)[:, None],
+                np.ones(4, np.int64),
+                {"rows": 4},
+                {},
+            )
         got = backend.collect(4, 1)
     finally:
         backend.shutdown()
@@ -255,12 +284,15 @@ def test_the_driver_refuses_an_overflowed_sum(bad):
         finish_pass(tax, result)
 
 
-@pytest.mark.parametrize("distance", [
-    [0.0, 0.5, 1.25, 2.0],
-    [1e6] * 1000,
-    [3e14, 3e14, 1.0],  # each row < 2**63 in fixed point, their sum is not
-    [1e30, 1.5e30, 2.0],  # one row past int64 on its own
-])
+@pytest.mark.parametrize(
+    "distance",
+    [
+        [0.0, 0.5, 1.25, 2.0],
+        [1e6] * 1000,
+        [3e14, 3e14, 1.0],  # each row < 2**63 in fixed point, their sum is not
+        [1e30, 1.5e30, 2.0],  # one row past int64 on its own
+    ],
+)
 def test_inertia_is_exact_for_any_finite_distance(distance):
     d = torch.tensor(distance, dtype=torch.float32)
     scaled = d.double() * 2**INERTIA_FIXED_POINT_BITS
@@ -278,6 +310,7 @@ def test_kmeans_plus_plus_refuses_overflowing_rows_clearly():
 
 # -- 4. degenerate data: capped children, reported -------------------------------------------
 
+
 def _identical(n, dim=3):
     return np.tile(np.array([[1.0, 2.0, 3.0]], np.float32)[:, :dim], (n, 1))
 
@@ -291,29 +324,77 @@ def _normal(n, dim=3):
     return np.random.default_rng(1).normal(size=(n, dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize("level1, b, samples, rows, nodes, expect", [
-    # all-identical rows: one child, not 8 copies of one point
-    (None, 8, {0: _identical(500)}, {0: 500}, [1],
-     dict(distinct_rows=1, capped_parents=1, capped_children=7, few_distinct=1, few_rows=0)),
-    # -0.0 and 0.0 are one point
-    (None, 4, {0: np.array([[0.0, 0.0, 1.0], [-0.0, 0.0, 1.0]] * 5, np.float32)}, {0: 10},
-     [1], dict(distinct_rows=1, capped_parents=1, capped_children=3, few_distinct=1)),
-    # fewer distinct rows than children
-    (None, 8, {0: _few_distinct(300, 3)}, {0: 300}, [3],
-     dict(distinct_rows=3, capped_parents=1, capped_children=5, few_distinct=1)),
-    # a branching factor larger than the rows
-    (None, 100, {0: _normal(5)}, {0: 5}, [5],
-     dict(distinct_rows=5, capped_parents=1, capped_children=95, few_rows=1, few_distinct=0)),
-    # level 2: a normal parent, one with fewer rows than b, one without rows
-    (3, 4, {0: _normal(40), 1: _normal(2)}, {0: 40, 1: 2}, [4, 2, 1],
-     dict(distinct_rows=42, capped_parents=2, capped_children=5, few_rows=1, empty_parents=1)),
-    # nothing degenerate: nothing capped, nothing logged
-    (None, 4, {0: _normal(200)}, {0: 200}, [4],
-     dict(distinct_rows=200, capped_parents=0, capped_children=0, few_rows=0,
-          few_distinct=0, empty_parents=0)),
-])
-def test_capped_children_are_recorded_and_logged_once(level1, b, samples, rows, nodes, expect,
-                                                      caplog):
+@pytest.mark.parametrize(
+    "level1, b, samples, rows, nodes, expect",
+    [
+        # all-identical rows: one child, not 8 copies of one point
+        (
+            None,
+            8,
+            {0: _identical(500)},
+            {0: 500},
+            [1],
+            dict(distinct_rows=1, capped_parents=1, capped_children=7, few_distinct=1, few_rows=0),
+        ),
+        # -0.0 and 0.0 are one point
+        (
+            None,
+            4,
+            {0: np.array([[0.0, 0.0, 1.0], [-0.0, 0.0, 1.0]] * 5, np.float32)},
+            {0: 10},
+            [1],
+            dict(distinct_rows=1, capped_parents=1, capped_children=3, few_distinct=1),
+        ),
+        # fewer distinct rows than children
+        (
+            None,
+            8,
+            {0: _few_distinct(300, 3)},
+            {0: 300},
+            [3],
+            dict(distinct_rows=3, capped_parents=1, capped_children=5, few_distinct=1),
+        ),
+        # a branching factor larger than the rows
+        (
+            None,
+            100,
+            {0: _normal(5)},
+            {0: 5},
+            [5],
+            dict(distinct_rows=5, capped_parents=1, capped_children=95, few_rows=1, few_distinct=0),
+        ),
+        # level 2: a normal parent, one with fewer rows than b, one without rows
+        (
+            3,
+            4,
+            {0: _normal(40), 1: _normal(2)},
+            {0: 40, 1: 2},
+            [4, 2, 1],
+            dict(
+                distinct_rows=42, capped_parents=2, capped_children=5, few_rows=1, empty_parents=1
+            ),
+        ),
+        # nothing degenerate: nothing capped, nothing logged
+        (
+            None,
+            4,
+            {0: _normal(200)},
+            {0: 200},
+            [4],
+            dict(
+                distinct_rows=200,
+                capped_parents=0,
+                capped_children=0,
+                few_rows=0,
+                few_distinct=0,
+                empty_parents=0,
+            ),
+        ),
+    ],
+)
+def test_capped_children_are_recorded_and_logged_once(
+    level1, b, samples, rows, nodes, expect, caplog
+):
     n_levels = 1 if level1 is None else 2
     bf = b if level1 is None else [level1, b]
     tax = Taxonomy(config=TaxonomyConfig(n_levels=n_levels, branching_factor=bf, dim=3), dim=3)
@@ -334,8 +415,10 @@ def test_capped_children_are_recorded_and_logged_once(level1, b, samples, rows, 
         assert len(warnings) == 1
         msg = warnings[0].getMessage()
         n_parents = 1 if level1 is None else level1
-        assert msg.startswith(f"level {n_levels}: {expect['capped_parents']} of {n_parents} "
-                              f"parents got fewer than {b} children")
+        assert msg.startswith(
+            f"level {n_levels}: {expect['capped_parents']} of {n_parents} "
+            f"parents got fewer than {b} children"
+        )
         assert msg.endswith(f"; {expect['capped_children']} children not made")
     else:
         assert warnings == []
@@ -343,8 +426,9 @@ def test_capped_children_are_recorded_and_logged_once(level1, b, samples, rows, 
 
 def test_identical_rows_fit_to_one_child_and_stay_there():
     cfg = TaxonomyConfig(n_levels=1, branching_factor=8, dim=3, init_iters=2)
-    tax = start_level(Taxonomy(config=cfg, dim=3),
-                      SampleResult(rows={0: 64}, samples={0: _identical(64)}))
+    tax = start_level(
+        Taxonomy(config=cfg, dim=3), SampleResult(rows={0: 64}, samples={0: _identical(64)})
+    )
     x = torch.from_numpy(_identical(64))
     a = kernels.assign(x, torch.from_numpy(tax.levels[0].centroids))
     sums, counts = kernels.partial_sums(x, a.ids, 1)
@@ -355,39 +439,45 @@ def test_identical_rows_fit_to_one_child_and_stay_there():
 
 # -- 5. config validated when built ----------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"seed": -1}, "seed=-1: must be an integer in [0, 2**63)"),
-    ({"seed": 2**63}, "seed"),
-    ({"seed": True}, "seed=True"),  # bools are not ints
-    ({"seed": 1.0}, "seed=1.0"),
-    ({"n_levels": 0}, "n_levels=0: must be an integer in [1, 64]"),
-    ({"n_levels": 65}, "n_levels"),
-    ({"n_levels": True}, "n_levels"),
-    ({"branching_factor": 2**24 + 1}, "branching_factor=16777217: must be an integer in "
-                                      "[1, 2**24]"),
-    ({"branching_factor": 0}, "branching_factor"),
-    ({"branching_factor": False}, "branching_factor"),
-    ({"branching_factor": [2, True], "n_levels": 2}, "branching_factor"),
-    ({"branching_factor": [2, 2**30], "n_levels": 2}, "branching_factor"),
-    ({"branching_factor": [2, 3]}, "one entry per level (1)"),
-    ({"max_iter": 0}, "max_iter"),
-    ({"max_iter": 10**6 + 1}, "max_iter=1000001: must be an integer in [1, 1000000]"),
-    ({"tol": NAN}, "tol=nan: must be a finite number >= 0"),
-    ({"tol": -1e-9}, "tol"),
-    ({"tol": INF}, "tol"),
-    ({"tol": True}, "tol"),
-    ({"tol": "0.1"}, "tol"),
-    ({"sample_per_child": 0}, "sample_per_child"),
-    ({"sample_per_child": -5}, "sample_per_child"),
-    ({"max_sample_per_node": 0}, "max_sample_per_node"),
-    ({"max_sample_per_node": 2**20 + 1}, "max_sample_per_node"),
-    ({"init_iters": -1}, "init_iters=-1: must be an integer in [0, 1000000]"),
-    ({"dim": 0}, "dim"),
-    ({"dim": 3.0}, "dim"),
-    ({"metric": "dot"}, "metric='dot': must be one of ('l2', 'cosine')"),
-    ({"embedding_field": ""}, "embedding_field='': must be a non-empty string"),
-    ({"embedding_field": None}, "embedding_field"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seed": -1}, "seed=-1: must be an integer in [0, 2**63)"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": True}, "seed=True"),  # bools are not ints
+        ({"seed": 1.0}, "seed=1.0"),
+        ({"n_levels": 0}, "n_levels=0: must be an integer in [1, 64]"),
+        ({"n_levels": 65}, "n_levels"),
+        ({"n_levels": True}, "n_levels"),
+        (
+            {"branching_factor": 2**24 + 1},
+            "branching_factor=16777217: must be an integer in [1, 2**24]",
+        ),
+        ({"branching_factor": 0}, "branching_factor"),
+        ({"branching_factor": False}, "branching_factor"),
+        ({"branching_factor": [2, True], "n_levels": 2}, "branching_factor"),
+        ({"branching_factor": [2, 2**30], "n_levels": 2}, "branching_factor"),
+        ({"branching_factor": [2, 3]}, "one entry per level (1)"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"max_iter": 10**6 + 1}, "max_iter=1000001: must be an integer in [1, 1000000]"),
+        ({"tol": NAN}, "tol=nan: must be a finite number >= 0"),
+        ({"tol": -1e-9}, "tol"),
+        ({"tol": INF}, "tol"),
+        ({"tol": True}, "tol"),
+        ({"tol": "0.1"}, "tol"),
+        ({"sample_per_child": 0}, "sample_per_child"),
+        ({"sample_per_child": -5}, "sample_per_child"),
+        ({"max_sample_per_node": 0}, "max_sample_per_node"),
+        ({"max_sample_per_node": 2**20 + 1}, "max_sample_per_node"),
+        ({"init_iters": -1}, "init_iters=-1: must be an integer in [0, 1000000]"),
+        ({"dim": 0}, "dim"),
+        ({"dim": 3.0}, "dim"),
+        ({"metric": "dot"}, "metric='dot': must be one of ('l2', 'cosine')"),
+        ({"embedding_field": ""}, "embedding_field='': must be a non-empty string"),
+        ({"embedding_field": None}, "embedding_field"),
+    ],
+)
 def test_config_refuses_bad_values_naming_the_parameter_and_range(kwargs, message):
     with pytest.raises(ValueError) as err:
         TaxonomyConfig(**kwargs)
@@ -395,12 +485,23 @@ def test_config_refuses_bad_values_naming_the_parameter_and_range(kwargs, messag
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"seed": 0}, {"seed": 2**63 - 1}, {"n_levels": 64, "branching_factor": 2},
-    {"branching_factor": 2**24}, {"tol": 0}, {"tol": 0.5}, {"max_iter": 10**6},
-    {"init_iters": 0}, {"max_sample_per_node": 2**20}, {"dim": None}, {"dim": 1},
-    {"n_levels": 2, "branching_factor": [3, 1]},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"seed": 0},
+        {"seed": 2**63 - 1},
+        {"n_levels": 64, "branching_factor": 2},
+        {"branching_factor": 2**24},
+        {"tol": 0},
+        {"tol": 0.5},
+        {"max_iter": 10**6},
+        {"init_iters": 0},
+        {"max_sample_per_node": 2**20},
+        {"dim": None},
+        {"dim": 1},
+        {"n_levels": 2, "branching_factor": [3, 1]},
+    ],
+)
 def test_config_accepts_the_edges_of_each_range(kwargs):
     TaxonomyConfig(**kwargs)
 

@@ -45,8 +45,9 @@ def test_later_passes_read_the_cache_and_streaming_gives_the_same_tree(rows, tmp
 def test_every_column_layout_gives_the_same_tree(rows, tmp_path):
     trees = {}
     for layout in ("list", "large", "fixed"):
-        data = write_embeddings(tmp_path / layout / "a.parquet", rows, list_type=layout,
-                                row_group_size=100)
+        data = write_embeddings(
+            tmp_path / layout / "a.parquet", rows, list_type=layout, row_group_size=100
+        )
         trees[layout] = _fit(tmp_path, data, layout)[1]
     raw = pa.array([r.tobytes() for r in rows], pa.binary(4 * DIM))
     path = tmp_path / "binary" / "a.parquet"
@@ -59,15 +60,17 @@ def test_every_column_layout_gives_the_same_tree(rows, tmp_path):
 
 def test_labelled_output_is_partitioned_by_the_top_level(rows, tmp_path):
     data = write_embeddings(tmp_path / "d" / "a.parquet", rows, row_group_size=128)
-    engine = TaxonomyEngine(storage_uri=str(tmp_path / "tax"),
-                            partition_by=["taxonomy_l1"], **PARAMS)
+    engine = TaxonomyEngine(
+        storage_uri=str(tmp_path / "tax"), partition_by=["taxonomy_l1"], **PARAMS
+    )
     engine.fit(str(data), output=str(tmp_path / "out"))
     table = ds.dataset(tmp_path / "out", format="parquet", partitioning="hive").to_table()
     assert sorted(table["id"].to_pylist()) == list(range(N))
     folders = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert folders == [f"taxonomy_l1={i}" for i in range(3)]
     top = ds.dataset(tmp_path / "out", format="parquet", partitioning="hive").to_table(
-        filter=ds.field("taxonomy_l1") == 1)
+        filter=ds.field("taxonomy_l1") == 1
+    )
     assert top.num_rows and set(top["taxonomy_path"].to_pylist()) <= {"1/2", "1/3"}
 
 
@@ -75,7 +78,8 @@ def test_row_groups_are_dealt_to_workers_by_rows():
     items = [f"f::rg={i}" for i in range(6)]
     shares = split_items(items, [100, 10, 10, 90, 5, 5], 2)
     assert sorted(sum(shares, [])) == sorted(items)
-    loads = [sum({"0": 100, "1": 10, "2": 10, "3": 90, "4": 5, "5": 5}[i[-1]] for i in s)
-             for s in shares]
+    loads = [
+        sum({"0": 100, "1": 10, "2": 10, "3": 90, "4": 5, "5": 5}[i[-1]] for i in s) for s in shares
+    ]
     assert max(loads) - min(loads) <= 10
     assert all(share == sorted(share, key=items.index) for share in shares)

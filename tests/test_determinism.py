@@ -16,8 +16,7 @@ from taxonomy_toys import assert_same_tree, labels_by_id
 from mdf_taxonomy.engine import TaxonomyEngine
 
 N, DIM = 360, 12
-PARAMS = dict(n_levels=2, branching_factor=[3, 2], seed=11, max_iter=2, tol=0.0,
-              progress=False)
+PARAMS = dict(n_levels=2, branching_factor=[3, 2], seed=11, max_iter=2, tol=0.0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,9 @@ def rows():
 
 
 def _fit(tmp, data, name, **kw):
-    engine = TaxonomyEngine(storage_uri=str(tmp / f"{name}-tax"), **{"batch_size": 64,
-                                                                      **PARAMS, **kw})
+    engine = TaxonomyEngine(
+        storage_uri=str(tmp / f"{name}-tax"), **{"batch_size": 64, **PARAMS, **kw}
+    )
     engine.fit(str(data), output=str(tmp / f"{name}-out"))
     return engine.load(), labels_by_id(tmp / f"{name}-out", 2)
 
@@ -59,12 +59,16 @@ def _check(got, want):
     assert labels == ref_labels
 
 
-@pytest.mark.parametrize("how", [
-    {"num_replicas": 2},  # two columnar workers (Ray actors)
-    {"cache_bytes": 0},  # every pass streamed from the files
-    {"columnar": False},  # MDF's Executor and the operators' list path
-    {"columnar": False, "num_replicas": 2, "batch_size": 200},
-], ids=["2-workers", "streamed", "mdf-operators", "mdf-2-replicas-batch-200"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"num_replicas": 2},  # two columnar workers (Ray actors)
+        {"cache_bytes": 0},  # every pass streamed from the files
+        {"columnar": False},  # MDF's Executor and the operators' list path
+        {"columnar": False, "num_replicas": 2, "batch_size": 200},
+    ],
+    ids=["2-workers", "streamed", "mdf-operators", "mdf-2-replicas-batch-200"],
+)
 def test_how_the_work_is_run_does_not_change_the_tree(reference, tmp_path, how):
     data, tax, labels = reference
     _check(_fit(tmp_path, data, "how", **how), (tax, labels))
@@ -78,6 +82,10 @@ def test_file_order_and_split_do_not_change_the_tree(reference, rows, tmp_path):
     data = tmp_path / "five"
     bounds = [0, 40, 130, 200, 290, N]  # uneven files, each with its own row-group size
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        write_embeddings(data / f"shard-{4 - i}.parquet", xs[a:b], ids=ids_s[a:b],
-                         row_group_size=[17, 33, 70, 29, 64][i])
+        write_embeddings(
+            data / f"shard-{4 - i}.parquet",
+            xs[a:b],
+            ids=ids_s[a:b],
+            row_group_size=[17, 33, 70, 29, 64][i],
+        )
     _check(_fit(tmp_path, data, "five"), (tax, labels))

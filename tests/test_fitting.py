@@ -130,11 +130,18 @@ def test_tol_ends_the_fit_after_the_passes_the_rule_gives(tmp_path):
     max_iter = 10
 
     def fit(tol, row_group_size=100):
-        data = write_embeddings(tmp_path / f"d{row_group_size}" / "a.parquet", x,
-                                row_group_size=row_group_size)
-        engine = TaxonomyEngine(storage_uri=str(tmp_path / f"t-{tol}-{row_group_size}"),
-                                n_levels=1, branching_factor=8, max_iter=max_iter, tol=tol,
-                                init_iters=0, progress=False)
+        data = write_embeddings(
+            tmp_path / f"d{row_group_size}" / "a.parquet", x, row_group_size=row_group_size
+        )
+        engine = TaxonomyEngine(
+            storage_uri=str(tmp_path / f"t-{tol}-{row_group_size}"),
+            n_levels=1,
+            branching_factor=8,
+            max_iter=max_iter,
+            tol=tol,
+            init_iters=0,
+            progress=False,
+        )
         return engine.fit(str(data))
 
     full = fit(0.0)

@@ -14,8 +14,19 @@ PACKAGE = ROOT / "mdf_taxonomy"
 MAX_MODULE_LINES = 420
 
 # lowest first; a module may import its own layer and the layers listed before it
-LAYERS = ("_version", "_mdf", "kernels", "model", "backend", "passes", "operators", "curation", "report",
-          "engine", "cli")
+LAYERS = (
+    "_version",
+    "_mdf",
+    "kernels",
+    "model",
+    "backend",
+    "passes",
+    "operators",
+    "curation",
+    "report",
+    "engine",
+    "cli",
+)
 # the package root only re-exports lazily; _mdf is the seam to MDF and imports none of ours
 SEAM = "_mdf"
 
@@ -88,14 +99,18 @@ def test_layers_import_only_downwards():
 
 
 def test_no_module_is_over_the_size_limit():
-    big = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
-           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    big = {
+        str(p.relative_to(ROOT)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert not big, big
 
 
 def test_no_import_cycle_between_modules():
-    graph = {name: {t for t in _imports(name, tree) if t != name}
-             for name, tree in _modules().items()}
+    graph = {
+        name: {t for t in _imports(name, tree) if t != name} for name, tree in _modules().items()
+    }
     for targets in graph.values():  # a package import stands for the package's __init__
         targets &= set(graph)
     seen: dict[str, int] = {}
@@ -107,7 +122,7 @@ def test_no_import_cycle_between_modules():
             if nxt == "mdf_taxonomy":
                 continue
             if seen.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in seen:
                 visit(nxt, stack + [nxt])
         seen[node] = 2
@@ -118,8 +133,10 @@ def test_no_import_cycle_between_modules():
     assert not cycles, "\n".join(cycles)
 
 
-@pytest.mark.parametrize("module", ["mdf_taxonomy", "mdf_taxonomy.kernels",
-                                    "mdf_taxonomy.model", "mdf_taxonomy.passes.records"])
+@pytest.mark.parametrize(
+    "module",
+    ["mdf_taxonomy", "mdf_taxonomy.kernels", "mdf_taxonomy.model", "mdf_taxonomy.passes.records"],
+)
 def test_importing_a_low_layer_has_no_side_effects(module):
     code = (
         f"import sys; import {module}\n"
@@ -127,8 +144,9 @@ def test_importing_a_low_layer_has_no_side_effects(module):
         " if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"importing {module} imported {out.stdout.strip()}"
 
@@ -142,6 +160,7 @@ def test_importing_the_package_registers_nothing():
         "mdf_taxonomy.register()\n"
         "assert 'TaxonomyPathRefiner' in _mdf.OperatorRegistry.list_operators()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert out.returncode == 0, out.stderr

@@ -45,11 +45,15 @@ def test_work_is_split_by_row_group_and_glob(tmp_path):
 def test_hive_directory_projection_and_pushdown_filter(tmp_path):
     x, _ = blobs(40, 4, 2)
     for i, kingdom in enumerate(["Animalia", "Plantae"]):
-        write_embeddings(tmp_path / f"kingdom={kingdom}" / "part.parquet", x[i * 20:(i + 1) * 20],
-                         ids=np.arange(i * 20, (i + 1) * 20),
-                         extra={"note": pa.array(["n"] * 20)})
-    loader = ParquetEmbeddingLoader(str(tmp_path), columns=["id", "kingdom"],
-                                    filter=[[("kingdom", "==", "Plantae")]])
+        write_embeddings(
+            tmp_path / f"kingdom={kingdom}" / "part.parquet",
+            x[i * 20 : (i + 1) * 20],
+            ids=np.arange(i * 20, (i + 1) * 20),
+            extra={"note": pa.array(["n"] * 20)},
+        )
+    loader = ParquetEmbeddingLoader(
+        str(tmp_path), columns=["id", "kingdom"], filter=[[("kingdom", "==", "Plantae")]]
+    )
     recs = load_all(loader)
     assert sorted(r["id"] for r in recs) == list(range(20, 40))
     assert all(r["kingdom"] == "Plantae" and "note" not in r for r in recs)
@@ -86,37 +90,45 @@ LIST_TYPES = {"list": pa.list_, "large": pa.large_list, "fixed": lambda t: pa.li
 def test_every_column_passes_through_unchanged(tmp_path, value_type, list_type):
     values = np.arange(12).reshape(4, 3).astype(value_type)
     emb_type = LIST_TYPES[list_type](pa.from_numpy_dtype(np.dtype(value_type)))
-    table = pa.table({
-        "id": pa.array([1, 2, 3, 4], pa.int64()),
-        "embedding": pa.array([list(r) for r in values], emb_type),
-        "caption": ["a", None, "c", "d"],
-        "score": pa.array([0.5, 1.5, None, 2.5], pa.float64()),
-        "taken": pa.array([datetime.datetime(2024, 1, d) for d in (1, 2, 3, 4)],
-                          pa.timestamp("ms")),
-        "tags": pa.array([["x"], [], None, ["y", "z"]], pa.list_(pa.string())),
-        "meta": pa.array([{"k": i} for i in range(4)], pa.struct([("k", pa.int16())])),
-    })
+    table = pa.table(
+        {
+            "id": pa.array([1, 2, 3, 4], pa.int64()),
+            "embedding": pa.array([list(r) for r in values], emb_type),
+            "caption": ["a", None, "c", "d"],
+            "score": pa.array([0.5, 1.5, None, 2.5], pa.float64()),
+            "taken": pa.array(
+                [datetime.datetime(2024, 1, d) for d in (1, 2, 3, 4)], pa.timestamp("ms")
+            ),
+            "tags": pa.array([["x"], [], None, ["y", "z"]], pa.list_(pa.string())),
+            "meta": pa.array([{"k": i} for i in range(4)], pa.struct([("k", pa.int16())])),
+        }
+    )
     pq.write_table(table, tmp_path / "t.parquet")
     recs = load_all(ParquetEmbeddingLoader(str(tmp_path / "t.parquet")))
     got = np.stack([r["embedding"] for r in recs])
     assert got.dtype == np.dtype(value_type) and np.array_equal(got, values)
-    back = pa.Table.from_pylist([{**r, "embedding": r["embedding"].tolist()} for r in recs],
-                                schema=table.schema)
+    back = pa.Table.from_pylist(
+        [{**r, "embedding": r["embedding"].tolist()} for r in recs], schema=table.schema
+    )
     assert back.equals(table)
 
 
 @pytest.mark.parametrize("spelling", ["glob_dirs", "glob_files", "glob_deep", "list", "dir"])
 def test_globs_and_path_lists_keep_hive_partition_columns(tmp_path, spelling):
     x, _ = blobs(30, 4, 2)
-    for i, (kingdom, year) in enumerate([("Animalia", 2020), ("Plantae", 2020),
-                                         ("Plantae", 2021)]):
-        write_embeddings(tmp_path / f"kingdom={kingdom}" / f"year={year}" / "part.parquet",
-                         x[i * 10:(i + 1) * 10], ids=np.arange(i * 10, (i + 1) * 10))
-    path = {"glob_dirs": str(tmp_path / "kingdom=*"),
-            "glob_files": str(tmp_path / "*" / "*" / "*.parquet"),
-            "glob_deep": str(tmp_path / "kingdom=Plantae" / "year=*" / "part.parquet"),
-            "list": [str(tmp_path / "kingdom=Animalia"), str(tmp_path / "kingdom=Plantae")],
-            "dir": str(tmp_path)}[spelling]
+    for i, (kingdom, year) in enumerate([("Animalia", 2020), ("Plantae", 2020), ("Plantae", 2021)]):
+        write_embeddings(
+            tmp_path / f"kingdom={kingdom}" / f"year={year}" / "part.parquet",
+            x[i * 10 : (i + 1) * 10],
+            ids=np.arange(i * 10, (i + 1) * 10),
+        )
+    path = {
+        "glob_dirs": str(tmp_path / "kingdom=*"),
+        "glob_files": str(tmp_path / "*" / "*" / "*.parquet"),
+        "glob_deep": str(tmp_path / "kingdom=Plantae" / "year=*" / "part.parquet"),
+        "list": [str(tmp_path / "kingdom=Animalia"), str(tmp_path / "kingdom=Plantae")],
+        "dir": str(tmp_path),
+    }[spelling]
     recs = load_all(ParquetEmbeddingLoader(path))
     by_id = {r["id"]: r for r in recs}
     want = {0: ("Animalia", 2020), 15: ("Plantae", 2020), 25: ("Plantae", 2021)}
@@ -127,6 +139,7 @@ def test_globs_and_path_lists_keep_hive_partition_columns(tmp_path, spelling):
     assert sorted(by_id) == list(range(30))
     for i, (kingdom, year) in want.items():
         assert (by_id[i]["kingdom"], by_id[i]["year"]) == (kingdom, year)
-    filtered = ParquetEmbeddingLoader(path, filter=[[("kingdom", "==", "Plantae"),
-                                                     ("year", "==", 2021)]])
+    filtered = ParquetEmbeddingLoader(
+        path, filter=[[("kingdom", "==", "Plantae"), ("year", "==", 2021)]]
+    )
     assert sorted(r["id"] for r in load_all(filtered)) == list(range(20, 30))

@@ -13,9 +13,14 @@ from mdf_taxonomy.model import TaxonomyConfig, TaxonomyStore, TaxonomyStoreError
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"n_levels": 0}, "n_levels"), ({"branching_factor": [2]}, "branching_factor"),
-     ({"metric": "manhattan"}, "metric"), ({"max_iter": 0}, "max_iter"),
-     ({"tol": -1}, "tol"), ({"branching_factor": 0}, "branching_factor")],
+    [
+        ({"n_levels": 0}, "n_levels"),
+        ({"branching_factor": [2]}, "branching_factor"),
+        ({"metric": "manhattan"}, "metric"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"tol": -1}, "tol"),
+        ({"branching_factor": 0}, "branching_factor"),
+    ],
 )
 def test_config_names_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -28,19 +28,27 @@ def dataset(tmp_path_factory):
     x, labels = blobs(600, 16, 6, seed=1)
     for i in range(3):
         sl = slice(i * 200, (i + 1) * 200)
-        write_embeddings(root / f"part-{i}.parquet", x[sl], ids=np.arange(600)[sl],
-                         row_group_size=100)
-    bad = pa.array([None, [1.0] * 15, [float("nan")] * 16, [0.5] * 16],
-                   pa.list_(pa.float32()))
-    pq.write_table(pa.table({"id": pa.array([600, 601, 602, 603], pa.int64()), "embedding": bad}),
-                   root / "part-3.parquet")
+        write_embeddings(
+            root / f"part-{i}.parquet", x[sl], ids=np.arange(600)[sl], row_group_size=100
+        )
+    bad = pa.array([None, [1.0] * 15, [float("nan")] * 16, [0.5] * 16], pa.list_(pa.float32()))
+    pq.write_table(
+        pa.table({"id": pa.array([600, 601, 602, 603], pa.int64()), "embedding": bad}),
+        root / "part-3.parquet",
+    )
     return root, x, labels
 
 
 def test_fit_labels_every_record_exactly_once(ray_session, dataset, tmp_path):
     root, x, _ = dataset
-    engine = TaxonomyEngine(n_levels=2, branching_factor=[3, 2], storage_uri=str(tmp_path / "t"),
-                            max_iter=4, batch_size=128, progress=False)
+    engine = TaxonomyEngine(
+        n_levels=2,
+        branching_factor=[3, 2],
+        storage_uri=str(tmp_path / "t"),
+        max_iter=4,
+        batch_size=128,
+        progress=False,
+    )
     tax = engine.fit(str(root), output=str(tmp_path / "out"))
     assert tax.state.complete and [lv.n_nodes for lv in tax.levels] == [3, 6]
     out = read_output(tmp_path / "out")
@@ -70,9 +78,15 @@ def test_same_seed_same_centroids_whatever_the_batch_size(ray_session, dataset, 
     root, _, _ = dataset
     cents = []
     for i, batch in enumerate([100, 257]):
-        engine = TaxonomyEngine(n_levels=1, branching_factor=6, seed=7, max_iter=3,
-                                storage_uri=str(tmp_path / f"t{i}"), batch_size=batch,
-                                progress=False)
+        engine = TaxonomyEngine(
+            n_levels=1,
+            branching_factor=6,
+            seed=7,
+            max_iter=3,
+            storage_uri=str(tmp_path / f"t{i}"),
+            batch_size=batch,
+            progress=False,
+        )
         cents.append(engine.fit(str(root)).levels[0].centroids)
     assert cents[0].tobytes() == cents[1].tobytes()
 
@@ -83,12 +97,22 @@ def test_inertia_within_one_percent_of_sklearn(ray_session, tmp_path):
     x, _ = blobs(1500, 12, 8, seed=5, spread=3.0)
     write_embeddings(tmp_path / "d.parquet", x)
     iters = 5
-    engine = TaxonomyEngine(n_levels=1, branching_factor=8, max_iter=iters, tol=0.0,
-                            init_iters=0, storage_uri=str(tmp_path / "t"), progress=False)
+    engine = TaxonomyEngine(
+        n_levels=1,
+        branching_factor=8,
+        max_iter=iters,
+        tol=0.0,
+        init_iters=0,
+        storage_uri=str(tmp_path / "t"),
+        progress=False,
+    )
     tax = engine.fit(str(tmp_path / "d.parquet"))
     store = TaxonomyStore(str(tmp_path / "t"))
-    first = next(v for v in (f"{i:06d}" for i in range(10))
-                 if store.load(v).state.phase == "lloyd" and store.load(v).state.iteration == 0)
+    first = next(
+        v
+        for v in (f"{i:06d}" for i in range(10))
+        if store.load(v).state.phase == "lloyd" and store.load(v).state.iteration == 0
+    )
     init = store.load(first).levels[0].centroids
     ours_c = tax.levels[0].centroids.astype(np.float64)
     ours = ((x[:, None, :] - ours_c[None]) ** 2).sum(-1).min(1).sum()
@@ -99,20 +123,34 @@ def test_inertia_within_one_percent_of_sklearn(ray_session, tmp_path):
 
 def _write_yaml(path, data_dir, storage, out, replicas=2, extra_ops=None):
     cfg = {
-        "data_loader": {"type": "ParquetEmbeddingLoader", "params": {"path": str(data_dir)},
-                        "num_workers": 1},
-        "stages": [{
-            "name": "taxonomy",
-            "operators": [
-                {"name": "kmeans_level_refiner",
-                 "params": {"storage_uri": str(storage), "n_levels": 1, "branching_factor": 4,
-                            "max_iter": 3}},
-                {"name": "taxonomy_path_refiner", "params": {"storage_uri": str(storage)}},
-                *(extra_ops or []),
-            ],
-            "worker": {"min_replicas": replicas, "max_replicas": replicas,
-                       "resources": {"cpu": 0.5, "gpu": 0}},
-        }],
+        "data_loader": {
+            "type": "ParquetEmbeddingLoader",
+            "params": {"path": str(data_dir)},
+            "num_workers": 1,
+        },
+        "stages": [
+            {
+                "name": "taxonomy",
+                "operators": [
+                    {
+                        "name": "kmeans_level_refiner",
+                        "params": {
+                            "storage_uri": str(storage),
+                            "n_levels": 1,
+                            "branching_factor": 4,
+                            "max_iter": 3,
+                        },
+                    },
+                    {"name": "taxonomy_path_refiner", "params": {"storage_uri": str(storage)}},
+                    *(extra_ops or []),
+                ],
+                "worker": {
+                    "min_replicas": replicas,
+                    "max_replicas": replicas,
+                    "resources": {"cpu": 0.5, "gpu": 0},
+                },
+            }
+        ],
         "data_writer": {"type": "ParquetDataWriter", "params": {"output_path": str(out)}},
         "executor": {"batch_size": 64, "metrics": {"enabled": False}},
     }
@@ -134,12 +172,14 @@ def test_yaml_pipeline_with_two_replicas(ray_session, dataset, tmp_path, capsys)
 
 def test_bad_config_names_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(textwrap.dedent("""
+    bad.write_text(
+        textwrap.dedent("""
         data_loader: {type: ParquetEmbeddingLoader, params: {path: x}, num_wokers: 2}
         stages: []
         data_writer: {type: ParquetDataWriter, params: {output_path: y}}
         executor: {}
-    """))
+    """)
+    )
     assert cli.main(["run", "-c", str(bad)]) == 2
     assert "num_wokers" in capsys.readouterr().err
     (tmp_path / "broken.yaml").write_text("stages: [unclosed")
@@ -149,16 +189,29 @@ def test_bad_config_names_the_key(tmp_path, capsys):
 
 def test_unknown_operator_lists_the_registered_ones(tmp_path, capsys, dataset):
     root, _, _ = dataset
-    config = _write_yaml(tmp_path / "p.yaml", root, tmp_path / "t", tmp_path / "out",
-                         extra_ops=[{"name": "kmeans_leval_refiner", "params": {}}])
+    config = _write_yaml(
+        tmp_path / "p.yaml",
+        root,
+        tmp_path / "t",
+        tmp_path / "out",
+        extra_ops=[{"name": "kmeans_leval_refiner", "params": {}}],
+    )
     assert cli.main(["run", "-c", str(config)]) == 2
     err = capsys.readouterr().err
     assert "kmeans_leval_refiner" in err and "KmeansLevelRefiner" in err
 
 
 def test_unreadable_input_is_a_clear_error(ray_session, tmp_path, capsys):
-    rc = cli.main(["-q", "fit", "--input", str(tmp_path / "nope.parquet"), "--storage-uri",
-                   str(tmp_path / "t")])
+    rc = cli.main(
+        [
+            "-q",
+            "fit",
+            "--input",
+            str(tmp_path / "nope.parquet"),
+            "--storage-uri",
+            str(tmp_path / "t"),
+        ]
+    )
     assert rc == 2
     assert "nope.parquet" in capsys.readouterr().err
 
@@ -175,10 +228,16 @@ def test_worker_combiner_sends_fewer_flushes_and_changes_nothing(ray_session, da
     root, _, _ = dataset
     trees, logs = [], []
     for flush_rows in (0, 10_000):
-        engine = TaxonomyEngine(n_levels=1, branching_factor=5, max_iter=2, batch_size=50,
-                                flush_rows=flush_rows, columnar=False,
-                                storage_uri=str(tmp_path / f"t{flush_rows}"),
-                                progress=False)
+        engine = TaxonomyEngine(
+            n_levels=1,
+            branching_factor=5,
+            max_iter=2,
+            batch_size=50,
+            flush_rows=flush_rows,
+            columnar=False,
+            storage_uri=str(tmp_path / f"t{flush_rows}"),
+            progress=False,
+        )
         trees.append(engine.fit(str(root)).levels[0].centroids)
         logs.append([p for p in engine.last_fit.pass_log if p["phase"] == "lloyd"])
     assert trees[0].tobytes() == trees[1].tobytes()
@@ -211,8 +270,15 @@ def test_sample_pass_prunes_rows_yet_keeps_the_global_bottom_k(ray_session, tmp_
     cfg = TaxonomyConfig(n_levels=1, branching_factor=2, dim=8, sample_per_child=5)
     store = TaxonomyStore(str(tmp_path / "t"))
     version = store.save(Taxonomy(config=cfg, dim=8))
-    op = KMeansLevelRefiner(str(tmp_path / "t"), snapshot=version, branching_factor=2, dim=8,
-                            sample_per_child=5, backend_name="prune_test", device="cpu")
+    op = KMeansLevelRefiner(
+        str(tmp_path / "t"),
+        snapshot=version,
+        branching_factor=2,
+        dim=8,
+        sample_per_child=5,
+        backend_name="prune_test",
+        device="cpu",
+    )
     op.backend.start_pass(version, 0, 8)
     sent = []
     real_offer = op.backend.offer_samples
@@ -223,7 +289,7 @@ def test_sample_pass_prunes_rows_yet_keeps_the_global_bottom_k(ray_session, tmp_
 
     op.backend.offer_samples = counting_offer
     for start in range(0, 2000, 100):
-        op.process_batch([{"embedding": row} for row in x[start:start + 100]])
+        op.process_batch([{"embedding": row} for row in x[start : start + 100]])
     got = op.backend.collect(0, 8)
     want = x[BottomK.smallest(sample_priorities(x, cfg.seed, 1), 10)]
     assert np.array_equal(got["samples"][0], want)

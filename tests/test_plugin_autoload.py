@@ -33,9 +33,11 @@ def test_stock_mdf_import_triggers_plugin_registration(tmp_path):
     (fake / "__init__.py").write_text("")
     (fake / "framework" / "__init__.py").write_text(
         "from rust_free_fallback.framework import *  # noqa\n"
-        "from rust_free_fallback.framework import OperatorRegistry\n")
+        "from rust_free_fallback.framework import OperatorRegistry\n"
+    )
     (fake / "framework" / "config.py").write_text(
-        "from rust_free_fallback.framework.config import *  # noqa\n")
+        "from rust_free_fallback.framework.config import *  # noqa\n"
+    )
     code = textwrap.dedent("""
         import sys
         import rust_free_fallback.autoload as a
@@ -46,8 +48,9 @@ def test_stock_mdf_import_triggers_plugin_registration(tmp_path):
         print(seam.MDF_FLAVOUR, sorted(OperatorRegistry.list_operators()))
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("mega_data_factory")
     assert "KmeansLevelRefiner" in out.stdout and "TaxonomyPathRefiner" in out.stdout

@@ -45,18 +45,21 @@ def real_env() -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     probe = subprocess.run(
         [sys.executable, "-c", "import mdf_taxonomy._mdf as m; print(m.MDF_FLAVOUR)"],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert probe.stdout.strip() == "mega_data_factory", probe.stderr[-2000:]
     return env
 
 
-def run_real(args: list[str], env: dict[str, str], cwd: pathlib.Path,
-             timeout: int = 900) -> str:
+def run_real(args: list[str], env: dict[str, str], cwd: pathlib.Path, timeout: int = 900) -> str:
     """Run a command under the real framework; returns its stdout (asserting rc 0)."""
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, (f"{args} exited {proc.returncode}\n"
-                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     return proc.stdout
 
 
@@ -101,7 +104,8 @@ def demo_real(real_env, tmp_path_factory) -> pathlib.Path:
 
 
 def test_demo_runs_under_real_mdf_and_equals_the_fallback_tree(
-        demo_real, ray_session, sample, tmp_path):
+    demo_real, ray_session, sample, tmp_path
+):
     out = (demo_real / "stdout.txt").read_text()
     assert "records in: 1030, out: 1030" in out
     assert "labelled: 1030 of 1030, rejected 0" in out
@@ -117,8 +121,10 @@ def test_demo_runs_under_real_mdf_and_equals_the_fallback_tree(
     # the same config under the fallback, in this process: the same tree bit for bit
     cfg = rewrite(ROOT / "configs" / "demo.yaml", tmp_path)
     assert cli.main(["-q", "run", "-c", str(cfg)]) == 0
-    assert_same_tree(TaxonomyStore(str(demo_real / "taxonomy")).load(),
-                     TaxonomyStore(str(tmp_path / "taxonomy")).load())
+    assert_same_tree(
+        TaxonomyStore(str(demo_real / "taxonomy")).load(),
+        TaxonomyStore(str(tmp_path / "taxonomy")).load(),
+    )
 
 
 def _clean_survivors(sample: pa.Table) -> pa.Table:
@@ -126,8 +132,9 @@ def _clean_survivors(sample: pa.Table) -> pa.Table:
     then the first record of each species (one loader, one replica: file order)."""
     seen: set[str] = set()
     keep = []
-    for i, (name, species) in enumerate(zip(sample["common_name"].to_pylist(),
-                                            sample["species"].to_pylist(), strict=True)):
+    for i, (name, species) in enumerate(
+        zip(sample["common_name"].to_pylist(), sample["species"].to_pylist(), strict=True)
+    ):
         if len(name or "") < 4:
             continue
         key = " ".join(species.split()).lower() if isinstance(species, str) and species else None
@@ -156,15 +163,27 @@ def test_add_to_existing_pipeline_with_mdf_operators(real_env, ray_session, samp
     pq.write_table(survivors, tmp_path / "survivors.parquet")
     params = yaml.safe_load(cfg.read_text())["stages"][1]["operators"][0]["params"]
     engine = TaxonomyEngine(
-        n_levels=params["n_levels"], branching_factor=params["branching_factor"],
-        metric=params["metric"], seed=params["seed"], max_iter=params["max_iter"],
-        embedding_field="emb", storage_uri=str(tmp_path / "fallback"), progress=False)
+        n_levels=params["n_levels"],
+        branching_factor=params["branching_factor"],
+        metric=params["metric"],
+        seed=params["seed"],
+        max_iter=params["max_iter"],
+        embedding_field="emb",
+        storage_uri=str(tmp_path / "fallback"),
+        progress=False,
+    )
     want = engine.fit(str(tmp_path / "survivors.parquet"))
     assert_same_tree(TaxonomyStore(str(tmp / "taxonomy")).load(), want)
 
 
-FIT_ARGS = {"n_levels": 1, "branching_factor": 6, "metric": "cosine", "seed": 3,
-            "max_iter": 1, "embedding_field": "emb"}
+FIT_ARGS = {
+    "n_levels": 1,
+    "branching_factor": 6,
+    "metric": "cosine",
+    "seed": 3,
+    "max_iter": 1,
+    "embedding_field": "emb",
+}
 
 
 def test_engine_fit_and_cli_fit_under_real_mdf(real_env, ray_session, sample, tmp_path):
@@ -172,19 +191,53 @@ def test_engine_fit_and_cli_fit_under_real_mdf(real_env, ray_session, sample, tm
         "import sys, json; from mdf_taxonomy import TaxonomyEngine; "
         f"e = TaxonomyEngine(**json.loads({json.dumps(json.dumps(FIT_ARGS))}), "
         "storage_uri=sys.argv[2], progress=False); "
-        "t = e.fit(sys.argv[1], output=sys.argv[3]); print('summary', e.last_summary['label'])")
-    run_real([sys.executable, "-c", code, str(SAMPLE), str(tmp_path / "engine"),
-              str(tmp_path / "engine_out")], real_env, tmp_path)
-    out = run_real([str(BIN / "mdf-taxonomy"), "-q", "fit", "--input", str(SAMPLE),
-                    "--storage-uri", str(tmp_path / "cli"), "--output", str(tmp_path / "cli_out"),
-                    "--n-levels", "1", "--branching-factor", "6", "--metric", "cosine",
-                    "--seed", "3", "--max-iter", "1", "--embedding-field", "emb"],
-                   real_env, tmp_path)
+        "t = e.fit(sys.argv[1], output=sys.argv[3]); print('summary', e.last_summary['label'])"
+    )
+    run_real(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(SAMPLE),
+            str(tmp_path / "engine"),
+            str(tmp_path / "engine_out"),
+        ],
+        real_env,
+        tmp_path,
+    )
+    out = run_real(
+        [
+            str(BIN / "mdf-taxonomy"),
+            "-q",
+            "fit",
+            "--input",
+            str(SAMPLE),
+            "--storage-uri",
+            str(tmp_path / "cli"),
+            "--output",
+            str(tmp_path / "cli_out"),
+            "--n-levels",
+            "1",
+            "--branching-factor",
+            "6",
+            "--metric",
+            "cosine",
+            "--seed",
+            "3",
+            "--max-iter",
+            "1",
+            "--embedding-field",
+            "emb",
+        ],
+        real_env,
+        tmp_path,
+    )
     assert "labelled: 1030 of 1030" in out and "run summary:" in out
     for name in ("engine_out", "cli_out"):
         ids_once(labelled(tmp_path / name), sample["uuid"].to_pylist())
-    want = TaxonomyEngine(**FIT_ARGS, storage_uri=str(tmp_path / "fallback"),
-                          progress=False).fit(str(SAMPLE))
+    want = TaxonomyEngine(**FIT_ARGS, storage_uri=str(tmp_path / "fallback"), progress=False).fit(
+        str(SAMPLE)
+    )
     for name in ("engine", "cli"):
         assert_same_tree(TaxonomyStore(str(tmp_path / name)).load(), want)
 
@@ -198,19 +251,25 @@ def crawl_with_bad_rows(tmp_path_factory, sample) -> pathlib.Path:
     bad = sample.slice(0, 3).drop_columns(["emb", "uuid"])
     bad = bad.append_column("uuid", pa.array(["bad-null", "bad-short", "bad-nan"]))
     emb = pa.array([None, [0.1] * (dim - 1), [float("nan")] * dim], pa.list_(pa.float32()))
-    pq.write_table(bad.append_column("emb", emb).select(sample.column_names),
-                   root / "part-1.parquet")
+    pq.write_table(
+        bad.append_column("emb", emb).select(sample.column_names), root / "part-1.parquet"
+    )
     return root
 
 
-def test_label_only_config_and_stock_mdf_cli(real_env, demo_real, crawl_with_bad_rows,
-                                             sample, tmp_path):
+def test_label_only_config_and_stock_mdf_cli(
+    real_env, demo_real, crawl_with_bad_rows, sample, tmp_path
+):
     storage = str(demo_real / "taxonomy")
     want_ids = [*sample["uuid"].to_pylist(), "bad-null", "bad-short", "bad-nan"]
     reasons = {"missing_embedding": 1, "wrong_length": 1, "non_finite": 1}
     # mdf-taxonomy run on a labelling-only YAML: no refit, counts reach the user
-    ours = rewrite(ROOT / "configs" / "label_new_crawl.yaml", tmp_path / "ours",
-                   data=str(crawl_with_bad_rows), storage=storage)
+    ours = rewrite(
+        ROOT / "configs" / "label_new_crawl.yaml",
+        tmp_path / "ours",
+        data=str(crawl_with_bad_rows),
+        storage=storage,
+    )
     out = run_real([str(BIN / "mdf-taxonomy"), "-q", "run", "-c", str(ours)], real_env, ROOT)
     assert "records in: 1033, out: 1033" in out
     assert f"labelled: 1030 of 1033, rejected {reasons}" in out
@@ -218,18 +277,35 @@ def test_label_only_config_and_stock_mdf_cli(real_env, demo_real, crawl_with_bad
     # the stock MDF CLI, with the plugin hook armed in a site dir of its own
     site = tmp_path / "site"
     site.mkdir()
-    run_real([sys.executable, "-m", "rust_free_fallback.autoload", "install",
-              "--site-packages", str(site)], real_env, ROOT)
-    stock = rewrite(ROOT / "configs" / "label_new_crawl.yaml", tmp_path / "stock",
-                    data=str(crawl_with_bad_rows), storage=storage)
+    run_real(
+        [
+            sys.executable,
+            "-m",
+            "rust_free_fallback.autoload",
+            "install",
+            "--site-packages",
+            str(site),
+        ],
+        real_env,
+        ROOT,
+    )
+    stock = rewrite(
+        ROOT / "configs" / "label_new_crawl.yaml",
+        tmp_path / "stock",
+        data=str(crawl_with_bad_rows),
+        storage=storage,
+    )
     cfg = yaml.safe_load(stock.read_text())  # and MDF's own rejected-samples output on
-    cfg["executor"]["rejected_samples"] = {"enabled": True,
-                                           "output_path": str(tmp_path / "rejected")}
+    cfg["executor"]["rejected_samples"] = {
+        "enabled": True,
+        "output_path": str(tmp_path / "rejected"),
+    }
     stock.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    code = ("import site, sys, runpy; site.addsitedir(sys.argv.pop(1)); "
-            "sys.argv[0] = 'mdf'; runpy.run_module('mega_data_factory.cli', run_name='__main__')")
-    out = run_real([sys.executable, "-c", code, str(site), "run", "-c", str(stock)],
-                   real_env, ROOT)
+    code = (
+        "import site, sys, runpy; site.addsitedir(sys.argv.pop(1)); "
+        "sys.argv[0] = 'mdf'; runpy.run_module('mega_data_factory.cli', run_name='__main__')"
+    )
+    out = run_real([sys.executable, "-c", code, str(site), "run", "-c", str(stock)], real_env, ROOT)
     assert "Input samples: 1033" in out and "Output samples: 1033" in out
     rejected = labelled(tmp_path / "rejected").to_pylist()  # counted where MDF counts them
     assert sorted(r["uuid"] for r in rejected) == ["bad-nan", "bad-null", "bad-short"]
@@ -241,8 +317,9 @@ def test_label_only_config_and_stock_mdf_cli(real_env, demo_real, crawl_with_bad
         table = labelled(tmp_path / name / "labelled")
         ids_once(table, want_ids)
         by_id = {r["uuid"]: r for r in table.to_pylist()}
-        got = np.array([[by_id[r["uuid"]][f"taxonomy_l{i + 1}"] for i in range(tax.n_levels)]
-                        for r in rows])
+        got = np.array(
+            [[by_id[r["uuid"]][f"taxonomy_l{i + 1}"] for i in range(tax.n_levels)] for r in rows]
+        )
         assert np.array_equal(got, want), f"{name}: labels differ from Taxonomy.assign_paths"
         errors = {u: by_id[u]["taxonomy_error"] for u in ("bad-null", "bad-short", "bad-nan")}
         assert errors["bad-null"].startswith("missing_embedding")

@@ -26,8 +26,12 @@ def test_each_kind_of_bad_record_is_named():
     assert "3 values, expected 4" in parsed.errors[4]
     assert parsed.errors[3].startswith("non_finite")
     assert parsed.errors[1].startswith("missing_embedding")
-    assert parsed.reasons() == {"missing_embedding": 2, "non_finite": 1, "wrong_length": 1,
-                                "bad_embedding": 1}
+    assert parsed.reasons() == {
+        "missing_embedding": 2,
+        "non_finite": 1,
+        "wrong_length": 1,
+        "bad_embedding": 1,
+    }
 
 
 def test_flush_id_is_a_function_of_the_batch():

@@ -26,8 +26,9 @@ from mdf_taxonomy.engine import PipelineFit, TaxonomyEngine
 from mdf_taxonomy.model import TaxonomyStore, TaxonomyStoreError
 
 DIM = 8
-PARAMS = dict(n_levels=2, branching_factor=[3, 2], dim=DIM, seed=3, max_iter=2,
-              batch_size=64, progress=False)
+PARAMS = dict(
+    n_levels=2, branching_factor=[3, 2], dim=DIM, seed=3, max_iter=2, batch_size=64, progress=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,9 @@ def data(tmp_path_factory):
     x, _ = blobs(300, DIM, 6, seed=8)
     for i in range(3):
         sl = slice(i * 100, (i + 1) * 100)
-        write_embeddings(root / "in" / f"part-{i}.parquet", x[sl], ids=np.arange(300)[sl],
-                         row_group_size=100)
+        write_embeddings(
+            root / "in" / f"part-{i}.parquet", x[sl], ids=np.arange(300)[sl], row_group_size=100
+        )
     return root / "in"
 
 
@@ -53,9 +55,11 @@ def reference(ray_session, data, tmp_path_factory):
 
 # -- (a) a backend bucket actor dies mid-pass -------------------------------------------
 
-VICTIMS = [FIT_BUCKET_0,  # a backend bucket
-           "pipeline_loader_0",  # the loader itself, mid-stream: its rows are missing
-           "pipeline_stage_taxonomy_0"]  # the stage worker: its batches are lost
+VICTIMS = [
+    FIT_BUCKET_0,  # a backend bucket
+    "pipeline_loader_0",  # the loader itself, mid-stream: its rows are missing
+    "pipeline_stage_taxonomy_0",
+]  # the stage worker: its batches are lost
 
 
 def test_actors_killed_mid_pass_are_rerun(reference, data, tmp_path, caplog):
@@ -67,8 +71,11 @@ def test_actors_killed_mid_pass_are_rerun(reference, data, tmp_path, caplog):
     engine = TaxonomyEngine(storage_uri=str(tmp_path / "tax"), **PARAMS)
     config = engine._pipeline(str(data), None, fit=True)
     config.data_loader.type = "KillingLoader"
-    config.data_loader.params = {**config.data_loader.params, "marker": str(marker),
-                                 "actor_name": VICTIMS}
+    config.data_loader.params = {
+        **config.data_loader.params,
+        "marker": str(marker),
+        "actor_name": VICTIMS,
+    }
     with caplog.at_level(logging.WARNING, logger="mdf_taxonomy.engine"):
         tax = PipelineFit(config, progress=False, max_pass_retries=len(VICTIMS)).run()
     killed = [m for m in (marker, *(f"{marker}.{i}" for i in (1, 2))) if os.path.exists(m)]
@@ -82,6 +89,7 @@ def test_actors_killed_mid_pass_are_rerun(reference, data, tmp_path, caplog):
 
 # -- (b) the driver (and its local Ray) is SIGKILLed ------------------------------------
 
+
 def _cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH")] if p)
@@ -90,14 +98,29 @@ def _cli_env() -> dict[str, str]:
 
 
 def _fit_cmd(data, uri) -> list[str]:
-    return [sys.executable, "-m", "mdf_taxonomy.cli", "-q", "fit", "--input", str(data),
-            "--storage-uri", str(uri), "--n-levels", "2", "--branching-factor", "3,2",
-            "--max-iter", "3"]
+    return [
+        sys.executable,
+        "-m",
+        "mdf_taxonomy.cli",
+        "-q",
+        "fit",
+        "--input",
+        str(data),
+        "--storage-uri",
+        str(uri),
+        "--n-levels",
+        "2",
+        "--branching-factor",
+        "3,2",
+        "--max-iter",
+        "3",
+    ]
 
 
 def _start(cmd, log) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=_cli_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _latest(uri) -> int:
@@ -135,9 +158,10 @@ def test_driver_killed_then_rerun_gives_the_same_tree(data, tmp_path):
         try:
             deadline = time.monotonic() + 240
             while _latest(uri) < 3:
-                assert victim.poll() is None, \
-                    f"the fit ended (rc {victim.returncode}) before it could be killed: " \
+                assert victim.poll() is None, (
+                    f"the fit ended (rc {victim.returncode}) before it could be killed: "
                     + (tmp_path / "run.log").read_text()[-3000:]
+                )
                 assert time.monotonic() < deadline, "no snapshot 3 within 240s"
                 time.sleep(0.05)
             _kill_group(victim)
@@ -145,9 +169,15 @@ def test_driver_killed_then_rerun_gives_the_same_tree(data, tmp_path):
             killed_at = TaxonomyStore(str(uri)).load()  # the last complete snapshot reads
             assert not killed_at.state.complete and int(killed_at.version) >= 3
 
-            rerun = subprocess.run(_fit_cmd(data, uri), cwd=ROOT, env=_cli_env(),
-                                   capture_output=True, text=True, timeout=300,
-                                   start_new_session=True)
+            rerun = subprocess.run(
+                _fit_cmd(data, uri),
+                cwd=ROOT,
+                env=_cli_env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+                start_new_session=True,
+            )
             assert rerun.returncode == 0, rerun.stdout + rerun.stderr
             assert ref_proc.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
         finally:
@@ -161,6 +191,7 @@ def test_driver_killed_then_rerun_gives_the_same_tree(data, tmp_path):
 
 
 # -- (c) a corrupt snapshot is refused ------------------------------------------------------
+
 
 def test_corrupted_snapshot_is_refused(reference, data, tmp_path):
     ref_uri, _ = reference
@@ -180,15 +211,20 @@ def test_corrupted_snapshot_is_refused(reference, data, tmp_path):
 
 # -- (d) resuming with other parameters or other data is refused ---------------------------
 
-@pytest.mark.parametrize("name,value", [("seed", 4), ("max_iter", 3),
-                                        ("branching_factor", [3, 3]), ("metric", "cosine")])
+
+@pytest.mark.parametrize(
+    "name,value", [("seed", 4), ("max_iter", 3), ("branching_factor", [3, 3]), ("metric", "cosine")]
+)
 def test_resume_with_other_parameters_is_refused(reference, data, name, value):
     ref_uri, ref = reference
     engine = TaxonomyEngine(storage_uri=ref_uri, **{**PARAMS, name: value})
     with pytest.raises(ValueError, match=name) as err:
         engine.fit(str(data))
-    named = [k for k in ("n_levels", "seed", "max_iter", "branching_factor", "metric", "tol")
-             if f"'{k}'" in str(err.value)]
+    named = [
+        k
+        for k in ("n_levels", "seed", "max_iter", "branching_factor", "metric", "tol")
+        if f"'{k}'" in str(err.value)
+    ]
     assert named == [name]  # only the parameter that differs
     assert TaxonomyStore(ref_uri).latest_version() == ref.version
 
@@ -201,8 +237,7 @@ def test_resume_on_other_data_is_refused(reference, data):
     assert TaxonomyStore(ref_uri).latest_version() == ref.version
 
 
-def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(reference, data,
-                                                                      tmp_path):
+def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(reference, data, tmp_path):
     """Labelled records are staged beside the output and moved there at the end, so a
     run killed while writing leaves no partial output and its rerun adds no duplicates.
     The fit is the reference's, finished: the run goes straight to labelling. Both faces
@@ -210,18 +245,41 @@ def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(reference,
     enough to be killed mid-way, the columnar pass finishes 300 rows before a poll."""
     uri, out = tmp_path / "tax", tmp_path / "out"
     shutil.copytree(reference[0], uri)
-    cmd = [sys.executable, "-m", "mdf_taxonomy.cli", "-q", "fit", "--input", str(data),
-           "--storage-uri", str(uri), "--n-levels", "2", "--branching-factor", "3,2",
-           "--dim", str(DIM), "--seed", "3", "--max-iter", "2", "--output", str(out),
-           "--batch-size", "8", "--no-columnar"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mdf_taxonomy.cli",
+        "-q",
+        "fit",
+        "--input",
+        str(data),
+        "--storage-uri",
+        str(uri),
+        "--n-levels",
+        "2",
+        "--branching-factor",
+        "3,2",
+        "--dim",
+        str(DIM),
+        "--seed",
+        "3",
+        "--max-iter",
+        "2",
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        "--no-columnar",
+    ]
     with open(tmp_path / "run.log", "wb") as log:
         victim = _start(cmd, log)
         try:
             deadline = time.monotonic() + 300
             while not list(tmp_path.glob("out.staging-*/**/*.parquet")):
-                assert victim.poll() is None, \
-                    f"the run ended (rc {victim.returncode}) before it was killed: " \
+                assert victim.poll() is None, (
+                    f"the run ended (rc {victim.returncode}) before it was killed: "
                     + (tmp_path / "run.log").read_text()[-3000:]
+                )
                 assert time.monotonic() < deadline, "labelling never started within 300s"
                 time.sleep(0.02)
             _kill_group(victim)
@@ -229,21 +287,36 @@ def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(reference,
             if victim.poll() is None:
                 _kill_group(victim)
     assert not out.exists(), "a killed run must not leave a partial output"
-    rerun = subprocess.run(cmd, cwd=ROOT, env=_cli_env(), capture_output=True, text=True,
-                           timeout=300, start_new_session=True)
+    rerun = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "labelled: 300 of 300" in rerun.stdout
     assert not list(tmp_path.glob("out.staging-*")), "the crashed run's staging was not cleared"
     table = ds.dataset(str(out), format="parquet").to_table()
     assert sorted(table["id"].to_pylist()) == list(range(300))
     # and a third run refuses to append to the finished output
-    again = subprocess.run(cmd, cwd=ROOT, env=_cli_env(), capture_output=True, text=True,
-                           timeout=300, start_new_session=True)
+    again = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
 
 
 def test_actors_killed_mid_labelling_are_rerun_and_every_row_written_once(
-        reference, data, tmp_path, caplog):
+    reference, data, tmp_path, caplog
+):
     from mdf_taxonomy.engine import StagedOutput, pinned, staged_run
 
     ref_uri, ref = reference
@@ -252,8 +325,11 @@ def test_actors_killed_mid_labelling_are_rerun_and_every_row_written_once(
     engine = TaxonomyEngine(storage_uri=ref_uri, **PARAMS)
     config = pinned(engine._pipeline(str(data), str(out), fit=False), ref, fit_pass=False)
     config.data_loader.type = "KillingLoader"
-    config.data_loader.params = {**config.data_loader.params, "marker": str(marker),
-                                 "actor_name": VICTIMS[1:]}
+    config.data_loader.params = {
+        **config.data_loader.params,
+        "marker": str(marker),
+        "actor_name": VICTIMS[1:],
+    }
     with caplog.at_level(logging.WARNING, logger="mdf_taxonomy.engine"):
         result = staged_run(config, StagedOutput(str(out)), progress=False, desc="label")
     assert marker.exists() and os.path.exists(f"{marker}.1"), "not every victim was reached"

@@ -57,16 +57,21 @@ def moto_url(aws_env, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log_path, "wb") as log:  # the child keeps its own copy of the handle
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                 "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert proc.poll() is None, \
+            assert proc.poll() is None, (
                 f"moto server exited with {proc.returncode}: {log_path.read_text()[-2000:]}"
+            )
             try:
                 urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                    url, timeout=1).close()
+                    url, timeout=1
+                ).close()
                 break
             except urllib.error.HTTPError:  # it answers HTTP: up
                 break
@@ -93,16 +98,20 @@ def s3_data(moto_url, tmp_path_factory):
     """200 rows in 2 Parquet files under s3://BUCKET/data/."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=moto_url, aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     s3.create_bucket(Bucket=BUCKET)
     x, _ = blobs(200, DIM, 4, seed=21)
     ids = np.arange(500, 700)
     local = tmp_path_factory.mktemp("s3src")
     for i in range(2):
         sl = slice(i * 100, (i + 1) * 100)
-        path = write_embeddings(local / f"part-{i}.parquet", x[sl], ids=ids[sl],
-                                row_group_size=50)
+        path = write_embeddings(local / f"part-{i}.parquet", x[sl], ids=ids[sl], row_group_size=50)
         s3.upload_file(str(path), BUCKET, f"data/part-{i}.parquet")
     return f"s3://{BUCKET}/data/", x, ids
 
@@ -111,8 +120,15 @@ def s3_data(moto_url, tmp_path_factory):
 def s3_fit(ray_session, s3_data, opts, tmp_path_factory):
     uri, x, ids = s3_data
     out = tmp_path_factory.mktemp("s3out") / "labelled"
-    engine = TaxonomyEngine(n_levels=2, branching_factor=[2, 2], storage_uri=f"s3://{BUCKET}/tax",
-                            storage_options=opts, max_iter=1, batch_size=64, progress=False)
+    engine = TaxonomyEngine(
+        n_levels=2,
+        branching_factor=[2, 2],
+        storage_uri=f"s3://{BUCKET}/tax",
+        storage_options=opts,
+        max_iter=1,
+        batch_size=64,
+        progress=False,
+    )
     tax = engine.fit(uri, output=str(out))
     return engine, tax, out
 
@@ -126,8 +142,13 @@ def test_fit_on_s3_stores_snapshots_in_the_bucket(s3_fit, opts):
     files = set(fs.find(f"{BUCKET}/tax"))
     latest = fs.cat_file(f"{BUCKET}/tax/LATEST").decode().strip()
     assert latest == tax.version
-    for name in ("manifest.json", "level_1_centroids.npy", "level_1_parents.npy",
-                 "level_2_centroids.npy", "level_2_parents.npy"):
+    for name in (
+        "manifest.json",
+        "level_1_centroids.npy",
+        "level_1_parents.npy",
+        "level_2_centroids.npy",
+        "level_2_parents.npy",
+    ):
         assert f"{BUCKET}/tax/snapshots/{latest}/{name}" in files
     assert f"{BUCKET}/tax/snapshots/000000/manifest.json" in files  # every pass kept
     raw = fs.cat_file(f"{BUCKET}/tax/snapshots/{latest}/level_2_centroids.npy")

@@ -31,8 +31,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _load_k_chunk(desc, rows_ptr, r0, k0, kk, D: tl.constexpr, TMA: tl.constexpr,
-                  EVEN_D: tl.constexpr):
+def _load_k_chunk(
+    desc, rows_ptr, r0, k0, kk, D: tl.constexpr, TMA: tl.constexpr, EVEN_D: tl.constexpr
+):
     """One BLOCK_K-wide chunk of an operand: through its tensor descriptor (TMA: hardware
     zero fill past the edges) or through clamped row pointers (masked in D only)."""
     if TMA:
@@ -45,10 +46,26 @@ def _load_k_chunk(desc, rows_ptr, r0, k0, kk, D: tl.constexpr, TMA: tl.constexpr
 
 
 @triton.jit
-def _tile_dot(x_rows, x_desc, c_desc, c_ptr, r0, c0, c_hi, offs_n, offs_k, stride_c,
-              D: tl.constexpr, EVEN_D: tl.constexpr, IS_FP32: tl.constexpr,
-              TMA_X: tl.constexpr, TMA_C: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile_dot(
+    x_rows,
+    x_desc,
+    c_desc,
+    c_ptr,
+    r0,
+    c0,
+    c_hi,
+    offs_n,
+    offs_k,
+    stride_c,
+    D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IS_FP32: tl.constexpr,
+    TMA_X: tl.constexpr,
+    TMA_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """x_block @ c_tile^T over D on tensor cores.
 
     Pointer loads clamp row/column indices into range (no row/column masks: out-of-range
@@ -81,9 +98,19 @@ def _load_col(ptr, c0, c_hi, offs_n, WANT: tl.constexpr, other: tl.constexpr):
 
 
 @triton.jit
-def _top2_update(s, c0, c_hi, offs_n, best, best_id, second, second_id,
-                 EVEN_N: tl.constexpr, WITH_SECOND: tl.constexpr,
-                 WITH_SECOND_ID: tl.constexpr):
+def _top2_update(
+    s,
+    c0,
+    c_hi,
+    offs_n,
+    best,
+    best_id,
+    second,
+    second_id,
+    EVEN_N: tl.constexpr,
+    WITH_SECOND: tl.constexpr,
+    WITH_SECOND_ID: tl.constexpr,
+):
     """Fold one tile's scores into the running top-2 (strict <: lowest id wins ties)."""
     if not EVEN_N:
         s = tl.where((c0 + offs_n < c_hi)[None, :], s, float("inf"))
@@ -96,8 +123,10 @@ def _top2_update(s, c0, c_hi, offs_n, best, best_id, second, second_id,
             # new second: old best (if it beats the tile's runner-up) or the runner-up
             # when the tile takes the lead; else the tile's best if it beats the second
             second_id = tl.where(
-                take, tl.where(best <= tsec, best_id, targ2 + c0),
-                tl.where(tmin < second, targ + c0, second_id))
+                take,
+                tl.where(best <= tsec, best_id, targ2 + c0),
+                tl.where(tmin < second, targ + c0, second_id),
+            )
         else:
             tsec = tl.min(s2, axis=1)
         second = tl.where(take, tl.minimum(best, tsec), tl.minimum(second, tmin))
@@ -107,8 +136,7 @@ def _top2_update(s, c0, c_hi, offs_n, best, best_id, second, second_id,
 
 
 @triton.jit
-def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr,
-                XN_UNROLL: tl.constexpr):
+def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr):
     """||x||^2 of the row block, after the main loop (its registers are free by then) or,
     for bucketed tree levels, before it (XN_FIRST: the rows then sit in L2 for the tiles'
     re-reads, which measured 3% faster there).
@@ -131,8 +159,19 @@ def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr,
 
 
 @triton.jit
-def store_rows(ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, xn,
-                L2: tl.constexpr, WITH_SECOND: tl.constexpr):
+def store_rows(
+    ids_ptr,
+    dist_ptr,
+    sec_ptr,
+    rows,
+    row_mask,
+    best,
+    best_id,
+    second,
+    xn,
+    L2: tl.constexpr,
+    WITH_SECOND: tl.constexpr,
+):
     """Scores -> distances (l2: + ||x||^2, clamped at 0; cosine: 1 - x.c) and the row
     stores. Shared with the Gluon kernel (it calls this too) so both finish alike."""
     if L2:
@@ -150,17 +189,47 @@ def store_rows(ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second
 # --------------------------------------------------------------------------- assignment
 @triton.jit
 def _assign_kernel(
-    x_ptr, c_ptr, cn_ptr, x_desc, c_desc, x_scale_ptr, c_scale_ptr,
-    ids_ptr, dist_ptr, sec_ptr, sec_id_ptr, xn_ptr,
-    perm_ptr, item_parent_ptr, item_pos_ptr, item_end_ptr, child_off_ptr,
-    N, K, stride_x, stride_c, tiles_per_split, D: tl.constexpr,
-    L2: tl.constexpr, WITH_SECOND: tl.constexpr, GROUPED: tl.constexpr,
-    SPLIT: tl.constexpr, IS_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_N: tl.constexpr, TMA_X: tl.constexpr, TMA_C: tl.constexpr,
+    x_ptr,
+    c_ptr,
+    cn_ptr,
+    x_desc,
+    c_desc,
+    x_scale_ptr,
+    c_scale_ptr,
+    ids_ptr,
+    dist_ptr,
+    sec_ptr,
+    sec_id_ptr,
+    xn_ptr,
+    perm_ptr,
+    item_parent_ptr,
+    item_pos_ptr,
+    item_end_ptr,
+    child_off_ptr,
+    N,
+    K,
+    stride_x,
+    stride_c,
+    tiles_per_split,
+    D: tl.constexpr,
+    L2: tl.constexpr,
+    WITH_SECOND: tl.constexpr,
+    GROUPED: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IS_FP32: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    TMA_X: tl.constexpr,
+    TMA_C: tl.constexpr,
     SCALED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr, XN_FIRST: tl.constexpr,
-    XN_IN: tl.constexpr, XN_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    XN_BLOCK: tl.constexpr,
+    XN_UNROLL: tl.constexpr,
+    XN_FIRST: tl.constexpr,
+    XN_IN: tl.constexpr,
+    XN_OUT: tl.constexpr,
 ):
     """Running top-2 of ``||c||^2 - 2 x.c`` (l2) / ``-x.c`` (cosine) per row.
 
@@ -214,15 +283,32 @@ def _assign_kernel(
     for c0 in range(c_lo, c_hi, BLOCK_N):
         cn = _load_col(cn_ptr, c0, c_hi, offs_n, L2, 0.0)
         c_scale = _load_col(c_scale_ptr, c0, c_hi, offs_n, SCALED, 1.0)
-        acc = _tile_dot(x_rows, x_desc, c_desc, c_ptr, r0, c0, c_hi, offs_n, offs_k,
-                        stride_c, D, EVEN_D, IS_FP32, TMA_X, TMA_C,
-                        BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _tile_dot(
+            x_rows,
+            x_desc,
+            c_desc,
+            c_ptr,
+            r0,
+            c0,
+            c_hi,
+            offs_n,
+            offs_k,
+            stride_c,
+            D,
+            EVEN_D,
+            IS_FP32,
+            TMA_X,
+            TMA_C,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
         if SCALED:
             acc = acc * x_scale[:, None] * c_scale[None, :]
         s = cn[None, :] - 2.0 * acc if L2 else -acc
         best, best_id, second, second_id = _top2_update(
-            s, c0, c_hi, offs_n, best, best_id, second, second_id, EVEN_N,
-            WITH_SECOND, SCALED)
+            s, c0, c_hi, offs_n, best, best_id, second, second_id, EVEN_N, WITH_SECOND, SCALED
+        )
 
     if SCALED:  # candidates only: re-ranked exactly by _rerank_kernel
         second_id = tl.where(second < float("inf"), second_id, -1)  # K == 1: no runner-up
@@ -243,13 +329,31 @@ def _assign_kernel(
         if WITH_SECOND:
             tl.store(sec_ptr + out, second, mask=row_mask)
     else:
-        store_rows(ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, xn,
-                    L2, WITH_SECOND)
+        store_rows(
+            ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, xn, L2, WITH_SECOND
+        )
 
 
-def launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
-                  with_second: bool, k: int, split: bool = False, tiles_per_split: int = 1,
-                  xn=None, xn_given: bool = False, grouped=None, scaled=None):
+def launch_assign(
+    grid,
+    xs,
+    c,
+    cn,
+    ids,
+    dist,
+    sec,
+    conf: dict,
+    *,
+    metric: str,
+    with_second: bool,
+    k: int,
+    split: bool = False,
+    tiles_per_split: int = 1,
+    xn=None,
+    xn_given: bool = False,
+    grouped=None,
+    scaled=None,
+):
     """One ``_assign_kernel`` launch; the single place that maps options to its arguments.
 
     xn: the rows' ||x||^2, read (``xn_given``) or written by the kernel; grouped = (perm,
@@ -261,19 +365,50 @@ def launch_assign(grid, xs, c, cn, ids, dist, sec, conf: dict, *, metric: str,
     meta = dict(XN_FIRST=False)
     meta.update({key: v for key, v in conf.items() if key != "TMA"})
     use_tma = conf.get("TMA", False)
-    x_desc = TensorDescriptor.from_tensor(xs, [bm, bk]) \
-        if use_tma and grouped is None and tma_ok(xs) else None
+    x_desc = (
+        TensorDescriptor.from_tensor(xs, [bm, bk])
+        if use_tma and grouped is None and tma_ok(xs)
+        else None
+    )
     c_desc = TensorDescriptor.from_tensor(c, [bn, bk]) if use_tma and tma_ok(c) else None
     dummy = ids
     x_scale, c_scale, sec_id = scaled if scaled else (dummy, dummy, dummy)
     perm, ip, ipos, iend, offs = grouped if grouped else (dummy,) * 5
     _assign_kernel[grid](
-        xs, c, cn, x_desc, c_desc, x_scale, c_scale,
-        ids, dist, sec if with_second else dist, sec_id, dummy if xn is None else xn,
-        perm, ip, ipos, iend, offs,
-        n, k, xs.stride(0), c.stride(0), tiles_per_split, d,
-        L2=metric == "l2", WITH_SECOND=with_second or scaled is not None,
-        GROUPED=grouped is not None, SPLIT=split, IS_FP32=xs.dtype == torch.float32,
-        EVEN_D=d % bk == 0, EVEN_N=grouped is None and k % bn == 0,
-        TMA_X=x_desc is not None, TMA_C=c_desc is not None, SCALED=scaled is not None,
-        XN_IN=xn is not None and xn_given, XN_OUT=xn is not None and not xn_given, **meta)
+        xs,
+        c,
+        cn,
+        x_desc,
+        c_desc,
+        x_scale,
+        c_scale,
+        ids,
+        dist,
+        sec if with_second else dist,
+        sec_id,
+        dummy if xn is None else xn,
+        perm,
+        ip,
+        ipos,
+        iend,
+        offs,
+        n,
+        k,
+        xs.stride(0),
+        c.stride(0),
+        tiles_per_split,
+        d,
+        L2=metric == "l2",
+        WITH_SECOND=with_second or scaled is not None,
+        GROUPED=grouped is not None,
+        SPLIT=split,
+        IS_FP32=xs.dtype == torch.float32,
+        EVEN_D=d % bk == 0,
+        EVEN_N=grouped is None and k % bn == 0,
+        TMA_X=x_desc is not None,
+        TMA_C=c_desc is not None,
+        SCALED=scaled is not None,
+        XN_IN=xn is not None and xn_given,
+        XN_OUT=xn is not None and not xn_given,
+        **meta,
+    )

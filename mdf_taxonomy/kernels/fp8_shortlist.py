@@ -27,8 +27,16 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn value (literal in the kernel bel
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, N, stride_x, D: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _quantize_rows_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    N,
+    stride_x,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One read of x, e4m3 out: scale = max|row| / 448 and q = x / scale, both IEEE
     round-to-nearest divisions so the result equals the torch reference bit for bit."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -44,9 +52,24 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, N, stride_x, D: tl.constexpr,
 
 
 @triton.jit
-def _rerank_kernel(x_ptr, c_ptr, cn_ptr, cand_ptr, cand2_ptr, ids_ptr, dist_ptr, sec_ptr,
-                   N, stride_x, stride_c, D: tl.constexpr, L2: tl.constexpr,
-                   WITH_SECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rerank_kernel(
+    x_ptr,
+    c_ptr,
+    cn_ptr,
+    cand_ptr,
+    cand2_ptr,
+    ids_ptr,
+    dist_ptr,
+    sec_ptr,
+    N,
+    stride_x,
+    stride_c,
+    D: tl.constexpr,
+    L2: tl.constexpr,
+    WITH_SECOND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Exact distances to a row's two shortlisted candidates; the nearer one wins (the
     lower id on a tie). Memory-bound: x and two centroid rows per row, fp32 sums."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,7 +118,8 @@ def to_fp8_rows(t: torch.Tensor, chunk: int = 1 << 16):
         bd = triton.next_power_of_2(d)
         bm = max(1, 4096 // bd)
         _quantize_rows_kernel[(triton.cdiv(n, bm),)](
-            t, q, scale, n, t.stride(0), d, BLOCK_M=bm, BLOCK_D=bd, num_warps=4)
+            t, q, scale, n, t.stride(0), d, BLOCK_M=bm, BLOCK_D=bd, num_warps=4
+        )
         return q, scale
     for i in range(0, n, chunk):  # bounded fp32 temporaries
         v = t[i : i + chunk].float()
@@ -119,7 +143,11 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 def assign_shortlist_triton(
-    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", with_second: bool = False,
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    metric: str = "l2",
+    with_second: bool = False,
     tuning: KernelTuning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """fp8 (e4m3) top-2 shortlist over all centroids, then exact re-ranking of the two
@@ -132,10 +160,13 @@ def assign_shortlist_triton(
     result does not depend on the batch.
     """
     if not fp8_supported(x.device):
-        warnings.warn("fp8_shortlist needs fp8 tensor cores (compute capability >= 8.9); "
-                      "running the exact kernel instead", RuntimeWarning, stacklevel=3)
-        return assign_triton(x, centroids, metric=metric, with_second=with_second,
-                             tuning=tuning)
+        warnings.warn(
+            "fp8_shortlist needs fp8 tensor cores (compute capability >= 8.9); "
+            "running the exact kernel instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return assign_triton(x, centroids, metric=metric, with_second=with_second, tuning=tuning)
     tuning = tuning or DEFAULT_TUNING
     x, c, cn = prep(x, centroids, metric)
     c8, c_scale = _fp8_centroids(centroids, c)
@@ -149,14 +180,40 @@ def assign_shortlist_triton(
         x8, x_scale = to_fp8_rows(xs)
         cand2 = torch.empty_like(ids)
         conf = tuning.fp8_config(d, k, xs.device)
-        launch_assign((triton.cdiv(n, conf["BLOCK_M"]),), x8, c8, cn, ids, dist, None, conf,
-                      metric=metric, with_second=False, k=k,
-                      scaled=(x_scale, c_scale, cand2))
+        launch_assign(
+            (triton.cdiv(n, conf["BLOCK_M"]),),
+            x8,
+            c8,
+            cn,
+            ids,
+            dist,
+            None,
+            conf,
+            metric=metric,
+            with_second=False,
+            k=k,
+            scaled=(x_scale, c_scale, cand2),
+        )
         bm = 16 if xs.device.type == "cuda" else 4
         _rerank_kernel[(triton.cdiv(n, bm),)](
-            xs, c, cn, ids, cand2, ids, dist, sec if with_second else dist,
-            n, xs.stride(0), c.stride(0), d, L2=metric == "l2", WITH_SECOND=with_second,
-            BLOCK_M=bm, BLOCK_D=min(triton.next_power_of_2(d), 256), num_warps=4)
+            xs,
+            c,
+            cn,
+            ids,
+            cand2,
+            ids,
+            dist,
+            sec if with_second else dist,
+            n,
+            xs.stride(0),
+            c.stride(0),
+            d,
+            L2=metric == "l2",
+            WITH_SECOND=with_second,
+            BLOCK_M=bm,
+            BLOCK_D=min(triton.next_power_of_2(d), 256),
+            num_warps=4,
+        )
         return ids, dist, sec
 
     return with_oom_retry(run, x)
@@ -177,16 +234,27 @@ class Fp8ShortlistAssigner(Assigner):
 
     def assign(self, x, centroids, *, metric="l2", with_second=False, x_sqnorm=None):
         if resolve_backend(self.kernel_backend, x.device) != "triton":
-            return self._exact.assign(x, centroids, metric=metric, with_second=with_second,
-                                      x_sqnorm=x_sqnorm)
-        return Assignment(*assign_shortlist_triton(x, centroids, metric=metric,
-                                                   with_second=with_second,
-                                                   tuning=self.tuning))
+            return self._exact.assign(
+                x, centroids, metric=metric, with_second=with_second, x_sqnorm=x_sqnorm
+            )
+        return Assignment(
+            *assign_shortlist_triton(
+                x, centroids, metric=metric, with_second=with_second, tuning=self.tuning
+            )
+        )
 
-    def grouped_assign(self, x, groups, centroids, child_offsets, *, metric="l2",
-                       with_second=False, x_sqnorm=None):
-        return self._exact.grouped_assign(x, groups, centroids, child_offsets, metric=metric,
-                                          with_second=with_second, x_sqnorm=x_sqnorm)
+    def grouped_assign(
+        self, x, groups, centroids, child_offsets, *, metric="l2", with_second=False, x_sqnorm=None
+    ):
+        return self._exact.grouped_assign(
+            x,
+            groups,
+            centroids,
+            child_offsets,
+            metric=metric,
+            with_second=with_second,
+            x_sqnorm=x_sqnorm,
+        )
 
     def partial_sums(self, x, ids, n_clusters):
         return self._exact.partial_sums(x, ids, n_clusters)

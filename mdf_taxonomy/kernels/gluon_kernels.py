@@ -55,14 +55,27 @@ from .launch import n_sms
 # triton >= 3.7 names the TMA load ``async_load`` (3.6: ``async_copy_global_to_shared``)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-CONFIG = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, NORM_WARPS=2,
-              REGS_CONSUMER=224, REGS_WORKERS=40)
+CONFIG = dict(
+    BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, STAGES=4, NORM_WARPS=2, REGS_CONSUMER=224, REGS_WORKERS=40
+)
 
 
 @gluon.jit
-def _producer(x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, K,
-              D: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+def _producer(
+    x_desc,
+    c_desc,
+    x_bufs,
+    c_bufs,
+    ready,
+    empty,
+    n_blocks,
+    K,
+    D: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr,
+):
     """Step i (row block, tile, D chunk) fills slot i % STAGES once all its users freed its
     previous use; it runs ahead across tile and row-block boundaries."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
@@ -104,17 +117,28 @@ def _fold_top2(s, c0, best, best_id, second):
 
 
 @gluon.jit
-def _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF: gl.constexpr,
-              KSTEPS: gl.constexpr, STAGES: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr):
+def _tile_acc(
+    x_bufs,
+    c_bufs,
+    ready,
+    empty,
+    i,
+    HALF: gl.constexpr,
+    KSTEPS: gl.constexpr,
+    STAGES: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    mma: gl.constexpr,
+):
     """x_half . c_tile^T over D: async wgmma, one group in flight; each slot is released
     once the next MMA is issued."""
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
     for kk in range(KSTEPS):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        acc = warpgroup_mma(x_bufs.index(HALF * STAGES + s),
-                            c_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(
+            x_bufs.index(HALF * STAGES + s), c_bufs.index(s).permute((1, 0)), acc, is_async=True
+        )
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=kk > 0)
         i += 1
@@ -124,8 +148,7 @@ def _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF: gl.constexpr,
 
 
 @gluon.jit
-def _tile_scores(acc, cn, c0, K, L2: gl.constexpr, BLOCK_N: gl.constexpr,
-                 mma: gl.constexpr):
+def _tile_scores(acc, cn, c0, K, L2: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr):
     cols = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     if L2:
         s_tile = gl.convert_layout(cn, gl.SliceLayout(0, mma))[None, :] - 2.0 * acc
@@ -135,18 +158,40 @@ def _tile_scores(acc, cn, c0, K, L2: gl.constexpr, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, ids_ptr,
-              dist_ptr, sec_ptr, xn_ptr, n_blocks, N, K,
-              HALF: gl.constexpr, D: gl.constexpr, L2: gl.constexpr,
-              WITH_SECOND: gl.constexpr, XN_IN: gl.constexpr, XN_OUT: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+def _consumer(
+    x_bufs,
+    c_bufs,
+    ready,
+    empty,
+    xn_bufs,
+    xn_ready,
+    xn_free,
+    cn_ptr,
+    ids_ptr,
+    dist_ptr,
+    sec_ptr,
+    xn_ptr,
+    n_blocks,
+    N,
+    K,
+    HALF: gl.constexpr,
+    D: gl.constexpr,
+    L2: gl.constexpr,
+    WITH_SECOND: gl.constexpr,
+    XN_IN: gl.constexpr,
+    XN_OUT: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr,
+):
     """Rows HALF * BLOCK_M ... of each of its row blocks against all centroid tiles;
     writes its own rows. ||x||^2 comes from the norm worker, or from xn_ptr (XN_IN);
     XN_OUT stores the worker's values there."""
     KSTEPS: gl.constexpr = (D + BLOCK_K - 1) // BLOCK_K
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, BLOCK_N, 16])
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
     row_layout: gl.constexpr = gl.SliceLayout(1, mma)
     cn_layout: gl.constexpr = gl.BlockedLayout([BLOCK_N // 128], [32], [4], [0])
     i = 0
@@ -162,8 +207,9 @@ def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, 
                 # MMA layout after them it took 64 and spilled)
                 cols = c0 + gl.arange(0, BLOCK_N, layout=cn_layout)
                 cn = gl.load(cn_ptr + cols, mask=cols < K, other=0.0)
-            acc, i = _tile_acc(x_bufs, c_bufs, ready, empty, i, HALF, KSTEPS, STAGES,
-                               BLOCK_M, BLOCK_N, mma)
+            acc, i = _tile_acc(
+                x_bufs, c_bufs, ready, empty, i, HALF, KSTEPS, STAGES, BLOCK_M, BLOCK_N, mma
+            )
             s_tile = _tile_scores(acc, cn, c0, K, L2, BLOCK_N, mma)
             best, best_id, second = _fold_top2(s_tile, c0, best, best_id, second)
         xn = gl.zeros_like(best)  # cosine: no ||x||^2
@@ -175,8 +221,19 @@ def _consumer(x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr, 
             mbarrier.arrive(xn_free.index(j % 2), count=1)
             if XN_OUT:
                 gl.store(xn_ptr + gl.minimum(rows, N - 1), xn, mask=rows < N)
-        store_rows(ids_ptr, dist_ptr, sec_ptr, gl.minimum(rows, N - 1), rows < N,
-                    best, best_id, second, xn, L2, WITH_SECOND)
+        store_rows(
+            ids_ptr,
+            dist_ptr,
+            sec_ptr,
+            gl.minimum(rows, N - 1),
+            rows < N,
+            best,
+            best_id,
+            second,
+            xn,
+            L2,
+            WITH_SECOND,
+        )
         j += 1
 
 
@@ -187,10 +244,23 @@ def _chunk_sqnorm(rows_buf, layout: gl.constexpr):
 
 
 @gluon.jit
-def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
-                 K, NORM: gl.constexpr, D: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                 STAGES: gl.constexpr, WARPS: gl.constexpr):
+def _norm_worker(
+    x_bufs,
+    ready,
+    empty,
+    xn_bufs,
+    xn_ready,
+    xn_free,
+    n_blocks,
+    K,
+    NORM: gl.constexpr,
+    D: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr,
+    WARPS: gl.constexpr,
+):
     """||x||^2 of each row block, summed from the x chunks while they sit in the ring (a
     third user of every slot, so a slot is not refilled under it), into a 2-slot shared
     buffer the consumers read at their epilogue. The x chunks come again with every
@@ -235,19 +305,38 @@ def _norm_worker(x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
 
 
 @gluon.jit
-def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, xn_ptr, N, K,
-                      n_blocks, D: gl.constexpr, L2: gl.constexpr,
-                      WITH_SECOND: gl.constexpr, XN_IN: gl.constexpr, XN_OUT: gl.constexpr,
-                      NORM: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                      STAGES: gl.constexpr, NORM_WARPS: gl.constexpr,
-                      REGS_CONSUMER: gl.constexpr, REGS_WORKERS: gl.constexpr):
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K],
-                                       x_desc.layout)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, BLOCK_K],
-                                       c_desc.layout)
-    xn_bufs = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M],  # 2 slots x 2 halves
-                                        gl.SwizzledSharedLayout(1, 1, 1, [0]))
+def _ws_assign_kernel(
+    x_desc,
+    c_desc,
+    cn_ptr,
+    ids_ptr,
+    dist_ptr,
+    sec_ptr,
+    xn_ptr,
+    N,
+    K,
+    n_blocks,
+    D: gl.constexpr,
+    L2: gl.constexpr,
+    WITH_SECOND: gl.constexpr,
+    XN_IN: gl.constexpr,
+    XN_OUT: gl.constexpr,
+    NORM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr,
+    NORM_WARPS: gl.constexpr,
+    REGS_CONSUMER: gl.constexpr,
+    REGS_WORKERS: gl.constexpr,
+):
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], c_desc.layout)
+    xn_bufs = gl.allocate_shared_memory(
+        gl.float32,
+        [4, BLOCK_M],  # 2 slots x 2 halves
+        gl.SwizzledSharedLayout(1, 1, 1, [0]),
+    )
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     xn_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -261,18 +350,109 @@ def _ws_assign_kernel(x_desc, c_desc, cn_ptr, ids_ptr, dist_ptr, sec_ptr, xn_ptr
     fence_async_shared()
     # (partition argument tuples are spelled out: the Gluon frontend takes them inline)
     gl.warp_specialize(
-        [(_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                      ids_ptr, dist_ptr, sec_ptr, xn_ptr, n_blocks, N, K, 0, D, L2,
-                      WITH_SECOND, XN_IN, XN_OUT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-         (_consumer, (x_bufs, c_bufs, ready, empty, xn_bufs, xn_ready, xn_free, cn_ptr,
-                      ids_ptr, dist_ptr, sec_ptr, xn_ptr, n_blocks, N, K, 1, D, L2,
-                      WITH_SECOND, XN_IN, XN_OUT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-         (_producer, (x_desc, c_desc, x_bufs, c_bufs, ready, empty, n_blocks, K,
-                      D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-         (_norm_worker, (x_bufs, ready, empty, xn_bufs, xn_ready, xn_free, n_blocks,
-                         K, NORM, D, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,
-                         NORM_WARPS))],
-        [4, 1, NORM_WARPS], [REGS_CONSUMER, REGS_WORKERS, REGS_WORKERS])
+        [
+            (
+                _consumer,
+                (
+                    x_bufs,
+                    c_bufs,
+                    ready,
+                    empty,
+                    xn_bufs,
+                    xn_ready,
+                    xn_free,
+                    cn_ptr,
+                    ids_ptr,
+                    dist_ptr,
+                    sec_ptr,
+                    xn_ptr,
+                    n_blocks,
+                    N,
+                    K,
+                    0,
+                    D,
+                    L2,
+                    WITH_SECOND,
+                    XN_IN,
+                    XN_OUT,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    STAGES,
+                ),
+            ),
+            (
+                _consumer,
+                (
+                    x_bufs,
+                    c_bufs,
+                    ready,
+                    empty,
+                    xn_bufs,
+                    xn_ready,
+                    xn_free,
+                    cn_ptr,
+                    ids_ptr,
+                    dist_ptr,
+                    sec_ptr,
+                    xn_ptr,
+                    n_blocks,
+                    N,
+                    K,
+                    1,
+                    D,
+                    L2,
+                    WITH_SECOND,
+                    XN_IN,
+                    XN_OUT,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    STAGES,
+                ),
+            ),
+            (
+                _producer,
+                (
+                    x_desc,
+                    c_desc,
+                    x_bufs,
+                    c_bufs,
+                    ready,
+                    empty,
+                    n_blocks,
+                    K,
+                    D,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    STAGES,
+                ),
+            ),
+            (
+                _norm_worker,
+                (
+                    x_bufs,
+                    ready,
+                    empty,
+                    xn_bufs,
+                    xn_ready,
+                    xn_free,
+                    n_blocks,
+                    K,
+                    NORM,
+                    D,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    STAGES,
+                    NORM_WARPS,
+                ),
+            ),
+        ],
+        [4, 1, NORM_WARPS],
+        [REGS_CONSUMER, REGS_WORKERS, REGS_WORKERS],
+    )
 
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -283,27 +463,56 @@ def _smem_layout(block: tuple[int, int], dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPE[dtype])
 
 
-def assign_ws(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, ids: torch.Tensor,
-              dist: torch.Tensor, sec: torch.Tensor | None, *, metric: str,
-              xn: torch.Tensor | None = None, xn_given: bool = False,
-              conf: dict | None = None) -> None:
+def assign_ws(
+    x: torch.Tensor,
+    c: torch.Tensor,
+    cn: torch.Tensor,
+    ids: torch.Tensor,
+    dist: torch.Tensor,
+    sec: torch.Tensor | None,
+    *,
+    metric: str,
+    xn: torch.Tensor | None = None,
+    xn_given: bool = False,
+    conf: dict | None = None,
+) -> None:
     """Fill ids/dist/sec for all rows of x (inputs prepared by ``triton_dispatch``); xn
     (l2) holds the rows' ||x||^2, read (``xn_given``) or written."""
     conf = conf or CONFIG
     bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
     n, d = x.shape
-    x_desc = TensorDescriptor(x, [n, d], [x.stride(0), 1], [bm, bk],
-                              _smem_layout((bm, bk), x.dtype))
-    c_desc = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [bn, bk],
-                              _smem_layout((bn, bk), c.dtype))
+    x_desc = TensorDescriptor(
+        x, [n, d], [x.stride(0), 1], [bm, bk], _smem_layout((bm, bk), x.dtype)
+    )
+    c_desc = TensorDescriptor(
+        c, list(c.shape), [c.stride(0), 1], [bn, bk], _smem_layout((bn, bk), c.dtype)
+    )
     n_blocks = triton.cdiv(n, 2 * bm)
     l2 = metric == "l2"
     xn_in = l2 and xn_given  # else the norm worker sums them (and XN_OUT stores them)
     _ws_assign_kernel[(min(n_blocks, n_sms(x.device)),)](
-        x_desc, c_desc, cn, ids, dist, dist if sec is None else sec,
-        dist if xn is None else xn, n, c.shape[0], n_blocks, D=d, L2=l2,
-        WITH_SECOND=sec is not None, XN_IN=xn_in, XN_OUT=l2 and not xn_in and xn is not None,
+        x_desc,
+        c_desc,
+        cn,
+        ids,
+        dist,
+        dist if sec is None else sec,
+        dist if xn is None else xn,
+        n,
+        c.shape[0],
+        n_blocks,
+        D=d,
+        L2=l2,
+        WITH_SECOND=sec is not None,
+        XN_IN=xn_in,
+        XN_OUT=l2 and not xn_in and xn is not None,
         NORM=l2 and not xn_in,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=conf["STAGES"],
-        NORM_WARPS=conf["NORM_WARPS"], REGS_CONSUMER=conf["REGS_CONSUMER"],
-        REGS_WORKERS=conf["REGS_WORKERS"], num_warps=4)
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        STAGES=conf["STAGES"],
+        NORM_WARPS=conf["NORM_WARPS"],
+        REGS_CONSUMER=conf["REGS_CONSUMER"],
+        REGS_WORKERS=conf["REGS_WORKERS"],
+        num_warps=4,
+    )

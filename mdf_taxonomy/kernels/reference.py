@@ -105,8 +105,9 @@ def _by_row_blocks(n: int, rows: int, block: Callable[[int, int], None]) -> None
         r0 = r1
 
 
-def _chunk_scores(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor | None, c0: int,
-                  metric: str) -> torch.Tensor:
+def _chunk_scores(
+    x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor | None, c0: int, metric: str
+) -> torch.Tensor:
     """Ranking scores of the rows against centroids c0 : c0 + CENTROID_CHUNK, in x's dtype:
     ``||c||^2 - 2 x.c`` (l2) or ``-x.c`` (cosine); the row constant is left out."""
     cc = c[c0 : c0 + CENTROID_CHUNK]
@@ -177,8 +178,9 @@ def _top2_block(
             sid_if_take = torch.where(old_best, best_id, tsarg + c0)
             sid_if_keep = torch.where(old_sec, second_id, targ + c0)
             second_id = torch.where(take, sid_if_take, sid_if_keep)
-        second = torch.where(take, torch.where(old_best, best, tsec),
-                             torch.where(old_sec, second, tmin))
+        second = torch.where(
+            take, torch.where(old_best, best, tsec), torch.where(old_sec, second, tmin)
+        )
         best = torch.where(take, tmin, best)
         best_id = torch.where(take, targ + c0, best_id)
     rowwise.settle_ties(xf, cf, cn, metric, best, second, best_id, second_id)
@@ -361,4 +363,3 @@ def partial_sums_torch(
     for r0 in range(0, n, rows):
         sums.index_add_(0, ids[r0 : r0 + rows], quantize(x[r0 : r0 + rows]))
     return sums, counts
-

@@ -116,12 +116,16 @@ def empty_out(n: int, device, with_second: bool, filled: bool = True):
     """Output buffers; ``filled`` with (-1, +inf, +inf) where the kernel may skip rows."""
     if not filled:
         new = functools.partial(torch.empty, n, device=device)
-        return new(dtype=torch.int64), new(dtype=torch.float32), \
-            new(dtype=torch.float32) if with_second else None
+        return (
+            new(dtype=torch.int64),
+            new(dtype=torch.float32),
+            new(dtype=torch.float32) if with_second else None,
+        )
     ids = torch.full((n,), -1, dtype=torch.int64, device=device)
     dist = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
-    sec = torch.full((n,), float("inf"), dtype=torch.float32, device=device) if with_second \
-        else None
+    sec = (
+        torch.full((n,), float("inf"), dtype=torch.float32, device=device) if with_second else None
+    )
     return ids, dist, sec
 
 
@@ -161,10 +165,16 @@ def with_oom_retry(fn, x: torch.Tensor, *rest_rowwise):
         return tuple(None if u is None else torch.cat([u, v]) for u, v in zip(a, b, strict=True))
 
 
-def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric: str,
-                     with_second: bool, cfg: dict | None = None,
-                     x_sqnorm: torch.Tensor | None = None,
-                     tuning: KernelTuning = DEFAULT_TUNING):
+def _assign_prepared(
+    x: torch.Tensor,
+    c: torch.Tensor,
+    cn: torch.Tensor,
+    metric: str,
+    with_second: bool,
+    cfg: dict | None = None,
+    x_sqnorm: torch.Tensor | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
+):
     """Assignment on prepared inputs (x as the kernel reads it, c cast, cn its norms):
     (ids, dist, sec, ||x||^2 or None).
 
@@ -190,23 +200,35 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
         splits = max(1, min(c_tiles, (2 * n_sms(xs.device)) // row_blocks))
         tps = triton.cdiv(c_tiles, splits)
         splits = triton.cdiv(c_tiles, tps)
-        opts = dict(metric=metric, with_second=with_second, k=k, xn=xn,
-                    xn_given=xg is not None)
+        opts = dict(metric=metric, with_second=with_second, k=k, xn=xn, xn_given=xg is not None)
         if splits == 1 and use_ws(xs, c, metric, k, tuning):  # same bits as the tl kernel
             from . import gluon_kernels
 
-            gluon_kernels.assign_ws(xs, c, cn, ids, dist, sec, metric=metric, xn=xn,
-                                    xn_given=xg is not None)
+            gluon_kernels.assign_ws(
+                xs, c, cn, ids, dist, sec, metric=metric, xn=xn, xn_given=xg is not None
+            )
             return ids, dist, sec, xn
         if splits == 1:
             launch_assign((row_blocks,), xs, c, cn, ids, dist, sec, conf, **opts)
             return ids, dist, sec, xn
         pids = torch.empty((splits, n), dtype=torch.int64, device=xs.device)
         pbest = torch.empty((splits, n), dtype=torch.float32, device=xs.device)
-        psec = torch.empty((splits, n), dtype=torch.float32, device=xs.device) \
-            if with_second else None
-        launch_assign((row_blocks, splits), xs, c, cn, pids, pbest, psec, conf, split=True,
-                      tiles_per_split=tps, **opts)
+        psec = (
+            torch.empty((splits, n), dtype=torch.float32, device=xs.device) if with_second else None
+        )
+        launch_assign(
+            (row_blocks, splits),
+            xs,
+            c,
+            cn,
+            pids,
+            pbest,
+            psec,
+            conf,
+            split=True,
+            tiles_per_split=tps,
+            **opts,
+        )
         # exact top-2 merge over splits (lowest split = lowest ids win ties)
         b, arg = pbest.min(dim=0)
         ids = pids.gather(0, arg[None])[0]
@@ -221,23 +243,25 @@ def _assign_prepared(x: torch.Tensor, c: torch.Tensor, cn: torch.Tensor, metric:
     return with_oom_retry(run, x, sqnorm_in(x_sqnorm, x, metric))
 
 
-def sqnorm_in(x_sqnorm: torch.Tensor | None, x: torch.Tensor, metric: str
-               ) -> torch.Tensor | None:
+def sqnorm_in(x_sqnorm: torch.Tensor | None, x: torch.Tensor, metric: str) -> torch.Tensor | None:
     """The caller's ||x||^2 for these rows, validated; None where there is nothing to read
     (none given, or cosine, which has no ||x||^2)."""
     if x_sqnorm is None or metric != "l2":
         return None
-    if x_sqnorm.shape != (x.shape[0],) or x_sqnorm.dtype != torch.float32 \
-            or x_sqnorm.device != x.device:
+    if (
+        x_sqnorm.shape != (x.shape[0],)
+        or x_sqnorm.dtype != torch.float32
+        or x_sqnorm.device != x.device
+    ):
         raise ValueError(
             f"x_sqnorm must be float32 of shape ({x.shape[0]},) on {x.device} (a previous "
             f"call's Assignment.x_sqnorm for these rows), got {x_sqnorm.dtype} "
-            f"{tuple(x_sqnorm.shape)} on {x_sqnorm.device}")
+            f"{tuple(x_sqnorm.shape)} on {x_sqnorm.device}"
+        )
     return x_sqnorm
 
 
-def _sqnorm_buffer(given: torch.Tensor | None, dist: torch.Tensor, l2: bool
-                   ) -> torch.Tensor | None:
+def _sqnorm_buffer(given: torch.Tensor | None, dist: torch.Tensor, l2: bool) -> torch.Tensor | None:
     """Where an l2 kernel reads ||x||^2 (``given``) or writes the values it computes."""
     if not l2:
         return None
@@ -245,14 +269,20 @@ def _sqnorm_buffer(given: torch.Tensor | None, dist: torch.Tensor, l2: bool
 
 
 def assign_triton(
-    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", with_second: bool = False,
-    x_sqnorm: torch.Tensor | None = None, tuning: KernelTuning | None = None,
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    metric: str = "l2",
+    with_second: bool = False,
+    x_sqnorm: torch.Tensor | None = None,
+    tuning: KernelTuning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Fused nearest-centroid search (``assign_kernels``). Returns (ids, dist, second,
     ||x||^2 (l2) or None)."""
     x, c, cn = prep(x, centroids, metric)
-    return _assign_prepared(x, c, cn, metric, with_second, x_sqnorm=x_sqnorm,
-                            tuning=tuning or DEFAULT_TUNING)
+    return _assign_prepared(
+        x, c, cn, metric, with_second, x_sqnorm=x_sqnorm, tuning=tuning or DEFAULT_TUNING
+    )
 
 
 def work_items(keys: torch.Tensor, n_keys: int, block: int):
@@ -319,8 +349,15 @@ def grouped_assign_triton(
     cfg = tuning.assign_config(x.dtype, d, widest, x.device)
     if n_parents == 1:
         ids, dist, sec, xn = _assign_prepared(
-            x, c[lo:hi], cn[lo:hi] if metric == "l2" else cn, metric, with_second, cfg,
-            x_sqnorm=x_sqnorm, tuning=tuning)
+            x,
+            c[lo:hi],
+            cn[lo:hi] if metric == "l2" else cn,
+            metric,
+            with_second,
+            cfg,
+            x_sqnorm=x_sqnorm,
+            tuning=tuning,
+        )
         if lo and hi > lo:
             ids += lo
     else:
@@ -329,17 +366,30 @@ def grouped_assign_triton(
         # measured 4-5% faster (benchmarks/DECISIONS.md) and the ||x||^2 pass before the
         # tiles 3% (the rows stay in L2 for the tiles' re-reads; after them they had
         # been evicted). The arithmetic is unchanged, so the paths stay bit-identical.
-        bucket_cfg = dict(cfg, num_stages=4, XN_FIRST=True) \
-            if x.is_cuda and tuning.assign is None else cfg
+        bucket_cfg = (
+            dict(cfg, num_stages=4, XN_FIRST=True) if x.is_cuda and tuning.assign is None else cfg
+        )
 
         def run(xs: torch.Tensor, gs: torch.Tensor, xg: torch.Tensor | None):
             ids, dist, sec = empty_out(xs.shape[0], xs.device, with_second)
             xn = _sqnorm_buffer(xg, dist, metric == "l2")  # every row is in a work item
             perm, ip, ipos, iend, _ = work_items(gs, n_parents, cfg["BLOCK_M"])
-            launch_assign((ip.numel(),), xs, c, cn, ids, dist, sec, bucket_cfg,
-                          metric=metric, with_second=with_second, k=c.shape[0],
-                          xn=xn, xn_given=xg is not None,
-                          grouped=(perm, ip, ipos, iend, offs))
+            launch_assign(
+                (ip.numel(),),
+                xs,
+                c,
+                cn,
+                ids,
+                dist,
+                sec,
+                bucket_cfg,
+                metric=metric,
+                with_second=with_second,
+                k=c.shape[0],
+                xn=xn,
+                xn_given=xg is not None,
+                grouped=(perm, ip, ipos, iend, offs),
+            )
             return ids, dist, sec, xn
 
         ids, dist, sec, xn = with_oom_retry(run, x, groups, sqnorm_in(x_sqnorm, x, metric))

@@ -21,9 +21,18 @@ from .triton_dispatch import read_later, work_items
 
 @triton.jit
 def _partial_sums_kernel(
-    x_ptr, perm_ptr, item_key_ptr, item_pos_ptr, item_end_ptr, sums_ptr,
-    D, stride_x, SCALE,
-    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    perm_ptr,
+    item_key_ptr,
+    item_pos_ptr,
+    item_end_ptr,
+    sums_ptr,
+    D,
+    stride_x,
+    SCALE,
+    CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """One (cluster, chunk of <= CHUNK sorted rows, column block): int64 sum + atomic add.
@@ -43,15 +52,17 @@ def _partial_sums_kernel(
             pos = p + tl.arange(0, BLOCK_R)
             pm = pos < pos_end
             rows = tl.load(perm_ptr + pos, mask=pm, other=0).to(tl.int64)
-            v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
-                        mask=pm[:, None] & col_mask[None, :], other=0.0)
+            v = tl.load(
+                x_ptr + rows[:, None] * stride_x + cols[None, :],
+                mask=pm[:, None] & col_mask[None, :],
+                other=0.0,
+            )
             # floor(y + 0.5) with y = v * 2**B, exactly, in fp32: y, floor(y) and
             # y - floor(y) are all exact, so this equals the reference's fp64 rounding.
             y = v.to(tl.float32) * SCALE
             f = tl.floor(y)
             acc += f.to(tl.int64) + ((y - f) >= 0.5).to(tl.int64)
-        tl.atomic_add(sums_ptr + key.to(tl.int64) * D + cols, tl.sum(acc, axis=0),
-                      mask=col_mask)
+        tl.atomic_add(sums_ptr + key.to(tl.int64) * D + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
 def partial_sums_triton(
@@ -79,8 +90,18 @@ def partial_sums_triton(
     perm, ik, ipos, iend, counts = work_items(keys, n_clusters + 1, ps["CHUNK"])
     block_d = min(triton.next_power_of_2(d), 1024) if cuda else 32
     _partial_sums_kernel[(ik.numel(), triton.cdiv(d, block_d))](
-        x, perm, ik, ipos, iend, sums, d, x.stride(0), float(2**FIXED_POINT_BITS),
-        BLOCK_D=block_d, **ps)
+        x,
+        perm,
+        ik,
+        ipos,
+        iend,
+        sums,
+        d,
+        x.stride(0),
+        float(2**FIXED_POINT_BITS),
+        BLOCK_D=block_d,
+        **ps,
+    )
     if id_max() >= n_clusters:
         raise ValueError("ids must be < n_clusters")
     return sums, counts[1:]

@@ -69,9 +69,11 @@ at or past the limit (-2**63 + a stays below -2**62, or wraps above 2**62), so t
 survives to the driver, which refuses it."""
 
 MAX_ROWS_PER_SUM: int = (FIXED_SUM_LIMIT - 1) // (
-    int(MAX_ABS_VALUE) * 2**kernels.FIXED_POINT_BITS + 1)
+    int(MAX_ABS_VALUE) * 2**kernels.FIXED_POINT_BITS + 1
+)
 """Rows (8388607) whose sum is exact whatever their values in range: a node fed more
 rows than this in one pass can be refused. Rows of |value| <= 1 allow 2**38 rows."""
+
 
 def node_seed(seed: int, level: int, node: int) -> int:
     z = (seed * 1_000_003 + level * 7919 + node) & 0xFFFFFFFFFFFFFFFF  # any seed < 2**63
@@ -190,8 +192,9 @@ def _distance_to(
     return d
 
 
-def update_centroids(sums: torch.Tensor, counts: torch.Tensor, previous: np.ndarray,
-                     parents: np.ndarray, metric: str) -> tuple[np.ndarray, int]:
+def update_centroids(
+    sums: torch.Tensor, counts: torch.Tensor, previous: np.ndarray, parents: np.ndarray, metric: str
+) -> tuple[np.ndarray, int]:
     """New centroids from fixed-point sums; empty children repaired within their parent."""
     check_fixed_sums(sums)
     counts_np = counts.cpu().numpy().astype(np.int64).copy()
@@ -217,8 +220,9 @@ def update_centroids(sums: torch.Tensor, counts: torch.Tensor, previous: np.ndar
     return new.astype(np.float32), repaired
 
 
-def lloyd_on_sample(sample: torch.Tensor, centroids: np.ndarray, iters: int, metric: str
-                    ) -> np.ndarray:
+def lloyd_on_sample(
+    sample: torch.Tensor, centroids: np.ndarray, iters: int, metric: str
+) -> np.ndarray:
     """In-memory Lloyd iterations on the init sample (same assignment code as the passes)."""
     parents = np.zeros(len(centroids), dtype=np.int64)
     for _ in range(iters):
@@ -236,8 +240,15 @@ def distinct_rows(sample: np.ndarray) -> int:
     return len(np.unique(s.view(np.dtype((np.void, s.shape[1] * 4))).ravel()))
 
 
-def init_children(sample: np.ndarray, rows: int, k_max: int, seed: int, metric: str,
-                  init_iters: int, fallback: np.ndarray | None) -> tuple[np.ndarray, int]:
+def init_children(
+    sample: np.ndarray,
+    rows: int,
+    k_max: int,
+    seed: int,
+    metric: str,
+    init_iters: int,
+    fallback: np.ndarray | None,
+) -> tuple[np.ndarray, int]:
     """Children centroids of one parent from its sample (see the module rules), and the
     number of distinct rows in the sample."""
     distinct = distinct_rows(sample)
@@ -282,14 +293,25 @@ def start_level(tax: Taxonomy, result: SampleResult) -> Taxonomy:
     n_parents = 1 if level == 1 else tax.levels[level - 2].n_nodes
     b = cfg.branching(level)
     blocks, parents = [], []
-    seen = {"distinct_rows": 0, "capped_parents": 0, "capped_children": 0, "empty_parents": 0,
-            "few_rows": 0, "few_distinct": 0}
+    seen = {
+        "distinct_rows": 0,
+        "capped_parents": 0,
+        "capped_children": 0,
+        "empty_parents": 0,
+        "few_rows": 0,
+        "few_distinct": 0,
+    }
     for p in range(n_parents):
         fallback = None if level == 1 else tax.levels[level - 2].centroids[p]
         rows = result.rows.get(p, 0)
         block, distinct = init_children(
-            result.samples.get(p, np.zeros((0, tax.dim), np.float32)), rows, b,
-            node_seed(cfg.seed, level, p), cfg.metric, cfg.init_iters, fallback,
+            result.samples.get(p, np.zeros((0, tax.dim), np.float32)),
+            rows,
+            b,
+            node_seed(cfg.seed, level, p),
+            cfg.metric,
+            cfg.init_iters,
+            fallback,
         )
         blocks.append(block)
         parents.append(np.full(len(block), p, dtype=np.int64))
@@ -304,12 +326,24 @@ def start_level(tax: Taxonomy, result: SampleResult) -> Taxonomy:
         log.warning(
             "level %d: %d of %d parents got fewer than %d children (%d without rows, %d with "
             "fewer rows, %d with fewer distinct rows in their sample); %d children not made",
-            level, seen["capped_parents"], n_parents, b, seen["empty_parents"], seen["few_rows"],
-            seen["few_distinct"], seen["capped_children"])
+            level,
+            seen["capped_parents"],
+            n_parents,
+            b,
+            seen["empty_parents"],
+            seen["few_rows"],
+            seen["few_distinct"],
+            seen["capped_children"],
+        )
     new_level = Level(np.concatenate(blocks), np.concatenate(parents))
     history = tax.state.history + [
-        {"level": level, "phase": "sample", "rows": int(sum(result.rows.values())),
-         "nodes": new_level.n_nodes, **seen}
+        {
+            "level": level,
+            "phase": "sample",
+            "rows": int(sum(result.rows.values())),
+            "nodes": new_level.n_nodes,
+            **seen,
+        }
     ]
     state = FitState(level=level, phase="lloyd", iteration=0, inertia=None, history=history)
     return replace(tax, levels=tax.levels[: level - 1] + [new_level], state=state, version=None)
@@ -324,24 +358,35 @@ def finish_pass(tax: Taxonomy, result: LloydResult) -> Taxonomy:
     )
     inertia = inertia_from_fixed(result.inertia_fixed)
     iteration = st.iteration + 1
-    converged = st.inertia is not None and st.inertia > 0 and (
-        (st.inertia - inertia) / st.inertia < cfg.tol
+    converged = (
+        st.inertia is not None
+        and st.inertia > 0
+        and ((st.inertia - inertia) / st.inertia < cfg.tol)
     )
     counts = result.counts.cpu().numpy()
     history = st.history + [
-        {"level": st.level, "phase": "lloyd", "iteration": iteration, "rows": result.rows,
-         "inertia": inertia, "repaired": repaired, "empty": int((counts == 0).sum())}
+        {
+            "level": st.level,
+            "phase": "lloyd",
+            "iteration": iteration,
+            "rows": result.rows,
+            "inertia": inertia,
+            "repaired": repaired,
+            "empty": int((counts == 0).sum()),
+        }
     ]
     levels = tax.levels[: st.level - 1] + [Level(centroids, lv.parents)]
     if converged or iteration >= cfg.max_iter:
         if st.level == cfg.n_levels:
-            state = FitState(level=st.level, phase="done", iteration=iteration, inertia=inertia,
-                             history=history)
+            state = FitState(
+                level=st.level, phase="done", iteration=iteration, inertia=inertia, history=history
+            )
         else:
             state = FitState(level=st.level + 1, phase="sample", history=history)
     else:
-        state = FitState(level=st.level, phase="lloyd", iteration=iteration, inertia=inertia,
-                         history=history)
+        state = FitState(
+            level=st.level, phase="lloyd", iteration=iteration, inertia=inertia, history=history
+        )
     return replace(tax, levels=levels, state=state, version=None)
 
 
@@ -358,7 +403,7 @@ def inertia_to_fixed(distance: torch.Tensor) -> int:
         return sum(int(v) for v in q.tolist())
     step = max(1, int(FIXED_SUM_LIMIT // max(peak, 1.0)))
     ints = q.to(torch.int64)
-    return sum(int(ints[i:i + step].sum()) for i in range(0, len(ints), step))
+    return sum(int(ints[i : i + step].sum()) for i in range(0, len(ints), step))
 
 
 def out_of_range(sums: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -390,7 +435,8 @@ def check_fixed_sums(sums: np.ndarray | torch.Tensor) -> None:
             f"fixed-point sums of {len(nodes)} node(s) (first {nodes[:5].tolist()}) reached "
             f"2**62 and would overflow int64: a node may take at most {MAX_ROWS_PER_SUM} rows "
             f"per pass of values up to +/-{MAX_ABS_VALUE:g} (rows of smaller values: "
-            f"proportionally more); use more branching at this level or rescale the data")
+            f"proportionally more); use more branching at this level or rescale the data"
+        )
 
 
 def resolve_config(cfg: TaxonomyConfig, dim: int) -> TaxonomyConfig:

@@ -42,17 +42,17 @@ class Level:
 
     def child_offsets(self, n_parents: int) -> np.ndarray:
         """(n_parents + 1,) offsets: children of parent p are nodes offsets[p]:offsets[p+1]."""
-        return np.searchsorted(self.parents, np.arange(n_parents + 1), side="left").astype(
-            np.int64
-        )
+        return np.searchsorted(self.parents, np.arange(n_parents + 1), side="left").astype(np.int64)
 
     def on_device(self, device: torch.device, n_parents: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(centroids, child offsets) as tensors on `device`, made once per device so that
         batches neither re-copy them nor miss the kernels' per-tensor caches."""
         key = (str(device), n_parents)
         if key not in self._on_device:
-            self._on_device[key] = (torch.from_numpy(self.centroids).to(device),
-                                    torch.from_numpy(self.child_offsets(n_parents)).to(device))
+            self._on_device[key] = (
+                torch.from_numpy(self.centroids).to(device),
+                torch.from_numpy(self.child_offsets(n_parents)).to(device),
+            )
         return self._on_device[key]
 
     def __getstate__(self) -> dict:
@@ -92,8 +92,12 @@ class Taxonomy:
     def n_levels(self) -> int:
         return len(self.levels)
 
-    def prepare(self, x: np.ndarray | torch.Tensor, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def prepare(
+        self,
+        x: np.ndarray | torch.Tensor,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """Rows as the metric sees them (unit norm for cosine), on `device`, in `dtype`
         (bf16/fp16 halve the bytes the GPU kernels read; the CPU path wants float32)."""
         if isinstance(x, np.ndarray) and not x.flags.writeable:  # a view on Arrow's buffer:
@@ -109,9 +113,15 @@ class Taxonomy:
             t = torch.nn.functional.normalize(t.float(), dim=1)
         return t.to(dtype)
 
-    def assign_level(self, x: torch.Tensor, parents: torch.Tensor, level: int,
-                     assigner: kernels.Assigner | None = None, with_second: bool = False,
-                     x_sqnorm: torch.Tensor | None = None) -> kernels.Assignment:
+    def assign_level(
+        self,
+        x: torch.Tensor,
+        parents: torch.Tensor,
+        level: int,
+        assigner: kernels.Assigner | None = None,
+        with_second: bool = False,
+        x_sqnorm: torch.Tensor | None = None,
+    ) -> kernels.Assignment:
         """Nearest child of each row's parent at `level` (1-based); rows already prepared.
         `assigner`: the kernels (None: `kernels.AutoAssigner()`). `x_sqnorm`: the rows'
         norms from the level above (see `kernels.Assignment`)."""
@@ -119,12 +129,18 @@ class Taxonomy:
         n_parents = 1 if level == 1 else self.levels[level - 2].n_nodes
         centroids, offsets = lv.on_device(x.device, n_parents)
         return (assigner or kernels.AutoAssigner()).grouped_assign(
-            x, parents, centroids, offsets, metric=self.config.metric,
-            with_second=with_second, x_sqnorm=x_sqnorm,
+            x,
+            parents,
+            centroids,
+            offsets,
+            metric=self.config.metric,
+            with_second=with_second,
+            x_sqnorm=x_sqnorm,
         )
 
-    def walk(self, x: torch.Tensor, upto: int, assigner: kernels.Assigner | None = None
-             ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    def walk(
+        self, x: torch.Tensor, upto: int, assigner: kernels.Assigner | None = None
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Descend `upto` levels from the root for prepared rows.
 
         Returns (paths (N, upto) int32 node ids, deepest node ids, kernel distance to
@@ -144,10 +160,14 @@ class Taxonomy:
         paths = torch.stack(per_level, 1) if per_level else ids.new_zeros((n, 0))
         return paths.to(torch.int32).cpu().numpy(), ids, distance
 
-    def assign_paths(self, x: np.ndarray | torch.Tensor, upto: int | None = None,
-                     assigner: kernels.Assigner | None = None,
-                     device: str | torch.device = "cpu",
-                     prepared: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def assign_paths(
+        self,
+        x: np.ndarray | torch.Tensor,
+        upto: int | None = None,
+        assigner: kernels.Assigner | None = None,
+        device: str | torch.device = "cpu",
+        prepared: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Node id per level for every row, and the distance to the deepest centroid.
 
         Returns (paths (N, upto) int32, distance (N,) float32); the distance is
@@ -155,8 +175,7 @@ class Taxonomy:
         have been through `prepare` already; `assigner` as for `walk`.
         """
         upto = self.n_levels if upto is None else upto
-        paths, _, distance = self.walk(x if prepared else self.prepare(x, device), upto,
-                                       assigner)
+        paths, _, distance = self.walk(x if prepared else self.prepare(x, device), upto, assigner)
         distance = distance.float().cpu().numpy()
         if self.config.metric == "l2":
             distance = np.sqrt(np.maximum(distance, 0.0))

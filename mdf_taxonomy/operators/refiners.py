@@ -50,12 +50,22 @@ def write_fields(records: list[dict], columns: dict[str, pa.Array]) -> None:
 class _TaxonomyRefiner(Refiner):
     """Shared plumbing: lazy snapshot loading, parsing, per-record error fields."""
 
-    def __init__(self, storage_uri: str, embedding_field: str = "embedding",
-                 snapshot: str | None = None, device: str = "auto", kernel_backend: str = "auto",
-                 storage_options: dict[str, Any] | None = None, compute_dtype: str = "float32"):
+    def __init__(
+        self,
+        storage_uri: str,
+        embedding_field: str = "embedding",
+        snapshot: str | None = None,
+        device: str = "auto",
+        kernel_backend: str = "auto",
+        storage_options: dict[str, Any] | None = None,
+        compute_dtype: str = "float32",
+    ):
         super().__init__()
-        for name, value in (("device", device), ("kernel_backend", kernel_backend),
-                            ("compute_dtype", compute_dtype)):
+        for name, value in (
+            ("device", device),
+            ("kernel_backend", kernel_backend),
+            ("compute_dtype", compute_dtype),
+        ):
             check_parameter(name, value, type(self).__name__)
         self.compute_dtype = compute_dtype
         self.timings = {"parse_s": 0.0, "assign_s": 0.0, "flush_s": 0.0}
@@ -82,7 +92,8 @@ class _TaxonomyRefiner(Refiner):
     def taxonomy(self) -> Taxonomy:
         if self._taxonomy is None:
             self._taxonomy = TaxonomyStore(self.storage_uri, self.storage_options).load(
-                self.snapshot)
+                self.snapshot
+            )
         return self._taxonomy
 
     def _torch_device(self) -> torch.device:
@@ -94,8 +105,9 @@ class _TaxonomyRefiner(Refiner):
         try:
             started = time.perf_counter()
             tax = self.taxonomy
-            parsed = parse_embeddings(records, self.embedding_field, tax.dim,
-                                      metric=tax.config.metric)
+            parsed = parse_embeddings(
+                records, self.embedding_field, tax.dim, metric=tax.config.metric
+            )
             self.timings["parse_s"] += time.perf_counter() - started
             for kind, n in parsed.reasons().items():
                 self.rejected[kind] = self.rejected.get(kind, 0) + n
@@ -105,7 +117,8 @@ class _TaxonomyRefiner(Refiner):
             reason = f"operator_failed: {type(e).__name__}: {e}"
             columns = self._blank_columns(len(records), reason)  # needs no store
             self.rejected["operator_failed"] = self.rejected.get("operator_failed", 0) + len(
-                records)
+                records
+            )
         write_fields(records, columns)
 
     def _refine(self, parsed: ParsedBatch, tax: Taxonomy, n_rows: int) -> dict[str, pa.Array]:
@@ -122,9 +135,14 @@ class _TaxonomyRefiner(Refiner):
         """With MDF's rejected-samples collection on, a record that got no label is reported
         there too, with its reason; it still passes on, so nothing is dropped."""
         passed = self._process_batch_impl(records)
-        rejected = [{**rec, "_rejection_details": {"reason": rec[ERROR_FIELD],
-                                                   "operator": type(self).__name__}}
-                    for rec in passed if rec.get(ERROR_FIELD)]
+        rejected = [
+            {
+                **rec,
+                "_rejection_details": {"reason": rec[ERROR_FIELD], "operator": type(self).__name__},
+            }
+            for rec in passed
+            if rec.get(ERROR_FIELD)
+        ]
         return BatchResult(passed=passed, rejected=rejected)
 
     def get_stats(self) -> dict:
@@ -162,18 +180,33 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         What the kernels read; see RunConfig.compute_dtype.
     """
 
-    def __init__(self, storage_uri: str, embedding_field: str = "embedding",
-                 snapshot: str | None = None, n_levels: int | None = None, device: str = "auto",
-                 kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None,
-                 compute_dtype: str = "float32"):
-        super().__init__(storage_uri, embedding_field, snapshot, device, kernel_backend,
-                         storage_options, compute_dtype)
+    def __init__(
+        self,
+        storage_uri: str,
+        embedding_field: str = "embedding",
+        snapshot: str | None = None,
+        n_levels: int | None = None,
+        device: str = "auto",
+        kernel_backend: str = "auto",
+        storage_options: dict[str, Any] | None = None,
+        compute_dtype: str = "float32",
+    ):
+        super().__init__(
+            storage_uri,
+            embedding_field,
+            snapshot,
+            device,
+            kernel_backend,
+            storage_options,
+            compute_dtype,
+        )
         if n_levels is None:  # read in the driver, so the schema never depends on the store
             manifest = TaxonomyStore(storage_uri, storage_options).manifest(snapshot)
             if manifest.get("state", {}).get("phase") != "done":
                 raise ValueError(
                     f"TaxonomyPathRefiner: the taxonomy at {storage_uri!r} (snapshot "
-                    f"{manifest.get('version')}) is not complete: finish the fit first")
+                    f"{manifest.get('version')}) is not complete: finish the fit first"
+                )
             n_levels = int(manifest["n_levels_stored"])
         self.n_levels = n_levels
 
@@ -192,8 +225,9 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         if not len(parsed.valid):
             return batch.label_columns(tax.n_levels, n_rows, parsed)
         started = time.perf_counter()
-        paths, dist = tax.assign_paths(self._rows(tax, parsed), assigner=self.assigner,
-                                       prepared=True)
+        paths, dist = tax.assign_paths(
+            self._rows(tax, parsed), assigner=self.assigner, prepared=True
+        )
         self.timings["assign_s"] += time.perf_counter() - started
         return batch.label_columns(tax.n_levels, n_rows, parsed, paths, dist)
 
@@ -257,21 +291,49 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         What the kernels read; see RunConfig.compute_dtype.
     """
 
-    def __init__(self, storage_uri: str, embedding_field: str = "embedding",
-                 snapshot: str | None = None, n_levels: int = 1,
-                 branching_factor: int | list[int] = 16, dim: int | None = None,
-                 metric: str = "l2", seed: int = 0, max_iter: int = 20, tol: float = 1e-4,
-                 sample_per_child: int = 64, max_sample_per_node: int = 65536,
-                 init_iters: int = 10, backend_buckets: int = 2, flush_rows: int = 0,
-                 backend_name: str = "mdf_taxonomy_fit", device: str = "auto",
-                 kernel_backend: str = "auto", storage_options: dict[str, Any] | None = None,
-                 compute_dtype: str = "float32"):
-        super().__init__(storage_uri, embedding_field, snapshot, device, kernel_backend,
-                         storage_options, compute_dtype)
+    def __init__(
+        self,
+        storage_uri: str,
+        embedding_field: str = "embedding",
+        snapshot: str | None = None,
+        n_levels: int = 1,
+        branching_factor: int | list[int] = 16,
+        dim: int | None = None,
+        metric: str = "l2",
+        seed: int = 0,
+        max_iter: int = 20,
+        tol: float = 1e-4,
+        sample_per_child: int = 64,
+        max_sample_per_node: int = 65536,
+        init_iters: int = 10,
+        backend_buckets: int = 2,
+        flush_rows: int = 0,
+        backend_name: str = "mdf_taxonomy_fit",
+        device: str = "auto",
+        kernel_backend: str = "auto",
+        storage_options: dict[str, Any] | None = None,
+        compute_dtype: str = "float32",
+    ):
+        super().__init__(
+            storage_uri,
+            embedding_field,
+            snapshot,
+            device,
+            kernel_backend,
+            storage_options,
+            compute_dtype,
+        )
         self.config = TaxonomyConfig(
-            n_levels=n_levels, branching_factor=branching_factor, dim=dim, metric=metric,
-            seed=seed, max_iter=max_iter, tol=tol, sample_per_child=sample_per_child,
-            max_sample_per_node=max_sample_per_node, init_iters=init_iters,
+            n_levels=n_levels,
+            branching_factor=branching_factor,
+            dim=dim,
+            metric=metric,
+            seed=seed,
+            max_iter=max_iter,
+            tol=tol,
+            sample_per_child=sample_per_child,
+            max_sample_per_node=max_sample_per_node,
+            init_iters=init_iters,
             embedding_field=embedding_field,
         )
         check_parameter("backend_buckets", backend_buckets, type(self).__name__)
@@ -283,8 +345,12 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         # (pass, {parent: k-th priority}): the bucket's sample is full below it
         self._sample_cut: tuple[str | None, dict[int, int]] = (None, {})
         if flush_rows > 0 and not self._combining():
-            log.warning("flush_rows=%d needs an end-of-stream hook that %s lacks: "
-                        "flushing every batch instead", flush_rows, _mdf.MDF_FLAVOUR)
+            log.warning(
+                "flush_rows=%d needs an end-of-stream hook that %s lacks: "
+                "flushing every batch instead",
+                flush_rows,
+                _mdf.MDF_FLAVOUR,
+            )
 
     def _combining(self) -> bool:
         """Fold batches across flushes only where the runtime tells us the stream ended."""
@@ -326,19 +392,30 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
                     self._sample_cut = (pass_id, {})
                 cut = self._sample_cut[1]
                 offer = batch.sample_offer(tax, x, nodes, cut)
-                cut.update(self.backend.offer_samples(
-                    pass_id, flush_id, offer.parents, offer.priorities, offer.vectors,
-                    tax.config.sample_size(st.level), offer.parent_rows, totals,
-                    parsed.reasons()))
+                cut.update(
+                    self.backend.offer_samples(
+                        pass_id,
+                        flush_id,
+                        offer.parents,
+                        offer.priorities,
+                        offer.vectors,
+                        tax.config.sample_size(st.level),
+                        offer.parent_rows,
+                        totals,
+                        parsed.reasons(),
+                    )
+                )
             else:
                 sums, counts, totals["inertia_fixed"] = batch.lloyd_partials(
-                    tax, x, nodes, distance, self.assigner)
+                    tax, x, nodes, distance, self.assigner
+                )
                 self.timings["assign_s"] += time.perf_counter() - started
                 started = time.perf_counter()
                 combiner = self._combiner
                 if combiner is None or combiner.pass_id != pass_id:
-                    self._combiner = combiner = PartialsCombiner(pass_id, len(counts), tax.dim,
-                                                                 x.device)
+                    self._combiner = combiner = PartialsCombiner(
+                        pass_id, len(counts), tax.dim, x.device
+                    )
                 combiner.add(flush_id, sums, counts, totals, parsed.reasons())
                 if not self._combining() or combiner.rows >= self.flush_rows:
                     combiner.flush(self.backend)

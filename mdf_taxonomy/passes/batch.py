@@ -23,8 +23,7 @@ from mdf_taxonomy.passes.records import ERROR_FIELD, ParsedBatch
 PREFIX = "taxonomy"
 PATH_FIELD = f"{PREFIX}_path"
 DISTANCE_FIELD = f"{PREFIX}_distance"
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                  "float16": torch.float16}
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def level_field(level: int) -> str:
@@ -54,15 +53,16 @@ def fit_depth(tax: Taxonomy) -> int:
     return tax.n_levels if st.phase != "sample" else st.level - 1
 
 
-def walk(tax: Taxonomy, x: torch.Tensor, assigner: Assigner
-         ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+def walk(
+    tax: Taxonomy, x: torch.Tensor, assigner: Assigner
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """(paths so far, deepest node per row, distance to it) for a fit pass."""
     return tax.walk(x, fit_depth(tax), assigner)
 
 
-def lloyd_partials(tax: Taxonomy, x: torch.Tensor, nodes: torch.Tensor,
-                   distance: torch.Tensor, assigner: Assigner
-                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def lloyd_partials(
+    tax: Taxonomy, x: torch.Tensor, nodes: torch.Tensor, distance: torch.Tensor, assigner: Assigner
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fixed-point sums and counts per node of the level being refined, and the batch's
     inertia in fixed point: exact, so any split of the rows adds up to the same bits."""
     n_nodes = tax.levels[tax.state.level - 1].n_nodes
@@ -80,8 +80,9 @@ class SampleOffer:
     vectors: np.ndarray
 
 
-def sample_offer(tax: Taxonomy, x: torch.Tensor, parents: torch.Tensor,
-                 cut: dict[int, int]) -> SampleOffer:
+def sample_offer(
+    tax: Taxonomy, x: torch.Tensor, parents: torch.Tensor, cut: dict[int, int]
+) -> SampleOffer:
     """Each parent's local bottom-k, less the rows above a known cut-off (`cut`: parent
     -> the k-th priority of its sample so far)."""
     cfg, level = tax.config, tax.state.level
@@ -100,7 +101,7 @@ def sample_offer(tax: Taxonomy, x: torch.Tensor, parents: torch.Tensor,
 
 
 def path_strings(paths: np.ndarray) -> pa.Array:
-    """"12/305/77" per row of node ids, built column-wise."""
+    """ "12/305/77" per row of node ids, built column-wise."""
     if paths.shape[1] == 0:
         return pa.array([""] * len(paths), pa.string())
     parts = [pc.cast(pa.array(paths[:, i]), pa.string()) for i in range(paths.shape[1])]
@@ -109,9 +110,13 @@ def path_strings(paths: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise(*parts, "/")
 
 
-def label_columns(n_levels: int, n_rows: int, parsed: ParsedBatch,
-                  paths: np.ndarray | None = None, distance: np.ndarray | None = None
-                  ) -> dict[str, pa.Array]:
+def label_columns(
+    n_levels: int,
+    n_rows: int,
+    parsed: ParsedBatch,
+    paths: np.ndarray | None = None,
+    distance: np.ndarray | None = None,
+) -> dict[str, pa.Array]:
     """The label fields of a batch as Arrow columns, blank where a row was rejected:
     path "", node ids -1, distance NaN, and the reason in taxonomy_error (no paths: every
     row blank)."""
@@ -135,8 +140,9 @@ def label_columns(n_levels: int, n_rows: int, parsed: ParsedBatch,
 
 def all_rejected(n_rows: int, reason: str) -> ParsedBatch:
     """A batch in which every row is rejected for `reason` (a whole batch that failed)."""
-    return ParsedBatch(np.zeros((0, 0), np.float32), np.zeros(0, np.int64),
-                       dict.fromkeys(range(n_rows), reason))
+    return ParsedBatch(
+        np.zeros((0, 0), np.float32), np.zeros(0, np.int64), dict.fromkeys(range(n_rows), reason)
+    )
 
 
 def error_column(n_rows: int, parsed: ParsedBatch) -> pa.Array:
@@ -146,8 +152,9 @@ def error_column(n_rows: int, parsed: ParsedBatch) -> pa.Array:
     return pa.array(errors, pa.string())
 
 
-def fit_columns(n_levels: int, n_rows: int, parsed: ParsedBatch,
-                paths: np.ndarray | None = None) -> dict[str, pa.Array]:
+def fit_columns(
+    n_levels: int, n_rows: int, parsed: ParsedBatch, paths: np.ndarray | None = None
+) -> dict[str, pa.Array]:
     """A fit pass's fields: the node ids of the levels walked so far (-1 beyond them and
     for rejected rows), and the reason of each rejected row."""
     if paths is None:

@@ -35,8 +35,9 @@ class InputReport:
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def report(self, item: str, rows: int | None, reason: str, action: str = "skipped",
-               stage: str = "load") -> None:
+    def report(
+        self, item: str, rows: int | None, reason: str, action: str = "skipped", stage: str = "load"
+    ) -> None:
         self._entries.setdefault((item, action), report_entry(item, rows, reason, action, stage))
 
     def skipped(self) -> list[dict[str, Any]]:
@@ -49,12 +50,20 @@ class InputReport:
         self._entries.clear()
 
 
-def report_entry(item: str, rows: int | None, reason: str, action: str = "skipped",
-                 stage: str = "load") -> dict[str, Any]:
+def report_entry(
+    item: str, rows: int | None, reason: str, action: str = "skipped", stage: str = "load"
+) -> dict[str, Any]:
     """One report entry; `item` is a file ("path") or a row group ("path::rg=N")."""
     file, _, rg = item.partition(ITEM_SEP)
-    return {"item": item, "file": file, "row_group": int(rg) if rg else None, "rows": rows,
-            "reason": reason, "stage": stage, "action": action}
+    return {
+        "item": item,
+        "file": file,
+        "row_group": int(rg) if rg else None,
+        "rows": rows,
+        "reason": reason,
+        "stage": stage,
+        "action": action,
+    }
 
 
 def open_input_report(name: str) -> Any:
@@ -62,8 +71,11 @@ def open_input_report(name: str) -> Any:
     and holds it (also in this module) until close_input_report."""
     import ray
 
-    handle = ray.remote(num_cpus=0)(InputReport).options(
-        name=actor_name(name), get_if_exists=True).remote()
+    handle = (
+        ray.remote(num_cpus=0)(InputReport)
+        .options(name=actor_name(name), get_if_exists=True)
+        .remote()
+    )
     ray.get(handle.clear.remote())
     _OPEN[name] = handle
     return handle
@@ -105,8 +117,14 @@ def close_input_report(name: str) -> None:
         ray.kill(handle)
 
 
-def tell_input_report(name: str | None, item: str, rows: int | None, reason: str,
-                      action: str = "skipped", stage: str = "load") -> bool:
+def tell_input_report(
+    name: str | None,
+    item: str,
+    rows: int | None,
+    reason: str,
+    action: str = "skipped",
+    stage: str = "load",
+) -> bool:
     """Record an entry in the report `name`; False where there is none to tell.
 
     Never starts Ray: outside a Ray session (a loader used in-process) it only returns.

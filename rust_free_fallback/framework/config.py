@@ -122,8 +122,9 @@ def _build(cls: type, data: Any, where: str, nested: dict[str, Any] | None = Non
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise ValueError(f"Unknown key '{key}' in section '{where}' "
-                             f"(allowed: {', '.join(fields)})")
+            raise ValueError(
+                f"Unknown key '{key}' in section '{where}' (allowed: {', '.join(fields)})"
+            )
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in data:
@@ -149,15 +150,18 @@ def _worker(data: Any, where: str) -> StageWorkerConfig:
     w = _build(StageWorkerConfig, data, where)
     for key, val in w.resources.items():
         if key not in _RESOURCE_KEYS:
-            raise ValueError(f"Unknown key '{key}' in section '{where}.resources' "
-                             f"(allowed: {', '.join(_RESOURCE_KEYS)})")
+            raise ValueError(
+                f"Unknown key '{key}' in section '{where}.resources' "
+                f"(allowed: {', '.join(_RESOURCE_KEYS)})"
+            )
         if isinstance(val, bool) or not isinstance(val, int | float) or val < 0:
             raise ValueError(f"'{where}.resources.{key}' must be a number >= 0, got {val!r}")
     for name in ("num_replicas", "min_replicas", "max_replicas"):
         _check_int(getattr(w, name), f"{where}.{name}", 1)
     if w.min_replicas and w.max_replicas and w.min_replicas > w.max_replicas:
-        raise ValueError(f"'{where}': min_replicas ({w.min_replicas}) > max_replicas "
-                         f"({w.max_replicas})")
+        raise ValueError(
+            f"'{where}': min_replicas ({w.min_replicas}) > max_replicas ({w.max_replicas})"
+        )
     return w
 
 
@@ -181,17 +185,24 @@ def _stage(data: Any, where: str) -> StageConfig:
 
 
 def _executor(data: Any, where: str) -> ExecutorConfig:
-    ex = _build(ExecutorConfig, data, where, {
-        "rejected_samples": lambda v, w: _build(RejectedSamplesConfig, v, w),
-        "metrics": lambda v, w: _build(MetricsConfig, v, w),
-    })
+    ex = _build(
+        ExecutorConfig,
+        data,
+        where,
+        {
+            "rejected_samples": lambda v, w: _build(RejectedSamplesConfig, v, w),
+            "metrics": lambda v, w: _build(MetricsConfig, v, w),
+        },
+    )
     _check_int(ex.max_samples, f"{where}.max_samples", 0)
     _check_int(ex.batch_size, f"{where}.batch_size", 1, allow_none=False)
     _check_int(ex.dedup_num_buckets, f"{where}.dedup_num_buckets", 1, allow_none=False)
     _check_int(ex.max_in_flight, f"{where}.max_in_flight", 1)
-    if ex.num_cpus is not None and (isinstance(ex.num_cpus, bool)
-                                    or not isinstance(ex.num_cpus, int | float)
-                                    or ex.num_cpus <= 0):
+    if ex.num_cpus is not None and (
+        isinstance(ex.num_cpus, bool)
+        or not isinstance(ex.num_cpus, int | float)
+        or ex.num_cpus <= 0
+    ):
         raise ValueError(f"'{where}.num_cpus' must be a positive number, got {ex.num_cpus!r}")
     return ex
 

@@ -65,6 +65,7 @@ class InsufficientResourcesError(RuntimeError):
 
 # -- actors --------------------------------------------------------------------
 
+
 class _LoaderWorker:
     """Iterates ``load_files`` over one chunk and hands out bounded batches."""
 
@@ -81,8 +82,9 @@ class _LoaderWorker:
         if self._done or limit <= 0:
             return 0, []
         if self._it is None:
-            self._it = iter(self._loader.load_files(self._files, worker_id=self._worker_id,
-                                                    checkpoint=None))
+            self._it = iter(
+                self._loader.load_files(self._files, worker_id=self._worker_id, checkpoint=None)
+            )
         batch: list[dict[str, Any]] = []
         for rec in self._it:
             batch.append(rec)
@@ -99,8 +101,13 @@ class _LoaderWorker:
 class _StageWorker:
     """One replica of a stage: a CombinedOperator pickled in from the driver."""
 
-    def __init__(self, stage_name: str, combined: CombinedOperator, collect_rejected: bool,
-                 output_path: str | None) -> None:
+    def __init__(
+        self,
+        stage_name: str,
+        combined: CombinedOperator,
+        collect_rejected: bool,
+        output_path: str | None,
+    ) -> None:
         self._stage = stage_name
         self._op = combined
         self._collect = collect_rejected
@@ -129,10 +136,20 @@ class _StageWorker:
             label = self._op.operator_labels()[idx] if idx is not None else "<stage>"
             if idx is not None:
                 self._dropped[idx] += 1
-            return {"records": [], "rejected": [], "stage": self._stage, "operator": label,
-                    "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-        return {"records": passed, "rejected": rejected, "stage": self._stage,
-                "operator": None, "error": None}
+            return {
+                "records": [],
+                "rejected": [],
+                "stage": self._stage,
+                "operator": label,
+                "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+            }
+        return {
+            "records": passed,
+            "rejected": rejected,
+            "stage": self._stage,
+            "operator": None,
+            "error": None,
+        }
 
     def end_of_stream(self) -> int:
         """Fallback extension: tell operators the stream has ended, so that those that
@@ -146,8 +163,9 @@ class _StageWorker:
                     hook()
                 except Exception:  # noqa: BLE001 - reported, never fatal to the run
                     failures += 1
-                    logger.warning("end_of_stream of %s failed:\n%s", type(op).__name__,
-                                   traceback.format_exc())
+                    logger.warning(
+                        "end_of_stream of %s failed:\n%s", type(op).__name__, traceback.format_exc()
+                    )
         return failures
 
     def _write_stage_output(self, records: list[dict[str, Any]]) -> None:
@@ -175,9 +193,19 @@ _RemoteStage = ray.remote(_StageWorker)
 
 # -- helpers -------------------------------------------------------------------
 
-_MDF_STAT_KEYS = {"input_records", "output_records", "pass_rate", "total_time", "avg_latency",
-                  "min_latency", "max_latency", "p50_latency", "p95_latency", "p99_latency",
-                  "throughput"}
+_MDF_STAT_KEYS = {
+    "input_records",
+    "output_records",
+    "pass_rate",
+    "total_time",
+    "avg_latency",
+    "min_latency",
+    "max_latency",
+    "p50_latency",
+    "p95_latency",
+    "p99_latency",
+    "throughput",
+}
 
 
 def _extra_stats(op: Any) -> dict[str, Any]:
@@ -262,6 +290,7 @@ def _jsonable_rejected(rec: dict[str, Any]) -> dict[str, Any]:
 
 # -- executor ------------------------------------------------------------------
 
+
 class Executor:
     """Runs a pipeline on Ray; ``execute()`` yields ``(input_count, output_count)`` per batch."""
 
@@ -272,14 +301,20 @@ class Executor:
             raise ValueError("executor.use_ray=false is not supported by the fallback runtime")
         self._started_ray = False
         if not ray.is_initialized():
-            ray.init(num_cpus=ex.num_cpus, include_dashboard=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": _worker_pythonpath()}})
+            ray.init(
+                num_cpus=ex.num_cpus,
+                include_dashboard=False,
+                runtime_env={"env_vars": {"PYTHONPATH": _worker_pythonpath()}},
+            )
             self._started_ray = True
         elif ex.num_cpus is not None:
             have = ray.cluster_resources().get("CPU", 0)
             if have != ex.num_cpus:
-                logger.warning("Ray already initialised with %s CPUs; executor.num_cpus=%s "
-                               "is ignored", have, ex.num_cpus)
+                logger.warning(
+                    "Ray already initialised with %s CPUs; executor.num_cpus=%s is ignored",
+                    have,
+                    ex.num_cpus,
+                )
         self.dedup_backend: Any = None
         self._owns_dedup = False
         try:
@@ -294,17 +329,20 @@ class Executor:
     def _setup(self) -> None:
         config, ex = self.config, self.config.executor
         # Everything below is built here, in the driver, and pickled into actors.
-        self.data_loader = DataLoaderRegistry.create(config.data_loader.type,
-                                                     config.data_loader.params)
-        self.data_writer = DataWriterRegistry.create(config.data_writer.type,
-                                                     config.data_writer.params)
+        self.data_loader = DataLoaderRegistry.create(
+            config.data_loader.type, config.data_loader.params
+        )
+        self.data_writer = DataWriterRegistry.create(
+            config.data_writer.type, config.data_writer.params
+        )
         self._stage_ops = {s.name: self._build_stage(s) for s in config.stages}
         self._rejected_writer: Any = None
         if ex.rejected_samples.enabled:
             rs = ex.rejected_samples
             self._rejected_writer = DataWriterRegistry.create(
                 rs.writer_type or "ParquetDataWriter",
-                {"output_path": rs.output_path or "./output/rejected_samples"})
+                {"output_path": rs.output_path or "./output/rejected_samples"},
+            )
         self._loaders: list[Any] = []
         self._loader_names: list[str] = []
         self._replicas: dict[str, list[Any]] = {}
@@ -317,9 +355,16 @@ class Executor:
 
     @staticmethod
     def _fresh_pipeline_stats() -> dict[str, Any]:
-        return {"batches": 0, "input_records": 0, "output_records": 0,
-                "rejected_records": 0, "dropped_batches": 0, "dropped_records": 0,
-                "loader_errors": 0, "wall_time": 0.0}
+        return {
+            "batches": 0,
+            "input_records": 0,
+            "output_records": 0,
+            "rejected_records": 0,
+            "dropped_batches": 0,
+            "dropped_records": 0,
+            "loader_errors": 0,
+            "wall_time": 0.0,
+        }
 
     def _build_stage(self, stage: StageConfig) -> CombinedOperator:
         ops = []
@@ -357,13 +402,15 @@ class Executor:
             need_gpu += lo * gpu
         if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
             parts = [f"{n_loaders} loader(s) x 1 CPU"]
-            parts += [f"stage '{n}': {lo} replica(s) x {c:g} CPU/{g:g} GPU"
-                      for n, lo, _, c, g in reqs]
+            parts += [
+                f"stage '{n}': {lo} replica(s) x {c:g} CPU/{g:g} GPU" for n, lo, _, c, g in reqs
+            ]
             raise InsufficientResourcesError(
                 f"Pipeline needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
                 f"({'; '.join(parts)}) but the Ray cluster has {cpus:g} CPUs and {gpus:g} "
                 "GPUs; it would wait forever. Lower data_loader.num_workers, replicas or "
-                "worker.resources, or raise executor.num_cpus.")
+                "worker.resources, or raise executor.num_cpus."
+            )
         free_cpu, free_gpu = cpus - need_cpu, gpus - need_gpu
         plan = {}
         for name, lo, hi, cpu, gpu in reqs:
@@ -377,8 +424,7 @@ class Executor:
             free_gpu -= extra * gpu
             plan[name] = lo + extra
             if lo + extra < hi:
-                logger.info("stage %s: %d of max %d replicas fit the cluster", name, lo + extra,
-                            hi)
+                logger.info("stage %s: %d of max %d replicas fit the cluster", name, lo + extra, hi)
         return plan
 
     def _start_actors(self, files: list[str]) -> None:
@@ -391,11 +437,14 @@ class Executor:
                 ray.get_actor(name)
             except ValueError:
                 continue
-            raise RuntimeError(f"Ray actor '{name}' already exists: another Executor is running "
-                               "in this Ray session; call its shutdown() first")
+            raise RuntimeError(
+                f"Ray actor '{name}' already exists: another Executor is running "
+                "in this Ray session; call its shutdown() first"
+            )
         for i, chunk in enumerate(_chunks(files, n_loaders)):
-            self._loaders.append(_RemoteLoader.options(name=names[i], num_cpus=1).remote(
-                self.data_loader, chunk, i))
+            self._loaders.append(
+                _RemoteLoader.options(name=names[i], num_cpus=1).remote(self.data_loader, chunk, i)
+            )
             self._loader_names.append(names[i])
         for s in self.config.stages:
             cpu = float(s.worker.resources.get("cpu", 1))
@@ -403,9 +452,11 @@ class Executor:
             pool = []
             for r in range(plan[s.name]):
                 name = STAGE_NAME.format(s.name, r)
-                pool.append(_RemoteStage.options(name=name, num_cpus=cpu, num_gpus=gpu).remote(
-                    s.name, self._stage_ops[s.name],
-                    ex.rejected_samples.enabled, s.output_path))
+                pool.append(
+                    _RemoteStage.options(name=name, num_cpus=cpu, num_gpus=gpu).remote(
+                        s.name, self._stage_ops[s.name], ex.rejected_samples.enabled, s.output_path
+                    )
+                )
                 self._replica_names.append(name)
             self._replicas[s.name] = pool
         self._check_started()
@@ -422,7 +473,8 @@ class Executor:
         except ray.exceptions.GetTimeoutError:
             raise InsufficientResourcesError(
                 f"pipeline actors not scheduled after {timeout:g}s; other Ray work may hold "
-                f"the resources (available: {ray.available_resources()})") from None
+                f"the resources (available: {ray.available_resources()})"
+            ) from None
         except Exception as exc:
             failed = []
             for name, ref in zip(names, refs, strict=True):
@@ -433,7 +485,8 @@ class Executor:
             raise RuntimeError(
                 f"pipeline actors failed to start ({', '.join(failed)}). If the cause is an "
                 "ImportError, make the plugin importable by Ray workers (install it, or put "
-                f"it on PYTHONPATH before ray.init). Cause: {exc}") from exc
+                f"it on PYTHONPATH before ray.init). Cause: {exc}"
+            ) from exc
 
     # -- run -----------------------------------------------------------------
     def execute(self) -> Iterator[tuple[int, int]]:
@@ -445,18 +498,17 @@ class Executor:
         self._cached_stats = None
         ex, dl = self.config.executor, self.config.data_loader
         t0 = time.perf_counter()
-        files = list(self.data_loader.get_file_list(max_samples=ex.max_samples,
-                                                    num_workers=dl.num_workers))
+        files = list(
+            self.data_loader.get_file_list(max_samples=ex.max_samples, num_workers=dl.num_workers)
+        )
         if not files or ex.max_samples == 0:
-            logger.warning("nothing to do: %d file(s), max_samples=%s", len(files),
-                           ex.max_samples)
+            logger.warning("nothing to do: %d file(s), max_samples=%s", len(files), ex.max_samples)
             return
         if self._owns_dedup:
             # Fresh seen-set per run, as with MDF (whose shutdown ends the Ray session).
             self.dedup_backend.reset()
         self._start_actors(files)
-        yield from self._pump(ex.batch_size, ex.max_samples,
-                              ex.max_in_flight or len(self._loaders))
+        yield from self._pump(ex.batch_size, ex.max_samples, ex.max_in_flight or len(self._loaders))
         self._end_streams()
         self.pipeline_stats["wall_time"] = time.perf_counter() - t0
         self._cached_stats = self._collect_stats()
@@ -469,8 +521,9 @@ class Executor:
             if failures:
                 logger.warning("stage %s: %d end_of_stream hook(s) failed", stage, failures)
 
-    def _pump(self, batch_size: int, max_samples: int | None,
-              max_in_flight: int) -> Iterator[tuple[int, int]]:
+    def _pump(
+        self, batch_size: int, max_samples: int | None, max_in_flight: int
+    ) -> Iterator[tuple[int, int]]:
         stats = self.pipeline_stats
         remaining = max_samples  # records not yet reserved by a load request
         loads: dict[Any, tuple[int, Any, int]] = {}  # count_ref -> (loader, batch_ref, limit)
@@ -512,8 +565,7 @@ class Executor:
                 try:
                     n = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - loader failure: stop that loader
-                    logger.warning("loader %d failed, its remaining files are skipped: %s",
-                                   i, exc)
+                    logger.warning("loader %d failed, its remaining files are skipped: %s", i, exc)
                     stats["loader_errors"] += 1
                     n = 0
                 if remaining is not None:
@@ -531,14 +583,24 @@ class Executor:
                 if isinstance(result, list):  # pipeline without stages: the loaded batch
                     result = {"records": result, "rejected": [], "error": None}
             except Exception as exc:  # noqa: BLE001 - e.g. a replica died
-                result = {"records": [], "rejected": [], "stage": "?", "operator": "?",
-                          "error": f"{type(exc).__name__}: {exc}"}
+                result = {
+                    "records": [],
+                    "rejected": [],
+                    "stage": "?",
+                    "operator": "?",
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
             stats["batches"] += 1
             if result["error"] is not None:
                 stats["dropped_batches"] += 1
                 stats["dropped_records"] += n_in
-                logger.warning("dropped batch of %d record(s): stage %s, operator %s raised %s",
-                               n_in, result["stage"], result["operator"], result["error"])
+                logger.warning(
+                    "dropped batch of %d record(s): stage %s, operator %s raised %s",
+                    n_in,
+                    result["stage"],
+                    result["operator"],
+                    result["error"],
+                )
                 yield n_in, 0
                 continue
             records = [r for r in result["records"] if r is not None]
@@ -560,7 +622,7 @@ class Executor:
                 logger.warning("could not collect stats of stage %s: %s", stage, exc)
                 per_replica = []
             merged: dict[str, Any] = {}
-            for label in (per_replica[0] if per_replica else {}):
+            for label in per_replica[0] if per_replica else {}:
                 raws = [rep[label] for rep in per_replica if label in rep]
                 summary = summarize_raw_stats(merge_raw_stats(raws))
                 summary.update(_sum_numbers([r.get("extra", {}) for r in raws]))
@@ -591,8 +653,16 @@ class Executor:
             fs.makedirs(root, exist_ok=True)
             path = f"{root.rstrip('/')}/run_{time.strftime('%Y%m%d_%H%M%S')}_{self.run_id}.json"
             with fs.open(path, "w") as f:
-                json.dump({"run_id": self.run_id, "pipeline": self.pipeline_stats,
-                           "operators": self._cached_stats}, f, indent=2, default=str)
+                json.dump(
+                    {
+                        "run_id": self.run_id,
+                        "pipeline": self.pipeline_stats,
+                        "operators": self._cached_stats,
+                    },
+                    f,
+                    indent=2,
+                    default=str,
+                )
             logger.info("metrics written to %s", path)
         except Exception as exc:  # noqa: BLE001 - metrics must never fail a finished run
             logger.warning("could not write metrics to %s: %s", m.output_path, exc)

@@ -58,8 +58,17 @@ def summarize_raw_stats(raw: dict[str, Any]) -> dict[str, Any]:
     """Turn raw counters into MDF's stats dict (pass_rate in percent, latencies per record)."""
     n_in = raw["input_records"]
     if n_in == 0:
-        keys = ("pass_rate", "total_time", "avg_latency", "min_latency", "max_latency",
-                "p50_latency", "p95_latency", "p99_latency", "throughput")
+        keys = (
+            "pass_rate",
+            "total_time",
+            "avg_latency",
+            "min_latency",
+            "max_latency",
+            "p50_latency",
+            "p95_latency",
+            "p99_latency",
+            "throughput",
+        )
         return {"input_records": 0, "output_records": 0, **{k: 0.0 for k in keys}}
     lat = sorted(raw["latencies"])
 
@@ -124,8 +133,7 @@ class Operator(ABC):
         """Process a batch; the output may contain ``None`` for dropped records."""
         start = time.perf_counter()
         results = self._process_batch_impl(records)
-        self._record(len(records), sum(r is not None for r in results),
-                     time.perf_counter() - start)
+        self._record(len(records), sum(r is not None for r in results), time.perf_counter() - start)
         return results
 
     def process_batch_with_rejected(self, records: list[dict[str, Any]]) -> BatchResult:
@@ -183,8 +191,10 @@ class Filter(Operator):
     def _flags(self, records: list[Record]) -> list[bool]:
         flags = list(self.should_keep_batch(records))
         if len(flags) != len(records):
-            raise ValueError(f"{type(self).__name__}.should_keep_batch returned "
-                             f"{len(flags)} flags for {len(records)} records")
+            raise ValueError(
+                f"{type(self).__name__}.should_keep_batch returned "
+                f"{len(flags)} flags for {len(records)} records"
+            )
         return flags
 
     def _process_batch_impl(self, records: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
@@ -230,8 +240,10 @@ class Deduplicator(Operator):
 
     def _require_backend(self) -> DedupBackend:
         if self.backend is None:
-            raise RuntimeError(f"{type(self).__name__}: no DedupBackend set (the Executor "
-                               "injects one; set .backend when using it standalone)")
+            raise RuntimeError(
+                f"{type(self).__name__}: no DedupBackend set (the Executor "
+                "injects one; set .backend when using it standalone)"
+            )
         return self.backend
 
     def _process_batch_impl(self, records: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
@@ -256,8 +268,11 @@ class Deduplicator(Operator):
             if new:
                 result.passed.append(rec)
                 continue
-            details: dict[str, Any] = {"reason": "duplicate",
-                                       "operator": type(self).__name__, "dedup_key": key}
+            details: dict[str, Any] = {
+                "reason": "duplicate",
+                "operator": type(self).__name__,
+                "dedup_key": key,
+            }
             if rep is not None:
                 details["representative_id"] = rep
             result.rejected.append(_rejected_copy(rec, details))
@@ -319,8 +334,10 @@ class CombinedOperator(Operator):
 
     def get_stats(self) -> dict[str, Any]:
         """Per-operator stats keyed by class name (MDF shape)."""
-        return {lbl: op.get_stats()
-                for lbl, op in zip(self.operator_labels(), self.operators, strict=True)}
+        return {
+            lbl: op.get_stats()
+            for lbl, op in zip(self.operator_labels(), self.operators, strict=True)
+        }
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
         schema: dict[str, pa.DataType] = {}

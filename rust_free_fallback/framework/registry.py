@@ -22,8 +22,10 @@ def _lookup(entries: dict[str, type], kind: str, name: str) -> type:
         return entries[name]
     except KeyError:
         known = ", ".join(sorted(entries)) or "(none)"
-        raise ValueError(f"Unknown {kind} {name!r}. Registered {kind}s: {known}. "
-                         "Register it in the driver before building the Executor.") from None
+        raise ValueError(
+            f"Unknown {kind} {name!r}. Registered {kind}s: {known}. "
+            "Register it in the driver before building the Executor."
+        ) from None
 
 
 def _create(entries: dict[str, type], kind: str, name: str, params: dict[str, Any] | None) -> Any:
@@ -31,8 +33,10 @@ def _create(entries: dict[str, type], kind: str, name: str, params: dict[str, An
     try:
         return klass(**(params or {}))
     except TypeError as exc:
-        raise TypeError(f"Cannot create {kind} {name!r} ({klass.__name__}) with params "
-                        f"{sorted(params or {})}: {exc}") from exc
+        raise TypeError(
+            f"Cannot create {kind} {name!r} ({klass.__name__}) with params "
+            f"{sorted(params or {})}: {exc}"
+        ) from exc
 
 
 class OperatorRegistry:
