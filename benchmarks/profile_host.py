@@ -10,19 +10,24 @@ Usage (GPU): python benchmarks/profile_host.py
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import io
 import json
 import os
 import pstats
 import statistics
+import sys
 import time
 
-import _kernels_only  # noqa: F401 - must precede the mdf_taxonomy imports
-import torch
-from bench_kernels import DEV, clustered, timeit
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
-from mdf_taxonomy import kernels as KR
+import torch  # noqa: E402
+from bench_kernels import DEV, clustered, timeit  # noqa: E402
+
+from mdf_taxonomy import kernels as KR  # noqa: E402
+from mdf_taxonomy.kernels import launch as L  # noqa: E402
+from mdf_taxonomy.kernels import triton_dispatch as TD  # noqa: E402
 
 
 def host_after_sync(fn, reps=30):
@@ -39,20 +44,19 @@ def host_after_sync(fn, reps=30):
 def pieces(x, c) -> dict:
     """Host time of each step of a plain Gluon-served assign, median of back-to-back
     repeats while the GPU is busy (no sync in between)."""
-    from mdf_taxonomy.kernels import gluon_kernels as G
-    from mdf_taxonomy.kernels import triton_kernels as T
+    from mdf_taxonomy.kernels import gluon_kernels as G  # imports Gluon: CUDA only
 
     n = x.shape[0]
-    xs, cp, cn = T._prep(x, c, "l2")
-    ids, dist, sec = T._empty_out(n, x.device, False, filled=False)
+    xs, cp, cn = TD.prep(x, c, "l2")
+    ids, dist, sec = TD.empty_out(n, x.device, False, filled=False)
     xn = torch.empty_like(dist)
     steps = {
-        "prep (checks, cached centroids)": lambda: T._prep(x, c, "l2"),
+        "prep (checks, cached centroids)": lambda: TD.prep(x, c, "l2"),
         "outputs (4 torch.empty)": lambda: (
-            T._empty_out(n, x.device, False, filled=False),
+            TD.empty_out(n, x.device, False, filled=False),
             torch.empty_like(dist),
         ),
-        "use_ws": lambda: T._use_ws(xs, cp, "l2", 1024),
+        "use_ws": lambda: L.use_ws(xs, cp, "l2", 1024, L.DEFAULT_TUNING),
         "assign_ws (descriptors + launch)": lambda: G.assign_ws(
             xs, cp, cn, ids, dist, None, metric="l2", xn=xn
         ),
@@ -77,6 +81,9 @@ def pieces(x, c) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    ).parse_args()
     x = clustered(1 << 20)
     c = x[torch.randperm(x.shape[0], device=DEV)[:1024]].clone()
     out = {}

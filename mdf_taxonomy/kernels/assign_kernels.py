@@ -7,7 +7,7 @@ never written. The ranking score is ``||c||^2 - 2 x.c`` (l2) or ``-x.c`` (cosine
 row constant ``||x||^2`` is added once at the end. bf16/fp16 inputs run on bf16/fp16
 tensor cores (centroids are cast to the input dtype); fp32 inputs use 3xTF32, which is
 close to fp32 accuracy. Operands are loaded with clamped pointers by default, or through
-tensor descriptors (TMA, ``TMA=True``; validated, no faster for bf16 on H100).
+tensor descriptors (TMA, ``TMA=True``; exact, not the default).
 
 A row's arithmetic does not depend on the other rows of its tile, so with a config fixed
 by (dtype, D, K) (``launch.config``) a row's result does not depend on the batch.
@@ -139,13 +139,12 @@ def _top2_update(
 def _row_sqnorm(x_rows, xn, D: tl.constexpr, XN_BLOCK: tl.constexpr, XN_UNROLL: tl.constexpr):
     """||x||^2 of the row block, after the main loop (its registers are free by then) or,
     for bucketed tree levels, before it (XN_FIRST: the rows then sit in L2 for the tiles'
-    re-reads, which measured 3% faster there).
+    re-reads).
 
-    This loop has no dot, so each load is a bare round trip: with one 64-column chunk per
-    step it cost ~12% of the kernel at K=1024 (against cosine, which has no norm pass).
-    XN_UNROLL chunks are loaded per step so that their latencies overlap; they are summed
-    in the same order as one at a time, so the result is bit-identical. Chunks stay
-    XN_BLOCK wide: wider loads here gave wrong norms on the GPU (sweep gates).
+    This loop has no dot, so each load is a bare round trip: XN_UNROLL chunks are loaded
+    per step so that their latencies overlap; they are summed in the same order as one at
+    a time, so the result is bit-identical. Chunks stay XN_BLOCK wide: wider loads here
+    give wrong norms on the GPU.
     """
     offs = tl.arange(0, XN_BLOCK)
     if XN_UNROLL > 0:  # 0 skips the pass (timing diagnostics only: no ||x||^2 added)
@@ -316,8 +315,8 @@ def _assign_kernel(
         tl.store(sec_id_ptr + rows, second_id.to(tl.int64), mask=row_mask)
         return
     # ||x||^2 (l2) in a separate pass after the main loop (or before it: XN_FIRST), through
-    # its own loads: reusing the dot's x tile for it was fast but gave wrong results on H100
-    # with triton 3.6 (benchmarks/DECISIONS.md), as did BLOCK_K 32/128 at the 16-bit tiles.
+    # its own loads: reusing the dot's x tile gives wrong norms on this Triton, as does
+    # BLOCK_K 32/128 at the 16-bit tiles.
     if L2 and not XN_FIRST and not XN_IN:
         xn = _row_sqnorm(x_rows, xn, D, XN_BLOCK, XN_UNROLL)
     if L2 and XN_OUT:  # (split calls: every split writes the same value)

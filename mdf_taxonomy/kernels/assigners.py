@@ -29,8 +29,7 @@ class Assignment(NamedTuple):
     ``x_sqnorm``: the rows' fp32 ``||x||^2`` as the Triton kernels computed them (l2; None
     on the torch backend and for cosine). Passing it back as ``x_sqnorm=`` on later calls
     for the same rows (the levels of a tree walk) spares those kernels their norm pass,
-    one extra read of every row (measured 10% of a bucketed level), with the
-    same bits.
+    one extra read of every row, with the same bits.
     """
 
     ids: torch.Tensor

@@ -17,12 +17,12 @@ import functools
 
 import torch
 
-# The warp-specialised Gluon kernel (gluon_kernels.py) serves K <= WS_MAX_K, where it
-# measured faster (benchmarks/DECISIONS.md); its results are bit-identical to the tl
-# kernel's, so the choice never changes a result. Checked on the H100 with these Tritons.
+# The warp-specialised Gluon kernel (gluon_kernels.py) serves K <= WS_MAX_K, where hiding
+# the epilogue behind loads pays; above it memory traffic bounds both kernels. Its results
+# are bit-identical to the tl kernel's, so the choice never changes a result
+# (benchmarks/DECISIONS.md has the figures). WS_TRITON: the Tritons it is checked on; on
+# others the tl kernel runs (on triton 3.9 the l2 consumers spill registers).
 WS_TRITON = ("3.6.",)
-# measured (N=1M, D=1024): l2 +9-17% at K=1024, +11% at 2048, +4% at 4096, +1% at 8192,
-# -1% at 16384; cosine +8-13% at 1024, +1-8% at 2048, parity at 4096 and 8192
 WS_MAX_K = 4096
 
 
@@ -61,9 +61,8 @@ def config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
             XN_BLOCK=128,
             XN_UNROLL=1,
         )
-    # swept on H100 (benchmarks/DECISIONS.md). The ||x||^2 pass is only right on the GPU
-    # with 64-column chunks (BLOCK_K or XN_BLOCK 32/128/256 gave wrong norms: sweep
-    # gates); two chunks per step measured +3-8% at K=1024 (ab_norm_pass.py, bit-identical).
+    # The ||x||^2 pass is only correct on the GPU with 64-column chunks (BLOCK_K and
+    # XN_BLOCK 64); two chunks per step overlap their load latencies, with the same bits.
     return dict(
         BLOCK_M=128,
         BLOCK_N=256,
@@ -77,7 +76,7 @@ def config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
 
 
 def partial_sums_config(n_clusters: int, device: torch.device) -> dict:
-    """The partial-sum kernel's config (swept on H100; the sums are exact whatever it is)."""
+    """The partial-sum kernel's config (the sums are exact whatever it is)."""
     if device.type != "cuda":
         return dict(CHUNK=32, BLOCK_R=8, NUM_STAGES=1, num_warps=1)
     if n_clusters <= 4096:

@@ -221,7 +221,7 @@ def _fp32_ids(
     ids = torch.empty((n,), dtype=torch.int64, device=x.device)
     flagged = torch.empty((n,), dtype=torch.bool, device=x.device)
     # a ~21 MiB score block, not the whole budget: the min passes over it are
-    # memory-bound and measured faster on a block that mostly stays in cache
+    # memory-bound, so they run faster on a block that mostly stays in cache
 
     def block(r0: int, r1: int) -> None:
         xb = x[r0:r1].to(torch.float32)

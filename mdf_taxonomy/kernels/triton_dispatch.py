@@ -57,10 +57,9 @@ def cached_for(centroids: torch.Tensor, what: tuple, build, always: bool = False
     """``build()`` for these centroids (or a level's child offsets: ``always``), cached per
     tensor.
 
-    A grouped level can hold ~1M centroids: casting and norming them on every call cost
-    more than the kernel (measured 7 ms of 13 ms per level). On CUDA every set is cached:
-    even 1024 centroids' norms cost ~0.1 ms of launches per call, paid while the GPU
-    waits. The cache is keyed on the tensor's identity (weakref) and its
+    A grouped level can hold ~1M centroids: casting and norming them on every call would
+    cost as much as the kernel. On CUDA every set is cached: even small sets' norm
+    launches stall the GPU. The cache is keyed on the tensor's identity (weakref) and its
     in-place version counter, so any change to the tensor through torch (any view)
     rebuilds; writes that bypass the counter (``.data``, DLPack) are not seen. It holds at
     most ``CACHE_SIZE`` entries.
@@ -363,9 +362,9 @@ def grouped_assign_triton(
     else:
         offs = child_offsets.to(device=x.device, dtype=torch.int64)
         # many parents: children blocks come from HBM rather than L2; a deeper pipeline
-        # measured 4-5% faster (benchmarks/DECISIONS.md) and the ||x||^2 pass before the
-        # tiles 3% (the rows stay in L2 for the tiles' re-reads; after them they had
-        # been evicted). The arithmetic is unchanged, so the paths stay bit-identical.
+        # hides the HBM latency, and the ||x||^2 pass goes first so the rows are still in
+        # L2 for the tiles' re-reads. The arithmetic is unchanged, so the paths stay
+        # bit-identical.
         bucket_cfg = (
             dict(cfg, num_stages=4, XN_FIRST=True) if x.is_cuda and tuning.assign is None else cfg
         )
