@@ -1,8 +1,9 @@
 """MDF faces of the taxonomy: the two refiners, the Parquet loader, a discard writer."""
 
+from mdf_taxonomy.operators.kmeans_level_refiner import KMeansLevelRefiner
 from mdf_taxonomy.operators.parquet_loader import ParquetEmbeddingLoader
-from mdf_taxonomy.operators.refiners import KMeansLevelRefiner, TaxonomyPathRefiner
 from mdf_taxonomy.operators.synthetic_loader import SyntheticEmbeddingLoader
+from mdf_taxonomy.operators.taxonomy_path_refiner import TaxonomyPathRefiner
 from mdf_taxonomy.operators.writers import DiscardWriter
 from mdf_taxonomy.passes.batch import level_field
 from mdf_taxonomy.passes.input_report import (

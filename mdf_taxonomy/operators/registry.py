@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from mdf_taxonomy import _mdf
+from mdf_taxonomy.operators.kmeans_level_refiner import KMeansLevelRefiner
 from mdf_taxonomy.operators.parquet_loader import ParquetEmbeddingLoader
-from mdf_taxonomy.operators.refiners import KMeansLevelRefiner, TaxonomyPathRefiner
 from mdf_taxonomy.operators.synthetic_loader import SyntheticEmbeddingLoader
+from mdf_taxonomy.operators.taxonomy_path_refiner import TaxonomyPathRefiner
 from mdf_taxonomy.operators.writers import DiscardWriter
 
 OPERATORS = (KMeansLevelRefiner, TaxonomyPathRefiner)
