@@ -142,7 +142,7 @@ def test_bound_covers_fp32_scores(metric):
                 else -(rows @ c.T)
             )
             x_norm = rows.double().norm(dim=1)
-            bound = R._fp32_score_bound(x_norm, float(cn.max().sqrt()), float(cn.max()), d, metric)
+            bound = R._score_bound(x_norm, float(cn.max().sqrt()), float(cn.max()), d, metric)
             err = (s32.double() - ex).abs().max(dim=1).values
             assert (err <= bound / 2).all()  # rigorous without the safety factor
 

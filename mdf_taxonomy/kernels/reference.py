@@ -8,7 +8,7 @@ Per-row determinism: BLAS picks its reduction order by matrix shape (a 1-row bat
 through gemv), so a score computed by a matrix product can move by an ulp between batch
 sizes. The ids therefore come from a rule whose outcome does not depend on those ulps: the
 ranking scores are computed in float32 by BLAS over fixed ``CENTROID_CHUNK`` chunks, and a
-rigorous per-row bound on their rounding error (``_fp32_score_bound``) decides whether the
+rigorous per-row bound on their rounding error (``_score_bound``) decides whether the
 fp32 argmin is provably the exact one; the rows where it is not (margin between best and
 second <= twice the bound) are re-ranked against all centroids in float64. Either way the id
 is the exact argmin (lowest id on ties): fp64 scores within the GEMM's own rounding bound
@@ -38,6 +38,8 @@ _INF = float("inf")
 _NAN = float("nan")
 _U32 = 2.0**-24  # unit roundoff of float32
 _TINY32 = 2.0**-126  # smallest normal float32: absolute error of an underflowed product
+_U64 = 2.0**-53
+_TINY64 = 2.0**-1022
 _LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -45,9 +47,9 @@ def _rows_per_chunk(n_cols: int, bytes_per_elem: int, copies: int = 3) -> int:
     return max(1, BLOCK_BUDGET_BYTES // max(1, n_cols * bytes_per_elem * copies))
 
 
-def _gamma(n: int) -> float:
-    """Higham's gamma_n = n u / (1 - n u) for float32: bound of an n-term dot product."""
-    nu = n * _U32
+def _gamma(n: int, unit: float = _U32) -> float:
+    """Higham's gamma_n = n u / (1 - n u): bound of an n-term dot product (float32 default)."""
+    nu = n * unit
     return nu / (1.0 - nu) if nu < 1.0 else _INF
 
 
@@ -68,24 +70,31 @@ def _fp32_prerank_allowed(x: torch.Tensor, centroids: torch.Tensor) -> bool:
     return getattr(mkldnn_mm, "fp32_precision", "none") in ("none", "ieee")
 
 
-def _fp32_score_bound(
-    x_norm: torch.Tensor, c_norm_max: float, cn_max: float, d: int, metric: str
+def _score_bound(
+    x_norm: torch.Tensor,
+    c_norm_max: float,
+    cn_max: float,
+    d: int,
+    metric: str,
+    unit: float = _U32,
+    tiny: float = _TINY32,
 ) -> torch.Tensor:
-    """Per-row bound on |fp32 score - exact score|, for every centroid and any BLAS order.
+    """Per-row bound on |computed score - exact score|, for every centroid and any BLAS
+    order, in the precision whose unit roundoff is ``unit`` (float32 by default).
 
     ``x_norm``: an upper bound of ||x|| per row (fp64); ``c_norm_max``, ``cn_max``: the max
     ||c|| and ||c||^2 over the centroids. The l2 score ``||c||^2 - 2 x.c`` is a sum of D+1
     terms whose magnitudes add up to at most ``cn_max + 2 ||x|| max||c||`` (Cauchy-Schwarz),
     so any summation order is within gamma_{D+1} of it; add u for casting ||c||^2 (computed
-    in fp64) to fp32, u for the final rounding, an absolute term for underflowed (or
-    flushed) products, and a safety factor 2 for the second-order terms.
+    in fp64), u for the final rounding, an absolute term for underflowed (or flushed)
+    products, and a safety factor 2 for the second-order terms.
     """
     xc = x_norm * c_norm_max
     if metric == "l2":
         mag = 2.0 * xc + cn_max
-        err = (_gamma(d + 1) + _U32) * mag + _U32 * cn_max + 4.0 * (d + 1) * _TINY32
+        err = (_gamma(d + 1, unit) + unit) * mag + unit * cn_max + 4.0 * (d + 1) * tiny
     else:
-        err = (_gamma(d) + _U32) * xc + 2.0 * (d + 1) * _TINY32
+        err = (_gamma(d, unit) + unit) * xc + 2.0 * (d + 1) * tiny
     return 2.0 * err
 
 
@@ -183,8 +192,48 @@ def _top2_block(
         )
         best = torch.where(take, tmin, best)
         best_id = torch.where(take, targ + c0, best_id)
-    rowwise.settle_ties(xf, cf, cn, metric, best, second, best_id, second_id)
+    _settle_ties(xf, cf, cn, metric, best, second, best_id, second_id)
     return best_id, second_id
+
+
+def _settle_ties(
+    xf: torch.Tensor,
+    cf: torch.Tensor,
+    cn: torch.Tensor | None,
+    metric: str,
+    best: torch.Tensor,
+    second: torch.Tensor,
+    best_id: torch.Tensor,
+    second_id: torch.Tensor | None,
+) -> None:
+    """Re-decide, in place, the rows whose fp64 best and second scores lie within the
+    GEMM's rounding bound of each other.
+
+    BLAS may give two equal centroids fp64 scores an ulp apart by their place in the matrix
+    (MKL does), so there the GEMM cannot pick the lowest id. Every centroid within the bound
+    of such a row's best is compared by its row-wise value instead (``rowwise.pair_values``,
+    lowest id on ties): the id no longer depends on the batch or on BLAS's blocking.
+    """
+    d = xf.shape[1]
+    cn_max = float((cn if cn is not None else (cf * cf).sum(1)).max())
+    x_norm = torch.linalg.vector_norm(xf, dim=1) * (1.0 + _gamma(d + 2, _U64))
+    c_norm_max = math.sqrt(cn_max) * (1.0 + 2.0**-40)
+    bound = _score_bound(x_norm, c_norm_max, cn_max, d, metric, _U64, _TINY64)
+    tied = ((second - best) <= 2.0 * bound).nonzero()[:, 0]
+    for t0 in range(0, tied.numel(), 256):
+        rows = tied[t0 : t0 + 256]
+        x = xf[rows]
+        reach = (best[rows] + 2.0 * bound[rows])[:, None]
+        r, c = [], []
+        for c0 in range(0, cf.shape[0], CENTROID_CHUNK):
+            ri, ci = (_chunk_scores(x, cf, cn, c0, metric) <= reach).nonzero(as_tuple=True)
+            r.append(ri)
+            c.append(ci + c0)
+        r, c = torch.cat(r), torch.cat(c)
+        (r1, c1), (r2, c2) = rowwise.lowest_two(r, c, rowwise.pair_values(x[r], cf[c], metric))
+        best_id[rows[r1]] = c1
+        if second_id is not None:
+            second_id[rows[r2]] = c2
 
 
 def _fp64_ids(
@@ -230,7 +279,7 @@ def _fp32_ids(
         # absolute term covers squares that underflow or are flushed to zero
         x_norm = torch.linalg.vector_norm(xb, dim=1).to(torch.float64)
         x_norm = x_norm * (1.0 + _gamma(d + 2)) + math.sqrt(d) * 2.0**-63
-        bound = _fp32_score_bound(x_norm, c_norm_max, cn_max, d, metric)
+        bound = _score_bound(x_norm, c_norm_max, cn_max, d, metric)
         margin = second.to(torch.float64) - best.to(torch.float64)
         ids[r0:r1] = bi
         flagged[r0:r1] = ~(margin > 2.0 * bound)  # NaN (non-finite scores) re-ranks too
