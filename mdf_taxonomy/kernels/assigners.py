@@ -210,20 +210,12 @@ class TritonAssigner(Assigner):
         return f"TritonAssigner(tuning={self.tuning!r})"
 
 
-class AutoAssigner(Assigner):
-    """Triton for CUDA tensors when Triton imports, else torch, decided per call from the
-    tensor's device (both exact)."""
-
-    name = "auto"
-    exact = True
-
-    def __init__(self, tuning: KernelTuning | None = None):
-        self.tuning = tuning
-        self._torch = TorchAssigner()
-        self._triton = TritonAssigner(tuning)
+class DelegatingAssigner(Assigner):
+    """Hands every call to the assigner ``_for(x)`` picks; subclasses override ``_for``
+    and the calls they serve themselves."""
 
     def _for(self, x: torch.Tensor) -> Assigner:
-        return self._triton if resolve_backend("auto", x.device) == "triton" else self._torch
+        raise NotImplementedError
 
     def assign(self, x, centroids, *, metric="l2", with_second=False, x_sqnorm=None):
         return self._for(x).assign(
@@ -245,6 +237,22 @@ class AutoAssigner(Assigner):
 
     def partial_sums(self, x, ids, n_clusters):
         return self._for(x).partial_sums(x, ids, n_clusters)
+
+
+class AutoAssigner(DelegatingAssigner):
+    """Triton for CUDA tensors when Triton imports, else torch, decided per call from the
+    tensor's device (both exact)."""
+
+    name = "auto"
+    exact = True
+
+    def __init__(self, tuning: KernelTuning | None = None):
+        self.tuning = tuning
+        self._torch = TorchAssigner()
+        self._triton = TritonAssigner(tuning)
+
+    def _for(self, x: torch.Tensor) -> Assigner:
+        return self._triton if resolve_backend("auto", x.device) == "triton" else self._torch
 
     def __repr__(self) -> str:
         return f"AutoAssigner(tuning={self.tuning!r})"

@@ -19,7 +19,13 @@ import triton
 import triton.language as tl
 
 from .assign_kernels import INTERPRET, launch_assign
-from .assigners import Assigner, Assignment, exact_assigner, resolve_backend
+from .assigners import (
+    Assigner,
+    Assignment,
+    DelegatingAssigner,
+    exact_assigner,
+    resolve_backend,
+)
 from .launch import DEFAULT_TUNING, KernelTuning, capability
 from .triton_dispatch import assign_triton, cached_for, empty_out, prep, with_oom_retry
 
@@ -219,7 +225,7 @@ def assign_shortlist_triton(
     return with_oom_retry(run, x)
 
 
-class Fp8ShortlistAssigner(Assigner):
+class Fp8ShortlistAssigner(DelegatingAssigner):
     """The fp8 shortlist where ``kernel_backend`` resolves to Triton, the exact assigner of
     that backend everywhere else (torch tensors, grouped levels, partial sums). Not exact:
     see the module docstring. ``x_sqnorm`` is not used by the shortlist pass."""
@@ -232,9 +238,12 @@ class Fp8ShortlistAssigner(Assigner):
         self.name = f"{kernel_backend}+fp8"
         self._exact = exact_assigner(kernel_backend, tuning)
 
+    def _for(self, x: torch.Tensor) -> Assigner:
+        return self._exact  # grouped levels and partial sums: the exact kernels
+
     def assign(self, x, centroids, *, metric="l2", with_second=False, x_sqnorm=None):
         if resolve_backend(self.kernel_backend, x.device) != "triton":
-            return self._exact.assign(
+            return super().assign(
                 x, centroids, metric=metric, with_second=with_second, x_sqnorm=x_sqnorm
             )
         return Assignment(
@@ -242,22 +251,6 @@ class Fp8ShortlistAssigner(Assigner):
                 x, centroids, metric=metric, with_second=with_second, tuning=self.tuning
             )
         )
-
-    def grouped_assign(
-        self, x, groups, centroids, child_offsets, *, metric="l2", with_second=False, x_sqnorm=None
-    ):
-        return self._exact.grouped_assign(
-            x,
-            groups,
-            centroids,
-            child_offsets,
-            metric=metric,
-            with_second=with_second,
-            x_sqnorm=x_sqnorm,
-        )
-
-    def partial_sums(self, x, ids, n_clusters):
-        return self._exact.partial_sums(x, ids, n_clusters)
 
     def __repr__(self) -> str:
         return f"Fp8ShortlistAssigner({self.kernel_backend!r}, tuning={self.tuning!r})"
