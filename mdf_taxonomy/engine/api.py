@@ -3,9 +3,7 @@ it through the same fit driver and runs as `mdf-taxonomy run`."""
 
 from __future__ import annotations
 
-import inspect
 import os
-import textwrap
 from typing import Any
 
 import numpy as np
@@ -20,7 +18,7 @@ from mdf_taxonomy.engine.running import label_summary, record_run
 from mdf_taxonomy.engine.staging import StagedOutput, staged_run
 from mdf_taxonomy.kernels import make_assigner
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
-from mdf_taxonomy.model.config import RunConfig, parameter_docs
+from mdf_taxonomy.model.config import RunConfig, document_table_parameters
 from mdf_taxonomy.passes.parquet_input import ParquetInput
 from mdf_taxonomy.passes.records import parse_arrow
 
@@ -39,10 +37,19 @@ class TaxonomyEngine:
 
     Besides its own parameters it takes, by keyword, every fit parameter of
     TaxonomyConfig and every run parameter of RunConfig; model/config.py declares their
-    defaults, constraints and meaning once, and the list below is read from there.
+    defaults, constraints and meaning once, and the entries after the engine's own four are
+    read from there.
 
     Parameters
     ----------
+    storage_uri : str, default='./output/taxonomy'
+        Where the taxonomy's snapshots live (any fsspec URI).
+    storage_options : dict or None, default=None
+        Fsspec options for the input, the output and the store.
+    progress : bool, default=True
+        Progress bars and one line per pass on stderr.
+    partition_by : list of str or None, default=None
+        Output columns to partition the labelled Parquet by (Hive).
     """
 
     def __init__(
@@ -287,42 +294,4 @@ class TaxonomyEngine:
         return np.concatenate(out) if out else np.zeros((0, tax.n_levels), np.int32)
 
 
-#: The type and meaning of the engine's own parameters; their defaults are the
-#: signature's, and every other parameter is documented where its table declares it.
-_OWN_DOCS = {
-    "storage_uri": ("str", "Where the taxonomy's snapshots live (any fsspec URI)."),
-    "storage_options": ("dict or None", "Fsspec options for the input, the output and the store."),
-    "progress": ("bool", "Progress bars and one line per pass on stderr."),
-    "partition_by": (
-        "list of str or None",
-        "Output columns to partition the labelled Parquet by (Hive).",
-    ),
-}
-
-
-def _parameters_doc() -> str:
-    """The docstring's Parameters entries, scikit-learn style: the tables' own entries
-    (TaxonomyConfig's, RunConfig's) and the signature's defaults, so none is written twice."""
-    tables = {**parameter_docs(TaxonomyConfig), **parameter_docs(RunConfig)}
-    entries = []
-    for p in inspect.signature(TaxonomyEngine).parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            continue
-        if p.name in tables:
-            entries.append((p.name, *tables.pop(p.name)))
-        else:
-            kind, meaning = _OWN_DOCS[p.name]
-            entries.append((p.name, f"{kind}, default={p.default!r}", meaning))
-    entries += [
-        (name, spec, meaning)
-        for name, (spec, meaning) in tables.items()
-        if name in FIT_PARAMETERS | RUN_PARAMETERS
-    ]
-    lines = []
-    for name, spec, meaning in entries:
-        lines.append(f"    {name} : {spec}")
-        lines += textwrap.wrap(meaning, 88, initial_indent=" " * 8, subsequent_indent=" " * 8)
-    return "\n".join(lines) + "\n"
-
-
-TaxonomyEngine.__doc__ = (TaxonomyEngine.__doc__ or "").rstrip() + "\n" + _parameters_doc()
+document_table_parameters(TaxonomyEngine, extra=FIT_PARAMETERS | RUN_PARAMETERS)

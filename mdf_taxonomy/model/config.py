@@ -14,6 +14,8 @@ import dataclasses
 import inspect
 import math
 import re
+import textwrap
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,6 +348,33 @@ def parameter_help(cls: type) -> dict[str, str]:
 
 
 _DOC_ENTRY = re.compile(r"([A-Za-z_]\w*) : (\S.*)")
+
+
+def document_table_parameters(cls: type, extra: Collection[str] = ()) -> None:
+    """Complete ``cls``'s numpydoc Parameters with the tables' own entries (TaxonomyConfig's,
+    RunConfig's) for each ``__init__`` parameter that neither ``cls`` nor a base documents,
+    with the default of ``cls``'s signature, then for ``extra`` table parameters it takes by
+    keyword: a face restates no table entry, so the meaning is written once."""
+    documented: dict[str, tuple[str, str]] = {}
+    for base in reversed(cls.__mro__):
+        documented.update(parameter_docs(base))
+    own = parameter_docs(cls)
+    tables = {**parameter_docs(TaxonomyConfig), **parameter_docs(RunConfig)}
+    entries = []
+    signature = inspect.signature(cls).parameters
+    for p in signature.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in own:
+            continue
+        spec, meaning = documented.get(p.name) or tables[p.name]
+        kind = spec.split(", default=")[0]
+        default = "" if p.default is p.empty else f", default={p.default!r}"
+        entries.append((p.name, kind + default, meaning))
+    entries += [(n, *tables[n]) for n in tables if n in extra and n not in signature]
+    lines = [(cls.__doc__ or "").rstrip()]
+    for name, spec, meaning in entries:
+        lines.append(f"    {name} : {spec}")
+        lines += textwrap.wrap(meaning, 88, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    cls.__doc__ = "\n".join(lines) + "\n"
 
 
 def _is_int(v: Any) -> bool:

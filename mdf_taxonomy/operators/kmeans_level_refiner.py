@@ -11,7 +11,7 @@ import pyarrow as pa
 from mdf_taxonomy import _mdf
 from mdf_taxonomy.backend import FitBackend, PartialsCombiner
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig
-from mdf_taxonomy.model.config import check_parameter
+from mdf_taxonomy.model.config import check_parameter, document_table_parameters
 from mdf_taxonomy.operators.taxonomy_operator import _TaxonomyRefiner
 from mdf_taxonomy.passes import batch
 from mdf_taxonomy.passes.records import ERROR_FIELD, ParsedBatch
@@ -34,49 +34,15 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
 
     Parameters
     ----------
-    storage_uri : str
-        Where the taxonomy's snapshots live (any fsspec URI); required.
-    embedding_field : str, default='embedding'
-        The record field holding the vector; see TaxonomyConfig.embedding_field.
     snapshot : str or None, default=None
         The snapshot whose centroids this pass uses (None: the latest); the driver pins
         each pass to one.
-    n_levels : int, default=1
-        Depth of the tree; see TaxonomyConfig.n_levels.
-    branching_factor : int or list of int, default=16
-        Children per node, for every level or per level; see TaxonomyConfig.branching_factor.
-    dim : int or None, default=None
-        Embedding length (None: inferred); see TaxonomyConfig.dim.
-    metric : {'l2', 'cosine'}, default='l2'
-        The distance; see TaxonomyConfig.metric.
-    seed : int, default=0
-        Seeds the init samples and k-means++; see TaxonomyConfig.seed.
-    max_iter : int, default=20
-        Lloyd passes per level at most; see TaxonomyConfig.max_iter.
-    tol : float, default=1e-4
-        Relative inertia drop that ends a level; see TaxonomyConfig.tol.
-    sample_per_child : int, default=64
-        Init sample rows per child; see TaxonomyConfig.sample_per_child.
-    max_sample_per_node : int, default=65536
-        Cap on a parent's init sample; see TaxonomyConfig.max_sample_per_node.
-    init_iters : int, default=10
-        In-memory Lloyd iterations on the sample; see TaxonomyConfig.init_iters.
-    backend_buckets : int, default=2
-        Bucket actors holding a pass's partials; see RunConfig.backend_buckets.
     flush_rows : int, default=0
         Rows of partials folded before a flush to the backend (0: flush every batch). It
         needs the end-of-stream call that rust_free_fallback's Executor makes; under a
         real MDF install every batch is flushed. See RunConfig.flush_rows.
     backend_name : str, default='mdf_taxonomy_fit'
         Name prefix of the bucket actors, shared by the driver and every replica.
-    device : str, default='auto'
-        Where the rows are assigned; see RunConfig.device.
-    kernel_backend : {'auto', 'torch', 'triton'}, default='auto'
-        The assignment kernels; see RunConfig.kernel_backend.
-    storage_options : dict or None, default=None
-        fsspec options for storage_uri (credentials, endpoint).
-    compute_dtype : {'float32', 'bfloat16', 'float16'}, default='float32'
-        What the kernels read; see RunConfig.compute_dtype.
     """
 
     def __init__(
@@ -222,3 +188,6 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         stats = super().get_stats()
         stats["flush_failures"] = self.flush_failures
         return stats
+
+
+document_table_parameters(KMeansLevelRefiner)

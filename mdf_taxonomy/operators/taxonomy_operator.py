@@ -46,7 +46,15 @@ def write_fields(records: list[dict], columns: dict[str, pa.Array]) -> None:
 
 
 class _TaxonomyRefiner(Refiner):
-    """Shared plumbing: lazy snapshot loading, parsing, per-record error fields."""
+    """Shared plumbing: lazy snapshot loading, parsing, per-record error fields.
+
+    Parameters
+    ----------
+    storage_uri : str
+        Where the taxonomy's snapshots live (any fsspec URI); required.
+    storage_options : dict or None, default=None
+        fsspec options for storage_uri (credentials, endpoint).
+    """
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from mdf_taxonomy.model import Taxonomy, TaxonomyStore
+from mdf_taxonomy.model.config import document_table_parameters
 from mdf_taxonomy.operators.taxonomy_operator import _TaxonomyRefiner
 from mdf_taxonomy.passes import batch
 from mdf_taxonomy.passes.records import ParsedBatch
@@ -21,23 +22,11 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
 
     Parameters
     ----------
-    storage_uri : str
-        Where the fitted taxonomy lives (any fsspec URI); required.
-    embedding_field : str, default='embedding'
-        The record field holding the vector; see TaxonomyConfig.embedding_field.
     snapshot : str or None, default=None
         The stored snapshot to label with (None: the latest); the engine pins one.
     n_levels : int or None, default=None
         Depth of the output schema (None: read from the store in the driver, which
         refuses a fit that is not finished).
-    device : str, default='auto'
-        Where the rows are assigned; see RunConfig.device.
-    kernel_backend : {'auto', 'torch', 'triton'}, default='auto'
-        The assignment kernels; see RunConfig.kernel_backend.
-    storage_options : dict or None, default=None
-        fsspec options for storage_uri (credentials, endpoint).
-    compute_dtype : {'float32', 'bfloat16', 'float16'}, default='float32'
-        What the kernels read; see RunConfig.compute_dtype.
     """
 
     def __init__(
@@ -90,3 +79,6 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         )
         self.timings["assign_s"] += time.perf_counter() - started
         return batch.label_columns(tax.n_levels, n_rows, parsed, paths, dist)
+
+
+document_table_parameters(TaxonomyPathRefiner)
