@@ -198,6 +198,26 @@ class TaxonomyEngine:
             params["partition_by"] = self.partition_by[0]
         return params
 
+    def _label(
+        self,
+        input: str | list[str],
+        output: str,
+        tax: Taxonomy,
+        staged: StagedOutput,
+        loader_extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The labelling run pinned to `tax`, staged into `output`; its summary."""
+        config = self._pipeline(input, output, fit=False, loader_extra=loader_extra)
+        result = staged_run(
+            pinned(config, tax, fit_pass=False),
+            staged,
+            progress=self.progress,
+            desc="label",
+            columnar=self.columnar,
+            taxonomy=tax,
+        )
+        return label_summary(result)
+
     # -- API ----------------------------------------------------------------------
     def fit(
         self,
@@ -228,18 +248,7 @@ class TaxonomyEngine:
             "fit": run.summary,
         }
         if output is not None:
-            final = pinned(
-                self._pipeline(input, output, fit=False, loader_extra=extra), tax, fit_pass=False
-            )
-            result = staged_run(
-                final,
-                staged,
-                progress=self.progress,
-                desc="label",
-                columnar=self.columnar,
-                taxonomy=tax,
-            )
-            summary["label"] = label_summary(result)
+            summary["label"] = self._label(input, output, tax, staged, extra)
         summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
         self.last_summary = summary
         return tax
@@ -265,19 +274,11 @@ class TaxonomyEngine:
             return tax.assign_paths(input, assigner=make_assigner(self.kernel_backend))[0]
         if output is not None:
             staged = StagedOutput(output, self.storage_options, overwrite)
-            final = pinned(self._pipeline(input, output, fit=False), tax, fit_pass=False)
-            result = staged_run(
-                final,
-                staged,
-                progress=self.progress,
-                desc="label",
-                columnar=self.columnar,
-                taxonomy=tax,
-            )
+            label = self._label(input, output, tax, staged)
             self.last_summary = {
                 "command": "predict",
                 "runtime": _mdf.MDF_FLAVOUR,
-                "label": label_summary(result),
+                "label": label,
             }
             return output
         source = ParquetInput(**self._loader_params(input))
