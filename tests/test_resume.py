@@ -97,7 +97,7 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
-def _fit_cmd(data, uri) -> list[str]:
+def _fit_cmd(data, uri, *extra: str, max_iter: int = 3) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -113,7 +113,8 @@ def _fit_cmd(data, uri) -> list[str]:
         "--branching-factor",
         "3,2",
         "--max-iter",
-        "3",
+        str(max_iter),
+        *extra,
     ]
 
 
@@ -245,32 +246,8 @@ def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(reference,
     enough to be killed mid-way, the columnar pass finishes 300 rows before a poll."""
     uri, out = tmp_path / "tax", tmp_path / "out"
     shutil.copytree(reference[0], uri)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mdf_taxonomy.cli",
-        "-q",
-        "fit",
-        "--input",
-        str(data),
-        "--storage-uri",
-        str(uri),
-        "--n-levels",
-        "2",
-        "--branching-factor",
-        "3,2",
-        "--dim",
-        str(DIM),
-        "--seed",
-        "3",
-        "--max-iter",
-        "2",
-        "--output",
-        str(out),
-        "--batch-size",
-        "8",
-        "--no-columnar",
-    ]
+    flags = f"--dim {DIM} --seed 3 --batch-size 8 --no-columnar".split()
+    cmd = _fit_cmd(data, uri, *flags, "--output", str(out), max_iter=2)
     with open(tmp_path / "run.log", "wb") as log:
         victim = _start(cmd, log)
         try:
