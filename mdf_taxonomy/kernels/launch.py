@@ -26,53 +26,27 @@ WS_TRITON = ("3.6.",)
 WS_MAX_K = 4096
 
 
-def config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
-    """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
-    if device.type != "cuda":  # interpreter: tiny tiles keep it quick
-        return dict(
-            BLOCK_M=16,
-            BLOCK_N=16,
-            BLOCK_K=16,
-            num_warps=1,
-            num_stages=1,
-            TMA=False,
-            XN_BLOCK=16,
-            XN_UNROLL=1,
-        )
-    if dtype == torch.float32:
-        return dict(
-            BLOCK_M=128,
-            BLOCK_N=64,
-            BLOCK_K=32,
-            num_warps=4,
-            num_stages=3,
-            TMA=False,
-            XN_BLOCK=32,
-            XN_UNROLL=1,
-        )
-    if dtype == torch.float8_e4m3fn:  # the shortlist pass: same bytes per k-step as bf16
-        return dict(
-            BLOCK_M=128,
-            BLOCK_N=256,
-            BLOCK_K=128,
-            num_warps=8,
-            num_stages=3,
-            TMA=True,
-            XN_BLOCK=128,
-            XN_UNROLL=1,
-        )
+_CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA",
+                  "XN_BLOCK", "XN_UNROLL")  # fmt: skip
+# fmt: off
+_CONFIGS = {
+    "interpreter":       (16,  16,  16,  1, 1, False, 16,  1),  # tiny tiles keep it quick
+    torch.float32:       (128, 64,  32,  4, 3, False, 32,  1),
+    torch.float8_e4m3fn: (128, 256, 128, 8, 3, True,  128, 1),  # same bytes per k-step as bf16
     # The ||x||^2 pass is only correct on the GPU with 64-column chunks (BLOCK_K and
     # XN_BLOCK 64); two chunks per step overlap their load latencies, with the same bits.
-    return dict(
-        BLOCK_M=128,
-        BLOCK_N=256,
-        BLOCK_K=64,
-        num_warps=8,
-        num_stages=3,
-        TMA=False,
-        XN_BLOCK=64,
-        XN_UNROLL=2,
-    )
+    "16-bit":            (128, 256, 64,  8, 3, False, 64,  2),
+}
+# fmt: on
+
+
+def config(dtype: torch.dtype, d: int, k: int, device: torch.device) -> dict:
+    """Launch config from (dtype, D, K, device type) only: never from N (determinism)."""
+    if device.type != "cuda":
+        row = _CONFIGS["interpreter"]
+    else:
+        row = _CONFIGS.get(dtype, _CONFIGS["16-bit"])
+    return dict(zip(_CONFIG_FIELDS, row, strict=True))
 
 
 def partial_sums_config(n_clusters: int, device: torch.device) -> dict:
