@@ -33,14 +33,8 @@ def _digest(*tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
         if t is not None:
-            h.update(t.detach().cpu().contiguous().view(-1).view(dtype=_bytes_dtype()).numpy())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _bytes_dtype():
-    import torch
-
-    return torch.uint8
 
 
 def cases(kernels, device: str) -> dict[str, str]:
