@@ -32,7 +32,7 @@ from mdf_taxonomy.engine.inputs import (
     fingerprint_of,
     input_differences,
 )
-from mdf_taxonomy.engine.plan import columnar_plan, fit_operators, pinned
+from mdf_taxonomy.engine.plan import columnar_plan, create_loader, fit_operators, pinned
 from mdf_taxonomy.engine.running import _progress, _say, ensure_ray
 from mdf_taxonomy.engine.totals import PassRecord, PassTotals
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
@@ -45,7 +45,6 @@ from mdf_taxonomy.model.fitting import (
 )
 from mdf_taxonomy.model.phase import Phase
 from mdf_taxonomy.operators import KMeansLevelRefiner
-from mdf_taxonomy.operators.registry import register
 from mdf_taxonomy.passes.columnar import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -136,10 +135,7 @@ class PipelineFit:
     def _start_or_resume(self) -> Taxonomy:
         """The stored snapshot when it is a fit of these parameters and this input (else
         refused, saying what differs), or a new empty fit."""
-        register()  # the loader is looked up by name
-        loader = _mdf.DataLoaderRegistry.create(
-            self.config.data_loader.type, self.config.data_loader.params
-        )
+        loader = create_loader(self.config)
         max_samples = self.config.executor.max_samples
         items = loader.get_file_list(max_samples=max_samples)
         if not items:

@@ -11,11 +11,9 @@ import os
 import time
 from typing import Any
 
-from mdf_taxonomy import _mdf
 from mdf_taxonomy._mdf import mdf_key
-from mdf_taxonomy.engine.plan import _runs_first
+from mdf_taxonomy.engine.plan import _runs_first, create_loader
 from mdf_taxonomy.operators import InputError
-from mdf_taxonomy.operators.registry import register
 from mdf_taxonomy.passes.input_report import (
     close_input_report,
     open_input_report,
@@ -56,10 +54,7 @@ class InputAccount:
         items: list[str] | None = None,
         report: bool = True,
     ):
-        register()
-        self.loader = loader or _mdf.DataLoaderRegistry.create(
-            config.data_loader.type, config.data_loader.params
-        )
+        self.loader = loader or create_loader(config)
         self.max_samples = config.executor.max_samples
         if items is None:  # MDF's loaders may stream without a file list
             lister = getattr(self.loader, "get_file_list", None)

@@ -53,6 +53,13 @@ def check_sections(raw: Any, where: str) -> None:
         )
 
 
+def create_loader(config: Any) -> Any:
+    """The pipeline's data loader, built from its registered name (registering ours
+    first: importing the package does not)."""
+    register()
+    return _mdf.DataLoaderRegistry.create(config.data_loader.type, config.data_loader.params)
+
+
 def validate_pipeline(config: Any) -> None:
     """Check everything that can be checked before the first pass, so a typo costs
     seconds, not a fit: every component is registered and takes its params, and our
