@@ -1,15 +1,19 @@
 """The Triton kernels on a CUDA GPU against the torch oracle (run on the device machine).
 
-What benchmarks/check_kernels_gpu.py measures, as assertions, at the same tolerances: the
-oracle gets the inputs as the kernel sees them (centroids rounded to the input dtype), so
+The oracle gets the inputs as the kernel sees them (centroids rounded to the input dtype), so
 what is checked is the kernel's own arithmetic error. ids agree except near-ties (the
 chosen centroid's fp64 distance within 1e-5 * (||x||^2 + max ||c||^2) of the best; 2e-5
 for cosine's scale of 2); distances' norm-wise relative error under 1e-3 (bf16/fp16) /
 1e-5 (fp32). Partial sums, the paths of a grouped level, reused norms and the
 warp-specialised kernel are bit-identical where they must be. Skipped without a GPU.
+
+``GPU_KERNEL_PATCH="TMA=1,XN_UNROLL=4"`` forces launch keys into every config
+(``KernelTuning.patch``), to check another load path or unrolling everywhere.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -35,7 +39,10 @@ DEV = "cuda"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 REL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 TIE = 1e-5  # near-tie bound on the fp64 gap, relative to the row's scale
-TRITON = None if not torch.cuda.is_available() else K.TritonAssigner()
+_FORCED = [kv.split("=") for kv in os.environ.get("GPU_KERNEL_PATCH", "").split(",") if kv]
+PATCH = {key: int(value) for key, value in _FORCED}
+TUNING = K.KernelTuning(patch=PATCH or None)
+TRITON = None if not torch.cuda.is_available() else K.TritonAssigner(TUNING)
 ORACLE = K.TorchAssigner()
 
 
@@ -222,7 +229,7 @@ def test_x_sqnorm_reuse_and_warp_specialised_kernel_bit_identical(n, k, d, dtype
     x, c = clustered(n, k, d, "l2", dtype, seed=6)
     a = TRITON.assign(x, c, with_second=True)
     assert same(a, TRITON.assign(x, c, with_second=True, x_sqnorm=a.x_sqnorm))
-    tl_only = K.TritonAssigner(K.KernelTuning(warp_specialized=False))
+    tl_only = K.TritonAssigner(K.KernelTuning(warp_specialized=False, patch=PATCH or None))
     b = tl_only.assign(x, c, with_second=True)
     assert same(a, b)
     assert same(b, tl_only.assign(x, c, with_second=True, x_sqnorm=b.x_sqnorm))
@@ -246,7 +253,7 @@ def test_warp_specialised_kernel_same_bits_as_tl(metric, dtype, k):
         c16 = c.to(dtype)
         assert L.use_ws(x, c16, metric, k) == triton.__version__.startswith(L.WS_TRITON)
     ws = TRITON.assign(x, c, metric=metric, with_second=True)
-    tl_only = K.TritonAssigner(K.KernelTuning(warp_specialized=False))
+    tl_only = K.TritonAssigner(K.KernelTuning(warp_specialized=False, patch=PATCH or None))
     assert same(ws, tl_only.assign(x, c, metric=metric, with_second=True))
 
 
@@ -257,7 +264,7 @@ def test_rows_do_not_depend_on_the_batch():
     b = TRITON.assign(x[5:900], c, with_second=True)
     assert same(b[:3], tuple(t[5:900] for t in a[:3]))
     if F8.fp8_supported(x.device):
-        fp8 = K.make_assigner("triton", fp8_shortlist=True)
+        fp8 = K.make_assigner("triton", fp8_shortlist=True, tuning=TUNING)
         a = fp8.assign(x, c, with_second=True)
         b = fp8.assign(x[5:900], c, with_second=True)
         assert same(b[:3], tuple(t[5:900] for t in a[:3]))
@@ -290,7 +297,7 @@ def test_fp8_shortlist_within_its_bounds(metric, n, k, d):
     if not F8.fp8_supported(torch.device(DEV)):
         pytest.skip("no fp8 tensor cores")
     x, c = clustered(n, k, d, metric, torch.bfloat16, seed=4)
-    fp8 = K.make_assigner("triton", fp8_shortlist=True)
+    fp8 = K.make_assigner("triton", fp8_shortlist=True, tuning=TUNING)
     assert not fp8.exact
     out = fp8.assign(x, c, metric=metric, with_second=True)
     c = c.to(torch.bfloat16).float()

@@ -313,7 +313,7 @@ def test_grouped_fast_paths(tma):
         assert torch.equal(torch.isinf(out.second), torch.isinf(ref.second))
     # The same rows give bit-identical results whichever path labels them. A row's position
     # in its 16-row block depends on the batch (the bucket sort is not stable); the GPU's MMA
-    # rounds every position alike (benchmarks/check_kernels_gpu.py checks the bits there),
+    # rounds every position alike (tests/test_gpu_kernels.py checks the bits there),
     # but the interpreter's tl.dot is numpy's matmul, whose BLAS may not (dot_rows_alike).
     mixed = cases[4]
     out = triton.grouped_assign(x, mixed, c, offs, with_second=True)
