@@ -45,6 +45,7 @@ import ray
 
 from .config import PipelineConfig, StageConfig
 from .operator import (
+    MDF_STAT_KEYS,
     CombinedOperator,
     Deduplicator,
     Operator,
@@ -193,25 +194,11 @@ _RemoteStage = ray.remote(_StageWorker)
 
 # -- helpers -------------------------------------------------------------------
 
-_MDF_STAT_KEYS = {
-    "input_records",
-    "output_records",
-    "pass_rate",
-    "total_time",
-    "avg_latency",
-    "min_latency",
-    "max_latency",
-    "p50_latency",
-    "p95_latency",
-    "p99_latency",
-    "throughput",
-}
-
 
 def _extra_stats(op: Any) -> dict[str, Any]:
     """What an operator's own get_stats() adds to MDF's keys (rejections, timings...)."""
     try:
-        return {k: v for k, v in op.get_stats().items() if k not in _MDF_STAT_KEYS}
+        return {k: v for k, v in op.get_stats().items() if k not in MDF_STAT_KEYS}
     except Exception:  # noqa: BLE001 - stats must never break a run
         return {}
 

@@ -54,22 +54,27 @@ def merge_raw_stats(raws: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: The keys of MDF's per-operator stats dict, in its order.
+MDF_STAT_KEYS = (
+    "input_records",
+    "output_records",
+    "pass_rate",
+    "total_time",
+    "avg_latency",
+    "min_latency",
+    "max_latency",
+    "p50_latency",
+    "p95_latency",
+    "p99_latency",
+    "throughput",
+)
+
+
 def summarize_raw_stats(raw: dict[str, Any]) -> dict[str, Any]:
     """Turn raw counters into MDF's stats dict (pass_rate in percent, latencies per record)."""
     n_in = raw["input_records"]
     if n_in == 0:
-        keys = (
-            "pass_rate",
-            "total_time",
-            "avg_latency",
-            "min_latency",
-            "max_latency",
-            "p50_latency",
-            "p95_latency",
-            "p99_latency",
-            "throughput",
-        )
-        return {"input_records": 0, "output_records": 0, **{k: 0.0 for k in keys}}
+        return {k: 0 if k.endswith("_records") else 0.0 for k in MDF_STAT_KEYS}
     lat = sorted(raw["latencies"])
 
     def pct(q: float) -> float:
