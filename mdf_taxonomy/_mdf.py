@@ -45,6 +45,10 @@ ExecutorConfig = _framework.ExecutorConfig
 #: The runtime tells operators that the stream ended (an ``end_of_stream()`` call on
 #: every replica), so work can be folded across batches. MDF's Executor has no such hook.
 HAS_END_OF_STREAM = MDF_FLAVOUR == "rust_free_fallback"
+#: The Executor calls ``DataWriter.close()`` after the last batch; MDF's never does (its
+#: writers live in actors that are killed), so a writer there must finish every file it
+#: starts within the same ``write``.
+CLOSES_WRITERS = MDF_FLAVOUR == "rust_free_fallback"
 #: ``Executor.shutdown()`` leaves a Ray session it did not start running. MDF's always
 #: calls ``ray.shutdown()``, so Ray handles kept across runs must be re-resolved.
 KEEPS_RAY_SESSION = MDF_FLAVOUR == "rust_free_fallback"
@@ -189,6 +193,7 @@ def merge_counts(dicts: list[dict[str, Any]]) -> dict[str, Any]:
 
 __all__ = [
     "HAS_END_OF_STREAM",
+    "CLOSES_WRITERS",
     "KEEPS_RAY_SESSION",
     "MDF_FLAVOUR",
     "mdf_key",

@@ -475,7 +475,7 @@ def test_identical_rows_fit_to_one_child_and_stay_there():
         ({"dim": 3.0}, "dim"),
         ({"metric": "dot"}, "metric='dot': must be one of ('l2', 'cosine')"),
         ({"embedding_field": ""}, "embedding_field='': must be a non-empty string"),
-        ({"embedding_field": None}, "embedding_field"),
+        ({"embedding_field": 3}, "embedding_field=3: must be a non-empty string, or null"),
     ],
 )
 def test_config_refuses_bad_values_naming_the_parameter_and_range(kwargs, message):

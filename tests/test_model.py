@@ -43,7 +43,7 @@ def test_snapshot_round_trip_and_versions(tmp_path):
     assert back.version == v1 and back.config == tax.config and back.dim == 4
     for a, b in zip(back.levels, tax.levels, strict=True):
         assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.parents, b.parents)
-    paths, dist = back.assign_paths(np.ones((5, 4), np.float32))
+    paths, dist, _ = back.assign_paths(np.ones((5, 4), np.float32))
     assert paths.shape == (5, 2) and dist.dtype == np.float32
     # a level-2 node is always a child of the level-1 node on the same path
     assert np.all(back.levels[1].parents[paths[:, 1]] == paths[:, 0])

@@ -167,8 +167,7 @@ def test_add_to_existing_pipeline_with_mdf_operators(real_env, ray_session, samp
         branching_factor=params["branching_factor"],
         metric=params["metric"],
         seed=params["seed"],
-        max_iter=params["max_iter"],
-        embedding_field="emb",
+        max_iter=params["max_iter"],  # and the embedding column found, as in the YAML
         storage_uri=str(tmp_path / "fallback"),
         progress=False,
     )
@@ -300,6 +299,7 @@ def test_label_only_config_and_stock_mdf_cli(
         "enabled": True,
         "output_path": str(tmp_path / "rejected"),
     }
+    cfg["data_writer"]["params"]["partition_by"] = "taxonomy_l1"  # MDF's writer, by node
     stock.write_text(yaml.safe_dump(cfg, sort_keys=False))
     code = (
         "import site, sys, runpy; site.addsitedir(sys.argv.pop(1)); "
@@ -326,3 +326,27 @@ def test_label_only_config_and_stock_mdf_cli(
         assert errors["bad-short"].startswith("wrong_length")
         assert errors["bad-nan"].startswith("non_finite")
         assert all(by_id[u]["taxonomy_l1"] == -1 for u in errors)
+    # MDF's partition_by reads back by node with pushdown: that node's rows, its files only
+    dataset = ds.dataset(str(tmp_path / "stock" / "labelled"), partitioning="hive")
+    table = dataset.to_table()
+    for node in sorted(set(table["taxonomy_l1"].to_pylist())):
+        where = ds.field("taxonomy_l1") == node
+        files = [f.path for f in dataset.get_fragments(filter=where)]
+        assert files and all(f"/taxonomy_l1={node}/" in f for f in files)
+        got = sorted(dataset.to_table(filter=where)["uuid"].to_pylist())
+        assert got == sorted(table.filter(where)["uuid"].to_pylist())
+
+
+def test_clean_embed_taxonomize_under_real_mdf(real_env, tmp_path):
+    """Real text through MDF's length filter and exact dedup, our embedding refiner, the fit
+    and the labeller, written in Hive folders by node by our PartitionedParquetWriter."""
+    from test_text_embedding import check_output, clean_survivors, small_config
+
+    cfg = small_config(tmp_path)
+    out = run_real([str(BIN / "mdf-taxonomy"), "-q", "run", "-c", str(cfg)], real_env, ROOT)
+    kept = len(clean_survivors())
+    assert f"labelled: {kept} of {kept}, rejected 0" in out
+    summary = json.loads(next((tmp_path / "taxonomy" / "runs").glob("*.json")).read_text())
+    assert summary["runtime"] == "mega_data_factory"
+    assert TaxonomyStore(str(tmp_path / "taxonomy")).load().dim == 384
+    check_output(tmp_path / "labelled")

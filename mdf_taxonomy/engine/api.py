@@ -140,7 +140,7 @@ class TaxonomyEngine:
             )
         ops.append(_mdf.OperatorConfig(name="taxonomy_path_refiner", params=dict(common)))
         writer = (
-            _mdf.DataWriterConfig(type="ParquetDataWriter", params=self._writer_params(output))
+            _mdf.DataWriterConfig(type=self._writer_type(), params=self._writer_params(output))
             if output
             else _mdf.DataWriterConfig(type="DiscardWriter", params={})
         )
@@ -169,33 +169,23 @@ class TaxonomyEngine:
             ),
         )
 
+    def _writer_type(self) -> str:
+        """Ours where the output is partitioned (bounded files per node), else MDF's."""
+        return "PartitionedParquetWriter" if self.partition_by else "ParquetDataWriter"
+
     def _writer_params(self, output: str) -> dict[str, Any]:
-        """ParquetDataWriter's params in the dialect of the runtime's writer."""
+        """The writer's params, in the dialect of the runtime's ParquetDataWriter."""
         params: dict[str, Any] = {"output_path": output}
-        if _mdf.WRITER_TAKES_OPTIONS:
-            params.update(
-                {
-                    k: v
-                    for k, v in (
-                        ("partition_by", self.partition_by),
-                        ("storage_options", self.storage_options),
-                    )
-                    if v is not None
-                }
-            )
-            return params
-        if self.storage_options:
+        if self.partition_by:
+            params["partition_by"] = self.partition_by
+        if self.storage_options and (self.partition_by or _mdf.WRITER_TAKES_OPTIONS):
+            params["storage_options"] = self.storage_options
+        elif self.storage_options:
             raise ValueError(
                 "storage_options: MDF's ParquetDataWriter takes none (it reads "
-                "credentials from the environment); leave it unset under MDF"
+                "credentials from the environment); leave it unset under MDF, or "
+                "partition the output (partition_by), which our writer does"
             )
-        if self.partition_by:
-            if len(self.partition_by) != 1:
-                raise ValueError(
-                    f"partition_by={self.partition_by!r}: MDF's ParquetDataWriter "
-                    "partitions by one column"
-                )
-            params["partition_by"] = self.partition_by[0]
         return params
 
     def _label(
@@ -282,7 +272,7 @@ class TaxonomyEngine:
             }
             return output
         source = ParquetInput(**self._loader_params(input))
-        field = self.fit_params["embedding_field"]
+        field = source.embedding_field
         assigner = make_assigner(self.kernel_backend)
         out = []
         for _, batches in source.read_items(source.get_file_list()):

@@ -141,7 +141,7 @@ class PipelineFit:
         if not items:
             raise ValueError(f"the loader {self.config.data_loader.type} found no input")
         self.account = InputAccount(self.config, loader, items, report=self.plan is None)
-        description = describe_input(loader, items, max_samples)
+        description = describe_input(loader, items, max_samples, self.config)
         fingerprint = fingerprint_of(description)
         if self.store.latest_version() is not None:
             tax = self.store.load()
@@ -174,7 +174,9 @@ class PipelineFit:
             )
             self.resumed = True
             return tax
-        dim = self.fit_config.dim or _infer_dim(loader, items, self.fit_config.embedding_field)
+        dim = self.fit_config.dim or _infer_dim(
+            loader, items, self.fit_config.embedding_field, self.config
+        )
         tax = Taxonomy(
             config=resolve_config(self.fit_config, dim), dim=dim, fingerprint=fingerprint
         )

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
 import time
 from typing import Any
 
+from mdf_taxonomy import _mdf
 from mdf_taxonomy._mdf import mdf_key
-from mdf_taxonomy.engine.plan import _runs_first, create_loader
+from mdf_taxonomy.engine.plan import _is_op, _runs_first, create_loader
 from mdf_taxonomy.operators import InputError
 from mdf_taxonomy.passes.input_report import (
     close_input_report,
@@ -20,7 +22,7 @@ from mdf_taxonomy.passes.input_report import (
     read_input_failures,
     read_input_report,
 )
-from mdf_taxonomy.passes.records import infer_dim
+from mdf_taxonomy.passes.records import INFER_DIM_ROWS, find_record_embedding_field, infer_dim
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,11 @@ class InputAccount:
             close_input_report(self.name)
 
 
-def describe_input(loader: Any, items: list[str], max_samples: int | None) -> dict[str, Any]:
-    """What identifies a fit's input: its content where the loader can describe it.
+def describe_input(
+    loader: Any, items: list[str], max_samples: int | None, config: Any = None
+) -> dict[str, Any]:
+    """What identifies a fit's input: its content where the loader can describe it, and
+    the operators that run before the fit (`config`'s), which decide the rows it sees.
 
     ParquetEmbeddingLoader describes its files by content (path within the input,
     size, footer hash) plus its filter, so the same data read from another folder is
@@ -122,14 +127,18 @@ def describe_input(loader: Any, items: list[str], max_samples: int | None) -> di
     """
     describe = getattr(loader, "describe_input", None)
     facts = describe(items) if callable(describe) else sorted(map(str, items))
-    return json.loads(
-        json.dumps({"input": facts, "max_samples": max_samples}, sort_keys=True, default=str)
-    )
+    description = {"input": facts, "max_samples": max_samples}
+    upstream = [{"operator": op.name, "params": op.params} for op in _upstream_configs(config)]
+    if upstream:  # (left out when empty: a fit with none keeps its fingerprint)
+        description["upstream"] = upstream
+    return json.loads(json.dumps(description, sort_keys=True, default=str))
 
 
-def input_fingerprint(loader: Any, items: list[str], max_samples: int | None) -> str:
+def input_fingerprint(
+    loader: Any, items: list[str], max_samples: int | None, config: Any = None
+) -> str:
     """The hash a snapshot stores of its input: a resume over other data is refused."""
-    return fingerprint_of(describe_input(loader, items, max_samples))
+    return fingerprint_of(describe_input(loader, items, max_samples, config))
 
 
 def fingerprint_of(description: dict[str, Any]) -> str:
@@ -143,6 +152,10 @@ def input_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     for key in ("max_samples",):
         if old.get(key) != new.get(key):
             said.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    if old.get("upstream") != new.get("upstream"):
+        said.append(
+            f"the operators before the fit {old.get('upstream')!r} -> {new.get('upstream')!r}"
+        )
     was, now = old.get("input"), new.get("input")
     if isinstance(was, dict) and isinstance(now, dict):
         for key in ("filter", "columns"):
@@ -177,9 +190,20 @@ def _expected_rows(config: Any, stats: Any, loaded: int) -> int:
     return loaded
 
 
-def _infer_dim(loader: Any, items: list[str], field: str) -> int:
-    """The fit's dim when none was given: the majority length of the first rows read."""
-    dim, others = infer_dim(loader.load_files(items), field)
+def _infer_dim(loader: Any, items: list[str], field: str | None, config: Any = None) -> int:
+    """The fit's dim when none was given: the majority length of the first rows read, as
+    the fit sees them: where a refiner upstream of the fit (an embedding refiner) makes
+    the field, the upstream stages are run on the first batch and their output decides."""
+    field = field or getattr(loader, "embedding_field", None)
+    records = loader.load_files(items)
+    upstream = _upstream_operators(config) if config is not None else []
+    if any(isinstance(op, _mdf.Refiner) for op in upstream):
+        records = _first_batch_through(upstream, records, config.executor.batch_size)
+    if field is None:  # made upstream, name not given: found in the records themselves
+        records = list(itertools.islice(records, INFER_DIM_ROWS))
+        field = find_record_embedding_field(records)
+        log.info("embedding_field %r found in the records the fit sees", field)
+    dim, others = infer_dim(records, field)
     if others:
         log.warning(
             "inferred dim %d for %r from the majority of rows; rows of other lengths "
@@ -189,3 +213,36 @@ def _infer_dim(loader: Any, items: list[str], field: str) -> int:
             others,
         )
     return dim
+
+
+def _upstream_configs(config: Any) -> list[Any]:
+    """The configs of the enabled operators that run before the pipeline's
+    kmeans_level_refiner (none without a config)."""
+    ops = []
+    for stage in config.stages if config is not None else []:
+        for op in stage.operators:
+            if op.enabled and _is_op(op, "KMeansLevelRefiner"):
+                return ops
+            if op.enabled:
+                ops.append(op)
+    return ops
+
+
+def _upstream_operators(config: Any) -> list[Any]:
+    """The operators before the fit, built as the executor builds them."""
+    return [
+        _mdf.OperatorRegistry.create(op.get_class_name(), op.params)
+        for op in _upstream_configs(config)
+    ]
+
+
+def _first_batch_through(ops: list[Any], records: Any, rows: int) -> list[dict]:
+    """The first `rows` records after the filters and refiners of `ops`, in this process.
+
+    Deduplicators are skipped: they only drop repeats, and need the run's shared backend.
+    """
+    batch = list(itertools.islice(records, rows))
+    for op in ops:
+        if isinstance(op, _mdf.Refiner | _mdf.Filter):
+            batch = [rec for rec in op.process_batch(batch) if rec is not None]
+    return batch

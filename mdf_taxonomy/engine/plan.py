@@ -119,6 +119,10 @@ def validate_pipeline(config: Any) -> None:
                     raise ValueError(f"stage {stage.name!r}: taxonomy_path_refiner: {e}") from e
 
 
+#: The writers a columnar labelling pass stands in for (same folders, files and columns).
+COLUMNAR_WRITERS = ("ParquetDataWriter", "PartitionedParquetWriter", "DiscardWriter")
+
+
 def columnar_plan(config: Any, labeller: str, cache_bytes: int | None = None) -> RunConfig | None:
     """How the columnar pass runs `config`'s taxonomy stage, where it can replace MDF's stream
     without changing what the stage sees: the input is ParquetEmbeddingLoader's, the
@@ -131,11 +135,10 @@ def columnar_plan(config: Any, labeller: str, cache_bytes: int | None = None) ->
     enabled = [(st, op) for st in config.stages for op in st.operators if op.enabled]
     stage, op = enabled[0]
     if labeller == "TaxonomyPathRefiner" and (
-        len(enabled) != 1 or config.data_writer.type not in ("ParquetDataWriter", "DiscardWriter")
+        len(enabled) != 1 or config.data_writer.type not in COLUMNAR_WRITERS
     ):
         return None
-    loader_field = config.data_loader.params.get("embedding_field", "embedding")
-    if loader_field != op.params.get("embedding_field", "embedding"):
+    if config.data_loader.params.get("embedding_field") != op.params.get("embedding_field"):
         return None
     worker = getattr(stage, "worker", None)
     resources = dict(getattr(worker, "resources", None) or {})

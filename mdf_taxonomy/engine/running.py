@@ -127,7 +127,7 @@ def _run_columnar(
             partition_by = [partition_by]
         output = None if writer.type == "DiscardWriter" else writer.params["output_path"]
         counts, loaded, skipped = pool.label(
-            tax, output, writer.params.get("storage_options"), partition_by
+            tax, output, writer.params.get("storage_options"), partition_by, labeller.fields
         )
     except ray.exceptions.RayError as e:
         raise PassIncomplete(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e

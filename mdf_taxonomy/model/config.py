@@ -127,7 +127,20 @@ class Device:
         return "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 
-Constraint = Int | PerLevel | OrNone | FiniteAtLeast | OneOf | NonEmptyStr | Bool | Device
+@dataclass(frozen=True)
+class Identifier:
+    """Letters, digits and underscores (possibly none): safe in a column or folder name."""
+
+    def ok(self, v: Any) -> bool:
+        return isinstance(v, str) and re.fullmatch(r"\w*", v, re.ASCII) is not None
+
+    def __str__(self) -> str:
+        return "must be letters, digits and underscores"
+
+
+Constraint = (
+    Int | PerLevel | OrNone | FiniteAtLeast | OneOf | NonEmptyStr | Bool | Device | Identifier
+)
 PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
     "n_levels": Int(1, MAX_LEVELS),
     "branching_factor": PerLevel(Int(1, MAX_BRANCHING)),
@@ -139,7 +152,7 @@ PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
     "sample_per_child": Int(1, MAX_SAMPLE),
     "max_sample_per_node": Int(1, MAX_SAMPLE),
     "init_iters": Int(0, MAX_ITER),
-    "embedding_field": NonEmptyStr(),
+    "embedding_field": OrNone(NonEmptyStr()),
 }
 
 
@@ -171,8 +184,10 @@ class TaxonomyConfig:
         The cap on a parent's init sample.
     init_iters : int, default=10
         Lloyd iterations run in memory on the sample after k-means++.
-    embedding_field : str, default='embedding'
-        The input column holding the vectors.
+    embedding_field : str or None, default=None
+        The input column holding the vectors (None: the one column of float vectors,
+        found in the input's schema or the first batch's records and logged; none or
+        several is an error listing the candidates).
     extra : dict, default={}
         Annotations carried with the object; not compared, not stored, no effect on the fit.
     """
@@ -187,7 +202,7 @@ class TaxonomyConfig:
     sample_per_child: int = 64
     max_sample_per_node: int = 65536
     init_iters: int = 10
-    embedding_field: str = "embedding"
+    embedding_field: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -256,9 +271,17 @@ RUN_PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
 }
 
 
+#: What labelling writes, besides the tree: the operators' and the engine's output names.
+LABEL_PARAMETER_CONSTRAINTS: dict[str, Constraint] = {"field_prefix": Identifier()}
+
+
 def check_parameter(name: str, value: Any, where: str) -> None:
-    """Raise ValueError unless `value` meets the run or fit constraint of `name`."""
-    rule = RUN_PARAMETER_CONSTRAINTS.get(name) or PARAMETER_CONSTRAINTS[name]
+    """Raise ValueError unless `value` meets the run, label or fit constraint of `name`."""
+    rule = (
+        RUN_PARAMETER_CONSTRAINTS.get(name)
+        or LABEL_PARAMETER_CONSTRAINTS.get(name)
+        or PARAMETER_CONSTRAINTS[name]
+    )
     if not rule.ok(value):
         raise ValueError(f"{where}: {name}={value!r}: {rule}")
 

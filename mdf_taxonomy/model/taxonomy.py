@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -139,26 +139,39 @@ class Taxonomy:
         )
 
     def walk(
-        self, x: torch.Tensor, upto: int, assigner: kernels.Assigner | None = None
-    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        self,
+        x: torch.Tensor,
+        upto: int,
+        assigner: kernels.Assigner | None = None,
+        with_second: bool = False,
+    ) -> tuple[np.ndarray, kernels.Assignment]:
         """Descend `upto` levels from the root for prepared rows.
 
-        Returns (paths (N, upto) int32 node ids, deepest node ids, kernel distance to
-        them); with upto=0 every row sits at the root (id 0, distance 0).
+        Returns (paths (N, upto) int32 node ids, the deepest level's Assignment: node
+        ids, kernel distance and, `with_second`, the second-best sibling's distance);
+        with upto=0 every row sits at the root (id 0, distance 0).
         """
         n = x.shape[0]
-        ids = torch.zeros(n, dtype=torch.int64, device=x.device)
-        distance = torch.zeros(n, dtype=torch.float32, device=x.device)
+        last = kernels.Assignment(
+            torch.zeros(n, dtype=torch.int64, device=x.device),
+            torch.zeros(n, dtype=torch.float32, device=x.device),
+            None,
+        )
         per_level = []
-        x_sqnorm = None  # computed by the first level, reused by the next ones
         assigner = assigner or kernels.AutoAssigner()
         for level in range(1, upto + 1):
-            a = self.assign_level(x, ids, level, assigner=assigner, x_sqnorm=x_sqnorm)
-            ids, distance, x_sqnorm = a.ids, a.distance, a.x_sqnorm
-            per_level.append(ids)
+            last = self.assign_level(  # norms from the level above are reused
+                x,
+                last.ids,
+                level,
+                assigner=assigner,
+                with_second=with_second and level == upto,
+                x_sqnorm=last.x_sqnorm,
+            )
+            per_level.append(last.ids)
         # one copy to the host at the end: the GPU labels the next level meanwhile
-        paths = torch.stack(per_level, 1) if per_level else ids.new_zeros((n, 0))
-        return paths.to(torch.int32).cpu().numpy(), ids, distance
+        paths = torch.stack(per_level, 1) if per_level else last.ids.new_zeros((n, 0))
+        return paths.to(torch.int32).cpu().numpy(), last
 
     def assign_paths(
         self,
@@ -167,19 +180,33 @@ class Taxonomy:
         assigner: kernels.Assigner | None = None,
         device: str | torch.device = "cpu",
         prepared: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Node id per level for every row, and the distance to the deepest centroid.
+    ) -> Labels:
+        """Node id per level for every row, its distance to the deepest centroid, and how
+        far the runner-up among that centroid's siblings is behind it.
 
-        Returns (paths (N, upto) int32, distance (N,) float32); the distance is
-        Euclidean for "l2" and 1 - cosine similarity for "cosine". `prepared` rows
-        have been through `prepare` already; `assigner` as for `walk`.
+        Distances are Euclidean for "l2" and 1 - cosine similarity for "cosine"; the
+        margin (second-best minus best, in the same unit) is +inf for an only child and 0
+        for a tie. `prepared` rows have been through `prepare` already; `assigner` as for
+        `walk`.
         """
         upto = self.n_levels if upto is None else upto
-        paths, _, distance = self.walk(x if prepared else self.prepare(x, device), upto, assigner)
-        distance = distance.float().cpu().numpy()
+        x = x if prepared else self.prepare(x, device)
+        paths, last = self.walk(x, upto, assigner, with_second=upto > 0)
+        distance = last.distance.float().cpu().numpy()
+        second = distance if last.second is None else last.second.float().cpu().numpy()
         if self.config.metric == "l2":
-            distance = np.sqrt(np.maximum(distance, 0.0))
-        return paths, distance.astype(np.float32)
+            distance, second = (np.sqrt(np.maximum(d, 0.0)) for d in (distance, second))
+        with np.errstate(invalid="ignore"):
+            margin = second - distance
+        return Labels(paths, distance.astype(np.float32), margin.astype(np.float32))
+
+
+class Labels(NamedTuple):
+    """What labelling gives per row (see `Taxonomy.assign_paths`)."""
+
+    paths: np.ndarray  # (N, levels) int32 node ids
+    distance: np.ndarray  # (N,) float32, to the deepest centroid
+    margin: np.ndarray  # (N,) float32, runner-up sibling's distance minus `distance`
 
 
 def format_path(path_row: np.ndarray) -> str:

@@ -48,7 +48,7 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
     def __init__(
         self,
         storage_uri: str,
-        embedding_field: str = "embedding",
+        embedding_field: str | None = None,
         snapshot: str | None = None,
         n_levels: int = 1,
         branching_factor: int | list[int] = 16,

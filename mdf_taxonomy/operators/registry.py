@@ -7,11 +7,13 @@ from mdf_taxonomy.operators.kmeans_level_refiner import KMeansLevelRefiner
 from mdf_taxonomy.operators.parquet_loader import ParquetEmbeddingLoader
 from mdf_taxonomy.operators.synthetic_loader import SyntheticEmbeddingLoader
 from mdf_taxonomy.operators.taxonomy_path_refiner import TaxonomyPathRefiner
-from mdf_taxonomy.operators.writers import DiscardWriter
+from mdf_taxonomy.operators.text_embedding_refiner import TextEmbeddingRefiner
+from mdf_taxonomy.operators.text_loader import PackagedTextLoader
+from mdf_taxonomy.operators.writers import DiscardWriter, PartitionedParquetWriter
 
-OPERATORS = (KMeansLevelRefiner, TaxonomyPathRefiner)
-LOADERS = (ParquetEmbeddingLoader, SyntheticEmbeddingLoader)
-WRITERS = (DiscardWriter,)
+OPERATORS = (KMeansLevelRefiner, TaxonomyPathRefiner, TextEmbeddingRefiner)
+LOADERS = (ParquetEmbeddingLoader, SyntheticEmbeddingLoader, PackagedTextLoader)
+WRITERS = (DiscardWriter, PartitionedParquetWriter)
 
 
 def register() -> None:

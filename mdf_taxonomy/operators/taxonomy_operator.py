@@ -24,8 +24,12 @@ from mdf_taxonomy._mdf import BatchResult, Refiner
 from mdf_taxonomy.kernels import make_assigner
 from mdf_taxonomy.model import Taxonomy, TaxonomyStore
 from mdf_taxonomy.model.config import check_parameter
-from mdf_taxonomy.passes.batch import COMPUTE_DTYPES
-from mdf_taxonomy.passes.records import ERROR_FIELD, ParsedBatch, parse_embeddings
+from mdf_taxonomy.passes.batch import COMPUTE_DTYPES, LABEL_FIELDS
+from mdf_taxonomy.passes.records import (
+    ParsedBatch,
+    find_record_embedding_field,
+    parse_embeddings,
+)
 
 # the refiners' logger, named as before the split into one module per operator
 log = logging.getLogger("mdf_taxonomy.operators.refiners")
@@ -59,7 +63,7 @@ class _TaxonomyRefiner(Refiner):
     def __init__(
         self,
         storage_uri: str,
-        embedding_field: str = "embedding",
+        embedding_field: str | None = None,
         snapshot: str | None = None,
         device: str = "auto",
         kernel_backend: str = "auto",
@@ -85,6 +89,7 @@ class _TaxonomyRefiner(Refiner):
         self.assigner = make_assigner(kernel_backend)  # the kernels, chosen once
         self.storage_options = storage_options
         self._taxonomy: Taxonomy | None = None
+        self.fields = LABEL_FIELDS  # the names of the fields written (the labeller's prefix)
         self.rejected: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -112,7 +117,7 @@ class _TaxonomyRefiner(Refiner):
             started = time.perf_counter()
             tax = self.taxonomy
             parsed = parse_embeddings(
-                records, self.embedding_field, tax.dim, metric=tax.config.metric
+                records, self._field_of(records), tax.dim, metric=tax.config.metric
             )
             self.timings["parse_s"] += time.perf_counter() - started
             for kind, n in parsed.reasons().items():
@@ -126,6 +131,13 @@ class _TaxonomyRefiner(Refiner):
                 records
             )
         write_fields(records, columns)
+
+    def _field_of(self, records: list[dict]) -> str:
+        """The embedding field: as given, or found in the first batch with records."""
+        if self.embedding_field is None and records:
+            self.embedding_field = find_record_embedding_field(records)
+            log.info("%s: embedding_field %r found", type(self).__name__, self.embedding_field)
+        return self.embedding_field or ""
 
     def _refine(self, parsed: ParsedBatch, tax: Taxonomy, n_rows: int) -> dict[str, pa.Array]:
         raise NotImplementedError
@@ -141,13 +153,14 @@ class _TaxonomyRefiner(Refiner):
         """With MDF's rejected-samples collection on, a record that got no label is reported
         there too, with its reason; it still passes on, so nothing is dropped."""
         passed = self._process_batch_impl(records)
+        error = self.fields.error
         rejected = [
             {
                 **rec,
-                "_rejection_details": {"reason": rec[ERROR_FIELD], "operator": type(self).__name__},
+                "_rejection_details": {"reason": rec[error], "operator": type(self).__name__},
             }
             for rec in passed
-            if rec.get(ERROR_FIELD)
+            if rec.get(error)
         ]
         return BatchResult(passed=passed, rejected=rejected)
 

@@ -8,37 +8,45 @@ from typing import Any
 import pyarrow as pa
 
 from mdf_taxonomy.model import Taxonomy, TaxonomyStore
-from mdf_taxonomy.model.config import document_table_parameters
+from mdf_taxonomy.model.config import check_parameter, document_table_parameters
 from mdf_taxonomy.operators.taxonomy_operator import _TaxonomyRefiner
 from mdf_taxonomy.passes import batch
-from mdf_taxonomy.passes.records import ParsedBatch
+from mdf_taxonomy.passes.records import FIELD_PREFIX, ParsedBatch
 
 
 class TaxonomyPathRefiner(_TaxonomyRefiner):
     """Labels every record with its path in a fitted taxonomy (no refit).
 
     Adds taxonomy_path ("12/305/77"), taxonomy_l1..taxonomy_lN (int32),
-    taxonomy_distance (float32, to the leaf centroid) and taxonomy_error.
+    taxonomy_distance (float32, to the leaf centroid), taxonomy_margin (float32: how much
+    farther the runner-up among the leaf's siblings is; small means a borderline row, +inf
+    an only child) and taxonomy_error ("" or why the record got no label).
 
     Parameters
     ----------
     snapshot : str or None, default=None
-        The stored snapshot to label with (None: the latest); the engine pins one.
+        The stored snapshot (version, e.g. "000008") to label with, pinned so that a new
+        fit in the same store does not change the labels of a running job (None: the
+        latest when the operator is built); the engine pins one.
     n_levels : int or None, default=None
         Depth of the output schema (None: read from the store in the driver, which
         refuses a fit that is not finished).
+    field_prefix : str, default='taxonomy_'
+        What the names of the added fields start with (letters, digits, underscores), so
+        labels of a second taxonomy can sit beside the first's.
     """
 
     def __init__(
         self,
         storage_uri: str,
-        embedding_field: str = "embedding",
+        embedding_field: str | None = None,
         snapshot: str | None = None,
         n_levels: int | None = None,
         device: str = "auto",
         kernel_backend: str = "auto",
         storage_options: dict[str, Any] | None = None,
         compute_dtype: str = "float32",
+        field_prefix: str = FIELD_PREFIX,
     ):
         super().__init__(
             storage_uri,
@@ -58,12 +66,15 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
                 )
             n_levels = int(manifest["n_levels_stored"])
         self.n_levels = n_levels
+        check_parameter("field_prefix", field_prefix, type(self).__name__)
+        self.fields = batch.LabelFields(field_prefix)
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
-        return batch.label_schema(self.n_levels)
+        return batch.label_schema(self.n_levels, self.fields)
 
     def _blank_columns(self, n_rows: int, reason: str) -> dict[str, pa.Array]:
-        return batch.label_columns(self.n_levels, n_rows, batch.all_rejected(n_rows, reason))
+        rejected = batch.all_rejected(n_rows, reason)
+        return batch.label_columns(self.n_levels, n_rows, rejected, fields=self.fields)
 
     def _refine(self, parsed: ParsedBatch, tax: Taxonomy, n_rows: int) -> dict[str, pa.Array]:
         if not tax.state.complete:
@@ -71,14 +82,14 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
                 f"taxonomy at {self.storage_uri} is not complete (level {tax.state.level}, "
                 f"{tax.state.phase}): finish the fit before labelling"
             )
-        if not len(parsed.valid):
-            return batch.label_columns(tax.n_levels, n_rows, parsed)
-        started = time.perf_counter()
-        paths, dist = tax.assign_paths(
-            self._rows(tax, parsed), assigner=self.assigner, prepared=True
-        )
-        self.timings["assign_s"] += time.perf_counter() - started
-        return batch.label_columns(tax.n_levels, n_rows, parsed, paths, dist)
+        labels = None
+        if len(parsed.valid):
+            started = time.perf_counter()
+            labels = tax.assign_paths(
+                self._rows(tax, parsed), assigner=self.assigner, prepared=True
+            )
+            self.timings["assign_s"] += time.perf_counter() - started
+        return batch.label_columns(tax.n_levels, n_rows, parsed, labels, self.fields)
 
 
 document_table_parameters(TaxonomyPathRefiner)

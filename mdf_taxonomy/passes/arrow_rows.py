@@ -206,7 +206,8 @@ def find_embedding_field(schema: pa.Schema) -> str:
 
     Candidates: list, large_list or fixed_size_list of floats, and fixed_size_binary with
     a width that is a positive multiple of 4 (packed float32). Integer lists are left out
-    on purpose (token ids, counts). None or several: ValueError listing the columns.
+    on purpose (token ids, counts), unless the column is named "embedding" and no float
+    column competes. None or several: ValueError listing the columns.
     """
     found = [
         f
@@ -216,6 +217,8 @@ def find_embedding_field(schema: pa.Schema) -> str:
     ]
     if len(found) == 1:
         return found[0].name
+    if not found and "embedding" in schema.names:
+        return "embedding"  # by name: the usual column, of whatever type (parse names it)
     if found:
         listed = ", ".join(f"{f.name}: {f.type}" for f in found)
         raise ValueError(f"several columns could be the embedding ({listed}): set embedding_field")
@@ -224,3 +227,19 @@ def find_embedding_field(schema: pa.Schema) -> str:
         "no column holds embeddings (a list of floats or fixed_size_binary of float32); "
         f"columns: {listed}"
     )
+
+
+def find_record_embedding_field(records: Sequence[dict], sample: int = 64) -> str:
+    """`find_embedding_field` for MDF records: each field typed by Arrow from its first
+    non-null value among the first `sample` records (a value Arrow cannot type counts as
+    no vector)."""
+    types: dict[str, pa.DataType] = {}
+    for rec in records[:sample]:
+        for name, value in rec.items():
+            if name in types or value is None:
+                continue
+            try:
+                types[name] = pa.array([value]).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError):
+                types[name] = pa.null()
+    return find_embedding_field(pa.schema(list(types.items())))

@@ -18,24 +18,54 @@ from mdf_taxonomy.kernels import Assigner
 from mdf_taxonomy.model import Taxonomy
 from mdf_taxonomy.model.fitting import inertia_to_fixed
 from mdf_taxonomy.model.sampling import BottomK, rows_by_key, sample_priorities
-from mdf_taxonomy.passes.records import ERROR_FIELD, ParsedBatch
+from mdf_taxonomy.model.taxonomy import Labels
+from mdf_taxonomy.passes.records import ERROR_FIELD, FIELD_PREFIX, ParsedBatch
 
-PREFIX = "taxonomy"
-PATH_FIELD = f"{PREFIX}_path"
-DISTANCE_FIELD = f"{PREFIX}_distance"
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass(frozen=True)
+class LabelFields:
+    """The names of the fields labelling adds: `prefix` + path, l1..lN, distance, margin,
+    error (a prefix keeps a second taxonomy's labels apart from the first's)."""
+
+    prefix: str = FIELD_PREFIX
+
+    @property
+    def path(self) -> str:
+        return f"{self.prefix}path"
+
+    def level(self, level: int) -> str:
+        return f"{self.prefix}l{level}"
+
+    @property
+    def distance(self) -> str:
+        return f"{self.prefix}distance"
+
+    @property
+    def margin(self) -> str:
+        return f"{self.prefix}margin"
+
+    @property
+    def error(self) -> str:
+        return f"{self.prefix}error"
+
+
+LABEL_FIELDS = LabelFields()
+
+
 def level_field(level: int) -> str:
-    return f"{PREFIX}_l{level}"
+    return LABEL_FIELDS.level(level)
 
 
-def label_schema(n_levels: int) -> dict[str, pa.DataType]:
-    """The fields a labelled record gets: path, one node id per level, distance, error."""
-    schema = {PATH_FIELD: pa.string()}
-    schema.update({level_field(i): pa.int32() for i in range(1, n_levels + 1)})
-    schema[DISTANCE_FIELD] = pa.float32()
-    schema[ERROR_FIELD] = pa.string()
+def label_schema(n_levels: int, fields: LabelFields = LABEL_FIELDS) -> dict[str, pa.DataType]:
+    """The fields a labelled record gets: path, one node id per level, distance, margin,
+    error."""
+    schema = {fields.path: pa.string()}
+    schema.update({fields.level(i): pa.int32() for i in range(1, n_levels + 1)})
+    schema[fields.distance] = pa.float32()
+    schema[fields.margin] = pa.float32()
+    schema[fields.error] = pa.string()
     return schema
 
 
@@ -57,7 +87,8 @@ def walk(
     tax: Taxonomy, x: torch.Tensor, assigner: Assigner
 ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """(paths so far, deepest node per row, distance to it) for a fit pass."""
-    return tax.walk(x, fit_depth(tax), assigner)
+    paths, last = tax.walk(x, fit_depth(tax), assigner)
+    return paths, last.ids, last.distance
 
 
 def lloyd_partials(
@@ -114,27 +145,29 @@ def label_columns(
     n_levels: int,
     n_rows: int,
     parsed: ParsedBatch,
-    paths: np.ndarray | None = None,
-    distance: np.ndarray | None = None,
+    labels: Labels | None = None,
+    fields: LabelFields = LABEL_FIELDS,
 ) -> dict[str, pa.Array]:
     """The label fields of a batch as Arrow columns, blank where a row was rejected:
-    path "", node ids -1, distance NaN, and the reason in taxonomy_error (no paths: every
-    row blank)."""
-    if paths is None:
-        paths, distance = np.zeros((0, n_levels), np.int32), np.zeros(0, np.float32)
+    path "", node ids -1, distance and margin NaN, and the reason in the error field (no
+    labels: every row blank)."""
     ids = np.full((n_rows, n_levels), -1, dtype=np.int32)
     dist = np.full(n_rows, np.nan, dtype=np.float32)
-    ids[parsed.valid] = paths
-    dist[parsed.valid] = distance
+    margin = np.full(n_rows, np.nan, dtype=np.float32)
+    if labels is not None:
+        ids[parsed.valid] = labels.paths
+        dist[parsed.valid] = labels.distance
+        margin[parsed.valid] = labels.margin
     good = np.zeros(n_rows, dtype=bool)
-    good[parsed.valid] = True
+    good[parsed.valid] = labels is not None
     strings = path_strings(ids)
     if not good.all():
         strings = pc.if_else(pa.array(good), strings, "")
-    columns = {PATH_FIELD: strings}
-    columns.update({level_field(i + 1): pa.array(ids[:, i]) for i in range(n_levels)})
-    columns[DISTANCE_FIELD] = pa.array(dist)
-    columns[ERROR_FIELD] = error_column(n_rows, parsed)
+    columns = {fields.path: strings}
+    columns.update({fields.level(i + 1): pa.array(ids[:, i]) for i in range(n_levels)})
+    columns[fields.distance] = pa.array(dist)
+    columns[fields.margin] = pa.array(margin)
+    columns[fields.error] = error_column(n_rows, parsed)
     return columns
 
 

@@ -26,6 +26,7 @@ from mdf_taxonomy.model.config import RunConfig
 from mdf_taxonomy.model.fitting import add_fixed_sums
 from mdf_taxonomy.model.phase import Phase
 from mdf_taxonomy.model.sampling import BottomK
+from mdf_taxonomy.passes.batch import LABEL_FIELDS, LabelFields
 from mdf_taxonomy.passes.parquet_input import ParquetInput
 from mdf_taxonomy.passes.worker import PassWorker, WorkerTotals, _add
 
@@ -128,9 +129,10 @@ class WorkerPool:
         output_uri: str | None,
         storage_options: dict | None = None,
         partition_by: list[str] | None = None,
+        fields: LabelFields = LABEL_FIELDS,
     ) -> tuple[dict[str, Any], int, list[dict[str, Any]]]:
         """Label every row group into `output_uri`: (counts, rows read, items skipped)."""
-        parts = self._each("label_pass", tax, output_uri, storage_options, partition_by)
+        parts = self._each("label_pass", tax, output_uri, storage_options, partition_by, fields)
         totals: dict[str, int] = {}
         rejected: dict[str, int] = {}
         timings: dict[str, float] = {}

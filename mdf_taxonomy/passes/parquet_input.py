@@ -71,8 +71,11 @@ class ParquetInput(ListingMixin):
     path : str or list of str
         A file, a glob, or a (Hive-partitioned) directory, or a list of them, on any
         fsspec storage; required.
-    embedding_field : str, default='embedding'
-        The column holding the vectors; it is always read, whatever `columns` says.
+    embedding_field : str or None, default=None
+        The column holding the vectors; it is always read, whatever `columns` says. None:
+        the one column of float vectors (list, large_list or fixed_size_list of floats,
+        or fixed_size_binary of float32), found in the files and logged; none or several
+        is an error that lists the columns.
     columns : list of str or None, default=None
         The columns to read besides the embedding (None: every column).
     filter : list or pyarrow Expression or None, default=None
@@ -93,7 +96,7 @@ class ParquetInput(ListingMixin):
     def __init__(
         self,
         path: str | list[str],
-        embedding_field: str = "embedding",
+        embedding_field: str | None = None,
         columns: list[str] | None = None,
         filter: Any = None,  # noqa: A002 - MDF name
         partitioning: Any = "hive",
@@ -110,7 +113,7 @@ class ParquetInput(ListingMixin):
                 f"{ON_BAD_FILE}, got {on_bad_file!r}"
             )
         self.path = path
-        self.embedding_field = embedding_field
+        self._embedding_field = embedding_field
         self.columns = columns
         self.filter = filter
         self.partitioning = partitioning
@@ -121,6 +124,13 @@ class ParquetInput(ListingMixin):
         self.listing_skipped: list[dict[str, Any]] = []  # by get_file_list, in this process
         self.load_skipped: list[dict[str, Any]] = []  # by load_files, in this process
         self._listing: _Listing | None = None
+
+    @property
+    def embedding_field(self) -> str:
+        """The column read as the embedding: as given, or found when the files are listed."""
+        if self._embedding_field is None:
+            self._list()
+        return self._embedding_field
 
     # -- driver ----------------------------------------------------------------
     def get_file_list(self, max_samples: int | None = None, num_workers: int = 1) -> list[str]:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from mdf_taxonomy.model.storage import one_line, storage_unreachable
+from mdf_taxonomy.passes.arrow_rows import find_embedding_field
 from mdf_taxonomy.passes.input_report import ITEM_SEP, report_entry, tell_input_report
 
 # ParquetInput's logger: what the listing finds or skips is news about the input
@@ -55,6 +56,7 @@ class ListingMixin:
 
     path: str | list[str]
     embedding_field: str
+    _embedding_field: str | None
     filter: Any
     partitioning: Any
     storage_options: dict[str, Any] | None
@@ -212,6 +214,8 @@ class ListingMixin:
     ) -> tuple[pa.Schema, list[str]]:
         """(schema, files that fit it). The most common schema among the files with a
         usable embedding column is the reference; a file that cannot join it is foreign."""
+        if self._embedding_field is None and readable:
+            self._embedding_field = self._find_embedding_field(readable)
         usable = [s for _, s in readable.values() if self._embedding_problem(s) is None]
         if not usable:
             names = next(iter(readable.values()))[1].names if readable else []
@@ -239,6 +243,31 @@ class ListingMixin:
             else:
                 self._bad(path, sum(rows), f"foreign schema: {problem}", stage="listing")
         return schema, good
+
+    def _find_embedding_field(self, readable: dict[str, tuple[list[int], pa.Schema]]) -> str:
+        """The column of float vectors most files have (embedding_field=None); files that
+        disagree evenly, or have none or several, are an error that names them."""
+        found: dict[str, list[str]] = {}
+        problems = []
+        for path, (_, schema) in readable.items():
+            try:
+                found.setdefault(find_embedding_field(schema), []).append(path)
+            except ValueError as e:
+                problems.append(f"{path}: {e}")
+        ranked = sorted(found.items(), key=lambda kv: -len(kv[1]))
+        if not ranked:
+            raise InputError(f"input {self.path!r}: {problems[0]}")
+        if len(ranked) > 1 and len(ranked[0][1]) == len(ranked[1][1]):
+            said = "; ".join(
+                f"{name!r} in {paths[0]} and {len(paths) - 1} more" for name, paths in ranked
+            )
+            raise InputError(
+                f"input {self.path!r}: the files disagree on the embedding column ({said}): "
+                "set embedding_field"
+            )
+        name = ranked[0][0]
+        log.info("input %r: embedding_field %r (the one column of float vectors)", self.path, name)
+        return name
 
     def _embedding_problem(self, schema: pa.Schema) -> str | None:
         """Why the embedding column of `schema` cannot be read, or None."""

@@ -18,7 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from mdf_taxonomy.passes.arrow_rows import find_embedding_field, parse_arrow
+from mdf_taxonomy.passes.arrow_rows import (
+    find_embedding_field,
+    find_record_embedding_field,
+    parse_arrow,
+)
 from mdf_taxonomy.passes.validation import (
     _NUMERIC_KINDS,
     MIN_COSINE_NORM,
@@ -36,13 +40,15 @@ __all__ = [  # the Arrow way in and the validation are re-exported: callers impo
     "MIN_COSINE_NORM",
     "ParsedBatch",
     "find_embedding_field",
+    "find_record_embedding_field",
     "infer_dim",
     "parse_arrow",
     "parse_embeddings",
     "validate_matrix",
 ]
 
-ERROR_FIELD = "taxonomy_error"
+FIELD_PREFIX = "taxonomy_"  # of every field our operators add
+ERROR_FIELD = f"{FIELD_PREFIX}error"
 INFER_DIM_ROWS = 10_000
 
 

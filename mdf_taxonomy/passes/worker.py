@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
@@ -33,6 +32,7 @@ from mdf_taxonomy.model.sampling import BottomK
 from mdf_taxonomy.passes import batch
 from mdf_taxonomy.passes.parquet_input import ParquetInput
 from mdf_taxonomy.passes.parquet_listing import _arrow_fs
+from mdf_taxonomy.passes.parquet_sink import ParquetSink, dictionary_columns
 from mdf_taxonomy.passes.records import ParsedBatch, parse_arrow
 
 #: Row groups decoded ahead of the kernels, per reader thread.
@@ -245,23 +245,28 @@ class PassWorker:
         output_uri: str | None,
         storage_options: dict | None,
         partition_by: list[str] | None,
+        fields: batch.LabelFields = batch.LABEL_FIELDS,
     ) -> WorkerTotals:
-        """Label this worker's row groups and write each as a Parquet file (or a Hive
-        folder of them with `partition_by`) under `output_uri` (None: count only).
-        Files are encoded by writer threads while the kernels label the next row group."""
-        import fsspec
-
+        """Label this worker's row groups under `output_uri` (None: count only): a Parquet
+        file per row group, or with `partition_by` Hive folders with one growing file each
+        (a ParquetSink). Files are encoded by writer threads while the kernels label the
+        next row group (one thread for a sink, so its files keep the input's order)."""
         out = WorkerTotals()
-        write = None
-        if output_uri is not None:
-            fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
-            write = _ParquetParts(_arrow_fs(fs), root, partition_by)
+        write, sink = None, None
+        if output_uri is not None and partition_by:
+            sink = ParquetSink(output_uri, partition_by, storage_options)
+
+            def write(table: pa.Table, name: str) -> None:
+                sink.write(table)  # one growing file per partition, whatever the row group
+        elif output_uri is not None:
+            write = _ParquetParts(output_uri, storage_options)
         self.source.load_skipped = []
-        new_names = set(batch.label_schema(tax.n_levels))
+        new_names = set(batch.label_schema(tax.n_levels, fields))
         clock = {"assign_s": 0.0, "columns_s": 0.0, "write_wait_s": 0.0}
         self.read_wait_s = 0.0
         started = time.perf_counter()
-        with ThreadPoolExecutor(self.readers) as writers:
+        threads = 1 if sink is not None else self.readers
+        with ThreadPoolExecutor(threads) as writers:
             written = []
             for item, dec, table in self._stream(tax, self.source.columns, keep_table=True):
                 t0 = time.perf_counter()
@@ -273,11 +278,11 @@ class PassWorker:
                 _add(out.rejected, dec.parsed.reasons())
                 if write is None or table is None or table.num_rows == 0:
                     continue  # counting only, or a row group the filter emptied: no file
-                paths = dist = None
+                labels = None
                 if dec.x is not None:
-                    paths, dist = tax.assign_paths(dec.x, assigner=self.assigner, prepared=True)
+                    labels = tax.assign_paths(dec.x, assigner=self.assigner, prepared=True)
                 t1 = time.perf_counter()
-                columns = batch.label_columns(tax.n_levels, dec.rows, dec.parsed, paths, dist)
+                columns = batch.label_columns(tax.n_levels, dec.rows, dec.parsed, labels, fields)
                 table = table.drop_columns([c for c in table.column_names if c in new_names])
                 for name, column in columns.items():
                     table = table.append_column(name, column)
@@ -291,6 +296,8 @@ class PassWorker:
             t3 = time.perf_counter()
             for future in written:
                 future.result()
+            if sink is not None:
+                sink.close()
             clock["write_wait_s"] += time.perf_counter() - t3
         out.skipped = list(self.source.load_skipped)
         out.timings = {
@@ -301,44 +308,22 @@ class PassWorker:
         return out
 
 
-@dataclass
 class _ParquetParts:
-    """Writes one labelled row group as `<name>.parquet` (or Hive folders of them)."""
+    """Writes one labelled row group as `<name>.parquet` under the output folder."""
 
-    filesystem: Any
-    root: str
-    partition_by: list[str] | None
+    def __init__(self, output_uri: str, storage_options: dict | None):
+        import fsspec
+
+        fs, self.root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
+        self.filesystem = _arrow_fs(fs)
 
     def __call__(self, table: pa.Table, name: str) -> None:
-        # dictionary pages only where values repeat (paths, ids, labels), never for vectors
-        dictionary = [
-            f.name
-            for f in table.schema
-            if not (
-                pa.types.is_nested(f.type)
-                or pa.types.is_fixed_size_binary(f.type)
-                or pa.types.is_floating(f.type)
-            )
-        ]
-        if self.partition_by:
-            ds.write_dataset(
-                table,
-                self.root,
-                format="parquet",
-                filesystem=self.filesystem,
-                partitioning=self.partition_by,
-                partitioning_flavor="hive",
-                basename_template=name + "-{i}.parquet",
-                existing_data_behavior="overwrite_or_ignore",
-                file_options=ds.ParquetFileFormat().make_write_options(use_dictionary=dictionary),
-            )
-        else:
-            pq.write_table(
-                table,
-                f"{self.root}/{name}.parquet",
-                filesystem=self.filesystem,
-                use_dictionary=dictionary,
-            )
+        pq.write_table(
+            table,
+            f"{self.root}/{name}.parquet",
+            filesystem=self.filesystem,
+            use_dictionary=dictionary_columns(table.schema),
+        )
 
 
 def _device(device: str) -> torch.device:

@@ -1,6 +1,8 @@
 """MDF-compatible framework API (``mega_data_factory.framework`` surface) without Rust.
 
-Importing this package also registers ``ParquetDataWriter``.
+Importing this package also registers ``ParquetDataWriter`` and MDF's two text
+operators (``TextLengthFilter``, ``TextExactDeduplicator``), as MDF's own components
+are registered when ``mdf run`` starts.
 """
 
 from .backend import DedupBackend
@@ -46,5 +48,6 @@ __all__ = [
     "StageWorkerConfig",
 ]
 
-# Last: writers imports this package's modules and registers itself on import.
+# Last: these import this package's modules and register themselves on import.
+from rust_free_fallback import operators as _operators  # noqa: E402,F401
 from rust_free_fallback import writers as _writers  # noqa: E402,F401
