@@ -272,6 +272,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """A balanced subset of --input over the stored tree, as TaxonomyEngine.sample."""
+    if args.output is None:
+        raise CliError("sample needs --output (where the selected rows go)")
+    summary = _engine(args).sample(
+        args.input,
+        args.output,
+        args.target_size,
+        multiplier=args.multiplier,
+        strategy=args.strategy,
+        seed=args.seed,
+        plan_uri=args.plan_uri,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"sampled: {summary['selected_rows']} rows ({summary['selected_total']} with repeats) "
+        f"of {summary['valid_rows']}, target {summary['target_size']}, "
+        f"{summary['leaves_sampled']} of {summary['leaves']} leaves, rejected "
+        f"{summary['rejected'] or 0}"
+    )
+    print(f"sampled records: {args.output}")
+    if summary.get("plan_uri"):
+        print(f"sample plan: {summary['plan_uri']}")
+    return 0
+
+
 def _print_labelling(summary: dict[str, Any]) -> None:
     """What was labelled and rejected, and the input items skipped."""
     lab = summary.get("label", {}).get("labelling")
@@ -311,8 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    for name, func in (("fit", cmd_fit), ("predict", cmd_predict)):
-        sp = sub.add_parser(name, help=f"{name} a taxonomy on Parquet embeddings")
+    for name, func, what in (
+        ("fit", cmd_fit, "fit a taxonomy on Parquet embeddings"),
+        ("predict", cmd_predict, "label Parquet embeddings with a stored taxonomy"),
+        ("sample", cmd_sample, "draw a balanced subset over a stored taxonomy"),
+    ):
+        sp = sub.add_parser(name, help=what)
         sp.add_argument("--input", required=True, help="file, glob or directory (any fsspec URI)")
         sp.add_argument("--storage-uri", required=True, help="where the taxonomy lives")
         sp.add_argument("--output", default=None, help="where labelled Parquet goes")
@@ -331,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
             '(repeatable), e.g. client_kwargs=\'{"endpoint_url": "..."}\'',
         )
         sp.set_defaults(func=func)
+        if name == "sample":
+            sp.add_argument("--target-size", type=int, required=True, help="rows to select")
+            sp.add_argument(
+                "--multiplier", type=int, default=1, help="most times a row is taken (1)"
+            )
+            sp.add_argument(
+                "--strategy",
+                default="random",
+                help="how a leaf's quota is filled: random (by content hash), closest or "
+                "furthest (to the leaf centroid); --seed: the tree's by default",
+            )
+            sp.add_argument("--plan-uri", default=None, help="also save the plan here")
     return p
 
 
@@ -350,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NothingLabelled, PassIncomplete) as e:
         print(f"mdf-taxonomy: error: {e}", file=sys.stderr)
         return 1
-    except (CliError, InputError, TaxonomyStoreError, ValueError) as e:
+    except (CliError, InputError, TaxonomyStoreError, ValueError, FileExistsError) as e:
         print(f"mdf-taxonomy: error: {e}", file=sys.stderr)
         return 2
 

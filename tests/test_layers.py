@@ -21,8 +21,8 @@ LAYERS = (
     "model",
     "backend",
     "passes",
+    "curation",  # below operators: the sampling and dedup operators are its MDF faces
     "operators",
-    "curation",
     "report",
     "engine",
     "cli",

@@ -11,23 +11,19 @@ import pytest
 
 from mdf_taxonomy import cli
 from mdf_taxonomy.model.config import RunConfig, TaxonomyConfig, parameter_docs, parameter_help
-from mdf_taxonomy.operators import (
-    DiscardWriter,
-    KMeansLevelRefiner,
-    ParquetEmbeddingLoader,
-    SyntheticEmbeddingLoader,
-    TaxonomyPathRefiner,
-)
+from mdf_taxonomy.operators import ParquetEmbeddingLoader, registry
 from mdf_taxonomy.passes.parquet_input import ParquetInput
+from mdf_taxonomy.passes.parquet_sink import ParquetSink
 
+# every component the registry lists, the parameter tables, and the classes below them
 DOCUMENTED = [
-    KMeansLevelRefiner,
-    TaxonomyPathRefiner,
-    SyntheticEmbeddingLoader,
-    DiscardWriter,
+    *registry.OPERATORS,
+    *(c for c in registry.LOADERS if c is not ParquetEmbeddingLoader),  # ParquetInput's
+    *registry.WRITERS,
     TaxonomyConfig,
     RunConfig,
     ParquetInput,
+    ParquetSink,
 ]
 
 

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from mdf_taxonomy import _mdf
+from mdf_taxonomy.curation.sampling_passes import sample_parquet
 from mdf_taxonomy.engine.fit_driver import PipelineFit
 from mdf_taxonomy.engine.plan import pinned
 from mdf_taxonomy.engine.running import label_summary, record_run
@@ -242,6 +243,41 @@ class TaxonomyEngine:
         summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
         self.last_summary = summary
         return tax
+
+    def sample(
+        self,
+        input: str | list[str],  # noqa: A002
+        output: str,
+        target_size: int,
+        multiplier: int = 1,
+        strategy: str = "random",
+        seed: int | None = None,
+        plan_uri: str | None = None,
+        overwrite: bool = False,
+    ) -> dict[str, Any]:
+        """A balanced subset of `input` over the stored tree, written to `output` (every
+        column, plus `taxonomy_repeat`): ssl-data-curation's top-down allocation of
+        `target_size`, each row taken at most `multiplier` times, leaves filled by
+        `strategy` ('random' by content hash, 'closest', 'furthest'). `seed`: the tree's
+        by default. `plan_uri`: also save the plan, for BalancedSampleFilter. The summary."""
+        tax = self.load()
+        self.last_summary = sample_parquet(
+            tax,
+            input,
+            output,
+            target_size,
+            multiplier,
+            strategy,
+            tax.config.seed if seed is None else seed,
+            storage_options=self.storage_options,
+            embedding_field=self.fit_params["embedding_field"],
+            plan_uri=plan_uri,
+            kernel_backend=self.kernel_backend,
+            device=self.device,
+            batch_rows=self.batch_size,
+            overwrite=overwrite,
+        )
+        return self.last_summary
 
     def load(self) -> Taxonomy:
         """The latest snapshot in the store."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mdf_taxonomy import _mdf
+from mdf_taxonomy.operators.balanced_sample_filter import BalancedSampleFilter
 from mdf_taxonomy.operators.kmeans_level_refiner import KMeansLevelRefiner
 from mdf_taxonomy.operators.parquet_loader import ParquetEmbeddingLoader
 from mdf_taxonomy.operators.synthetic_loader import SyntheticEmbeddingLoader
@@ -11,7 +12,7 @@ from mdf_taxonomy.operators.text_embedding_refiner import TextEmbeddingRefiner
 from mdf_taxonomy.operators.text_loader import PackagedTextLoader
 from mdf_taxonomy.operators.writers import DiscardWriter, PartitionedParquetWriter
 
-OPERATORS = (KMeansLevelRefiner, TaxonomyPathRefiner, TextEmbeddingRefiner)
+OPERATORS = (KMeansLevelRefiner, TaxonomyPathRefiner, TextEmbeddingRefiner, BalancedSampleFilter)
 LOADERS = (ParquetEmbeddingLoader, SyntheticEmbeddingLoader, PackagedTextLoader)
 WRITERS = (DiscardWriter, PartitionedParquetWriter)
 
