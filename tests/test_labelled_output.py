@@ -163,7 +163,8 @@ def test_output_partitioned_by_top_node_reads_one_node_by_pushdown(
         str(tmp_path / "tax"),
         partition_by=["taxonomy_l1"],
         columnar=columnar,
-        batch_size=64,
+        batch_size=128,
+        max_iter=2,
         progress=False,
     )
     engine.fit(input=str(root), output=str(tmp_path / "out"))
@@ -178,7 +179,7 @@ def test_output_partitioned_by_top_node_reads_one_node_by_pushdown(
         want = everything.filter(where)
         assert sorted(got["uuid"].to_pylist()) == sorted(want["uuid"].to_pylist())
         assert got.num_rows > 0
-    if not columnar:  # one writer: one file per node (the batches are 64 rows)
+    if not columnar:  # one writer: one file per node (from 9 batches of 128 rows)
         assert len(dataset.files) == 4
 
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, SAMPLE
 
 from mdf_taxonomy import _mdf
+from mdf_taxonomy.cli import options as cli_options
 from mdf_taxonomy.engine import input_fingerprint, label_counts, pinned
 from mdf_taxonomy.model import Level, Taxonomy, TaxonomyConfig, TaxonomyStore
 from mdf_taxonomy.model.taxonomy import FitState
@@ -219,14 +220,13 @@ def test_config_mistakes_are_named_before_the_first_pass(tmp_path, capsys, old, 
 
 
 def test_cli_storage_options_parse():
-    from mdf_taxonomy import cli
 
-    opts = cli._storage_options(
+    opts = cli_options._storage_options(
         ["anon=true", 'client_kwargs={"endpoint_url": "http://x"}', "key=abc"]
     )
     assert opts == {"anon": True, "client_kwargs": {"endpoint_url": "http://x"}, "key": "abc"}
-    with pytest.raises(cli.CliError, match="KEY=VALUE"):
-        cli._storage_options(["novalue"])
+    with pytest.raises(cli_options.CliError, match="KEY=VALUE"):
+        cli_options._storage_options(["novalue"])
 
 
 def test_a_refused_resume_says_what_differs(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from mdf_taxonomy import _mdf
 from mdf_taxonomy.curation.sampling_passes import sample_parquet
+from mdf_taxonomy.curation.semdedup_parquet import dedup_parquet
 from mdf_taxonomy.engine.fit_driver import PipelineFit
 from mdf_taxonomy.engine.plan import pinned
 from mdf_taxonomy.engine.running import label_summary, record_run
@@ -276,6 +277,42 @@ class TaxonomyEngine:
             device=self.device,
             batch_rows=self.batch_size,
             overwrite=overwrite,
+        )
+        return self.last_summary
+
+    def dedup(
+        self,
+        input: str | list[str],  # noqa: A002
+        output: str,
+        eps: float,
+        level: int | None = None,
+        ranking: str = "hard",
+        seed: int | None = None,
+        cross_boundary_margin: float | None = None,
+        id_field: str = "id",
+    ) -> dict[str, Any]:
+        """SemDeDup within the nodes of `level` (None: the leaves) over labelled `input`:
+        every row gets its highest cosine similarity to an earlier-ranked row of its node
+        (`ranking`: 'hard' furthest from the centroid first, 'easy', or 'random' by content
+        hash) and that row's id, and `is_duplicate` for `eps`, so eps can be chosen again
+        later. `cross_boundary_margin`: rows closer than that to a sibling node are also
+        compared with its rows. `seed`: the tree's by default. The summary."""
+        tax = self.load()
+        self.last_summary = dedup_parquet(
+            tax,
+            input,
+            output,
+            eps,
+            level=level,
+            ranking=ranking,
+            seed=tax.config.seed if seed is None else seed,
+            cross_boundary_margin=cross_boundary_margin,
+            id_field=id_field,
+            embedding_field=self.fit_params["embedding_field"],
+            storage_options=self.storage_options,
+            compute_dtype=self.compute_dtype,
+            device=self.device,
+            on_bad_file=self.on_bad_file,
         )
         return self.last_summary
 

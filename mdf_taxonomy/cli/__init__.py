@@ -1,4 +1,5 @@
-"""`mdf-taxonomy`: run an MDF YAML with taxonomy stages, or fit / predict directly.
+"""`mdf-taxonomy`: run an MDF YAML with taxonomy stages, or fit / predict / sample / dedup
+directly.
 
 `run -c CONFIG` is a drop-in for `mdf run` (same flags) that imports this plugin
 first and, when the YAML holds a kmeans_level_refiner, runs the fit passes before
@@ -14,10 +15,16 @@ import sys
 from typing import Any
 
 from mdf_taxonomy._version import __version__
+from mdf_taxonomy.cli.curation import add_curation_flags, cmd_dedup, cmd_sample
+from mdf_taxonomy.cli.options import (
+    CLI_FIT_PARAMETERS,
+    CLI_RUN_PARAMETERS,
+    CliError,
+    _add_parameter_flags,
+    _engine,
+)
 
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
+__all__ = ["CLI_FIT_PARAMETERS", "CLI_RUN_PARAMETERS", "CliError", "build_parser", "main"]
 
 
 def _load_config(path: str) -> Any:
@@ -127,119 +134,6 @@ def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> Non
     print("operator stats: " + json.dumps(result["stats"], default=str)[:2000])
 
 
-#: The fit and run parameters `fit` and `predict` take as flags (--n-levels, ...).
-CLI_FIT_PARAMETERS = (
-    "n_levels",
-    "branching_factor",
-    "dim",
-    "metric",
-    "seed",
-    "max_iter",
-    "tol",
-    "sample_per_child",
-    "init_iters",
-    "embedding_field",
-)
-CLI_RUN_PARAMETERS = (
-    "batch_size",
-    "num_replicas",
-    "device",
-    "kernel_backend",
-    "compute_dtype",
-    "cache_bytes",
-    "columnar",
-    "on_bad_file",
-)
-
-
-def _per_level(text: str) -> int | list[int]:
-    """`64` or `64,16,8`: one value for every level, or one per level."""
-    values = [int(b) for b in text.split(",")]
-    return values[0] if len(values) == 1 else values
-
-
-def _add_parameter_flags(
-    sp: argparse.ArgumentParser,
-    fit: tuple[str, ...] = CLI_FIT_PARAMETERS,
-    run: tuple[str, ...] = CLI_RUN_PARAMETERS,
-    default: str | None = None,
-) -> None:
-    """One flag per table entry, its type, choices, default and help from model/config
-    (`default`: what an unset flag leaves, where that is not the table's default)."""
-    from mdf_taxonomy.model.config import (
-        PARAMETER_CONSTRAINTS,
-        RUN_PARAMETER_CONSTRAINTS,
-        Bool,
-        FiniteAtLeast,
-        OneOf,
-        OrNone,
-        PerLevel,
-        RunConfig,
-        TaxonomyConfig,
-        parameter_help,
-    )
-
-    for names, cls, table in (
-        (fit, TaxonomyConfig, PARAMETER_CONSTRAINTS),
-        (run, RunConfig, RUN_PARAMETER_CONSTRAINTS),
-    ):
-        helps = parameter_help(cls)
-        for name in names:
-            rule = table[name]
-            unset = cls.__dataclass_fields__[name].default if default is None else default
-            flags = ["--" + name.replace("_", "-")] + (
-                ["--replicas"] if name == "num_replicas" else []
-            )
-            kw: dict[str, Any] = {
-                "dest": name,
-                "default": None,
-                "help": f"{helps.get(name, '')} (default: {unset})",
-            }
-            inner = rule.inner if isinstance(rule, OrNone) else rule
-            if isinstance(rule, Bool):
-                kw["action"] = argparse.BooleanOptionalAction
-            elif isinstance(rule, OneOf):
-                kw["choices"] = list(rule.options)
-            elif isinstance(rule, PerLevel):
-                kw["type"] = _per_level
-            elif isinstance(inner, FiniteAtLeast):
-                kw["type"] = float
-            elif hasattr(inner, "lo"):
-                kw["type"] = int
-            sp.add_argument(*flags, **kw)
-
-
-def _engine(args: argparse.Namespace) -> Any:
-    """The TaxonomyEngine of fit/predict's flags; unset flags leave the tables' defaults."""
-    from mdf_taxonomy.engine import TaxonomyEngine
-
-    params = {
-        name: getattr(args, name)
-        for name in CLI_FIT_PARAMETERS + CLI_RUN_PARAMETERS
-        if getattr(args, name) is not None
-    }
-    return TaxonomyEngine(
-        storage_uri=args.storage_uri,
-        progress=not args.quiet,
-        storage_options=_storage_options(args.storage_option),
-        **params,
-    )
-
-
-def _storage_options(pairs: list[str]) -> dict[str, Any] | None:
-    """KEY=VALUE pairs (VALUE parsed as JSON where it is JSON, e.g. true, 3, {"a": 1})."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CliError(f"--storage-option {pair!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options or None
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit (or resume) through TaxonomyEngine, as the Python API does."""
     engine = _engine(args)
@@ -269,32 +163,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = engine.predict(args.input, output=args.output, overwrite=args.overwrite)
     _print_labelling(engine.last_summary)
     print(f"labelled records: {out}")
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    """A balanced subset of --input over the stored tree, as TaxonomyEngine.sample."""
-    if args.output is None:
-        raise CliError("sample needs --output (where the selected rows go)")
-    summary = _engine(args).sample(
-        args.input,
-        args.output,
-        args.target_size,
-        multiplier=args.multiplier,
-        strategy=args.strategy,
-        seed=args.seed,
-        plan_uri=args.plan_uri,
-        overwrite=args.overwrite,
-    )
-    print(
-        f"sampled: {summary['selected_rows']} rows ({summary['selected_total']} with repeats) "
-        f"of {summary['valid_rows']}, target {summary['target_size']}, "
-        f"{summary['leaves_sampled']} of {summary['leaves']} leaves, rejected "
-        f"{summary['rejected'] or 0}"
-    )
-    print(f"sampled records: {args.output}")
-    if summary.get("plan_uri"):
-        print(f"sample plan: {summary['plan_uri']}")
     return 0
 
 
@@ -341,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("fit", cmd_fit, "fit a taxonomy on Parquet embeddings"),
         ("predict", cmd_predict, "label Parquet embeddings with a stored taxonomy"),
         ("sample", cmd_sample, "draw a balanced subset over a stored taxonomy"),
+        ("dedup", cmd_dedup, "mark near-duplicates within the nodes of labelled Parquet"),
     ):
         sp = sub.add_parser(name, help=what)
         sp.add_argument("--input", required=True, help="file, glob or directory (any fsspec URI)")
@@ -361,18 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
             '(repeatable), e.g. client_kwargs=\'{"endpoint_url": "..."}\'',
         )
         sp.set_defaults(func=func)
-        if name == "sample":
-            sp.add_argument("--target-size", type=int, required=True, help="rows to select")
-            sp.add_argument(
-                "--multiplier", type=int, default=1, help="most times a row is taken (1)"
-            )
-            sp.add_argument(
-                "--strategy",
-                default="random",
-                help="how a leaf's quota is filled: random (by content hash), closest or "
-                "furthest (to the leaf centroid); --seed: the tree's by default",
-            )
-            sp.add_argument("--plan-uri", default=None, help="also save the plan here")
+        add_curation_flags(sp, name)
     return p
 
 
