@@ -23,6 +23,7 @@ from mdf_taxonomy.cli.options import (
     _add_parameter_flags,
     _engine,
 )
+from mdf_taxonomy.cli.report import add_report_parser
 
 __all__ = ["CLI_FIT_PARAMETERS", "CLI_RUN_PARAMETERS", "CliError", "build_parser", "main"]
 
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.set_defaults(func=func)
         add_curation_flags(sp, name)
+    add_report_parser(sub)
     return p
 
 
