@@ -1,5 +1,8 @@
-"""Semantic dedup's pairwise step on one device: ours (`node_max_similarity`, blocked GEMMs
-with the exact recheck) against the obvious torch code, side by side in one run.
+"""Semantic dedup's pairwise step on one device: ours (`node_max_similarity`) against the
+obvious torch code, side by side in one run, for both of our searches: the blocked torch
+GEMMs with the exact recheck (`kernels=False`, columns ours_b*) and the search on the
+fused assignment kernels (`semdedup_kernels`, `kernels=True`, columns kernel_b*, CUDA
+only), whose output is checked bit for bit against the torch search's.
 
 The obvious code: the node's full similarity matrix by one matmul, the upper triangle
 masked, max and argmax per row (what one writes first; its bf16 values are not exact and
@@ -16,14 +19,14 @@ Imports torch and `mdf_taxonomy.curation.semdedup` only (loaded from its file wh
 package's other dependencies are missing), so it runs on a GPU machine with torch alone.
 
 Usage: python benchmarks/bench_dedup.py [--device cpu|cuda] [--sizes N ...] [--dim D]
-       [--dtypes float32|bfloat16|float16 ...] [--block-rows B ...] [--reps R] [--threads T]
+       [--dtypes float32|bfloat16|float16 ...] [--block-rows B ...]
+       [--kernel-block-rows B ...] [--reps R] [--threads T]
 Writes results/bench_dedup_<device>.json (or to $OUT) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -40,21 +43,25 @@ sys.path.insert(0, str(ROOT))
 H200_BF16_TFLOPS = 989.0
 
 
-def _semdedup():
-    """The module, imported normally, or from its file (it imports numpy and torch only)."""
+from mdf_taxonomy.curation import semdedup as SD  # noqa: E402, N812
+
+
+def _kernels_ok() -> bool:
+    """Whether the kernel search imports (the package and Triton)."""
     try:
-        from mdf_taxonomy.curation import semdedup
+        from mdf_taxonomy.curation import semdedup_kernels
 
-        return semdedup, "package"
+        return semdedup_kernels.triton_available()
     except ImportError:
-        path = ROOT / "mdf_taxonomy" / "curation" / "semdedup.py"
-        spec = importlib.util.spec_from_file_location("semdedup", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module, "file"
+        return False
 
 
-SD, LOADED = _semdedup()
+def _kernel_tolerance(dtype_name: str, dim: int) -> float | None:
+    if not _kernels_ok():
+        return None
+    from mdf_taxonomy.curation import semdedup_kernels
+
+    return semdedup_kernels.kernel_tolerance(SD.DTYPES[dtype_name], dim)
 
 
 def _sync(device: str) -> None:
@@ -99,8 +106,15 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / timeit(lambda: a @ a, device, 5)
 
 
-def measure(x: torch.Tensor, dtype_name: str, blocks: list[int], args, roofline: float) -> dict:
-    """One node, one dtype: the obvious code and ours at each block size, side by side."""
+def _variants(args) -> list[tuple[str, bool, int]]:
+    """(column prefix, kernels, block_rows): the torch search, then the kernel search."""
+    out = [(f"ours_b{b}", False, b) for b in args.block_rows]
+    return out + [(f"kernel_b{b}", True, b) for b in args.kernel_block_rows]
+
+
+def measure(x: torch.Tensor, dtype_name: str, args, roofline: float) -> dict:
+    """One node, one dtype: the obvious code, the torch search and the kernel search at
+    each block size, side by side; the two searches' outputs compared bit for bit."""
     n, dim = x.shape
     dtype, device = SD.DTYPES[dtype_name], args.device
     ids = np.arange(n, dtype=np.int64)
@@ -109,27 +123,41 @@ def measure(x: torch.Tensor, dtype_name: str, blocks: list[int], args, roofline:
     row = {"n": n, "dim": dim, "dtype": dtype_name, "flops": flops}
     row["obvious_s"] = timeit(lambda: obvious(x, dtype), device, args.reps)
     ref = obvious(x, dtype)[0].float().cpu().numpy()
-    for b in blocks:
+    first = None
+    for name, kernels, b in _variants(args):
         stats: dict = {}
 
-        def run(b=b, stats=stats):
+        def run(b=b, stats=stats, kernels=kernels):
             return SD.node_max_similarity(
-                x, ids, keys, block_rows=b, compute_dtype=dtype, stats=stats
+                x, ids, keys, block_rows=b, compute_dtype=dtype, stats=stats, kernels=kernels
             )
 
-        row[f"ours_b{b}_s"] = timeit(run, device, args.reps)
+        row[f"{name}_s"] = timeit(run, device, args.reps)
         val, eid = run()
         calls = args.reps + 2
-        row[f"ours_b{b}_candidate_groups_per_row"] = stats["candidate_groups"] / calls / n
-        row[f"ours_b{b}_rechecked_per_row"] = stats["rechecked_pairs"] / calls / n
+        for key, count in stats.items():
+            row[f"{name}_{key}_per_row"] = count / calls / n
+        if kernels:  # one more call, synchronised per phase: where the time goes
+            phases = {"timing": True}
+            run(stats=phases)
+            for key, seconds in phases.items():
+                if key.endswith("_s"):
+                    row[f"{name}_phase_{key}"] = seconds
         same = SD.is_duplicate(val, args.eps) == SD.is_duplicate(ref, args.eps)
-        row[f"ours_b{b}_decisions_equal_to_obvious"] = float(same.mean())
-        if device.startswith("cuda") and n == min(args.sizes) and b == blocks[0]:
+        row[f"{name}_decisions_equal_to_obvious"] = float(same.mean())
+        if first is None:
+            first = (name, val, eid)
+        else:
+            row[f"{name}_equal_to_{first[0]}"] = bool(
+                np.array_equal(val, first[1]) and np.array_equal(eid, first[2])
+            )
+        if device.startswith("cuda") and n == min(args.sizes) and not row.get("cpu_checked"):
             cpu = SD.node_max_similarity(x.cpu(), ids, keys, block_rows=1024)  # float32, CPU
+            row["cpu_checked"] = name
             row["equal_to_cpu_float32"] = bool(
                 np.array_equal(val, cpu[0]) and np.array_equal(eid, cpu[1])
             )
-    for name in ["obvious", *(f"ours_b{b}" for b in blocks)]:
+    for name in ["obvious", *(v[0] for v in _variants(args))]:
         seconds = row[f"{name}_s"]
         row[f"{name}_rows_per_s"] = n / seconds
         row[f"{name}_tflops"] = flops / seconds / 1e12
@@ -137,19 +165,25 @@ def measure(x: torch.Tensor, dtype_name: str, blocks: list[int], args, roofline:
     return row
 
 
-def table(rows: list[dict], blocks: list[int]) -> list[str]:
+def table(rows: list[dict], args) -> list[str]:
     head = ["n", "dtype", "obvious rows/s", "TFLOP/s", "roof"]
-    for b in blocks:
-        head += [f"ours b={b} rows/s", "TFLOP/s", "roof", "vs obvious", "rechecked/row"]
+    for _, kernels, b in _variants(args):
+        label = f"{'kernel' if kernels else 'torch'} b={b}"
+        head += [f"{label} rows/s", "TFLOP/s", "roof", "vs obvious", "rechecked/row"]
+        head += ["uncertain/row", "== torch"] if kernels else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["n"]), r["dtype"], f"{r['obvious_rows_per_s']:.3g}"]
         cells += [f"{r['obvious_tflops']:.3g}", f"{100 * r['obvious_frac_roofline']:.0f}%"]
-        for b in blocks:
-            p = f"ours_b{b}"
+        for p, kernels, _ in _variants(args):
             cells += [f"{r[p + '_rows_per_s']:.3g}", f"{r[p + '_tflops']:.3g}"]
             cells += [f"{100 * r[p + '_frac_roofline']:.0f}%"]
-            cells += [f"{r['obvious_s'] / r[p + '_s']:.2f}x", f"{r[p + '_rechecked_per_row']:.2f}"]
+            cells += [f"{r['obvious_s'] / r[p + '_s']:.2f}x"]
+            cells += [f"{r.get(p + '_rechecked_pairs_per_row', float('nan')):.2f}"]
+            if kernels:
+                cells += [f"{r.get(p + '_uncertain_rows_per_row', float('nan')):.3f}"]
+                same = [v for k, v in r.items() if k.startswith(p + "_equal_to_")]
+                cells += [str(same[0]) if same else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -160,7 +194,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+")
     ap.add_argument("--dim", type=int)
     ap.add_argument("--dtypes", nargs="+", choices=list(SD.DTYPES))
-    ap.add_argument("--block-rows", type=int, nargs="+")
+    ap.add_argument("--block-rows", type=int, nargs="+", help="the torch search's")
+    ap.add_argument("--kernel-block-rows", type=int, nargs="+", help="the kernel search's")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--eps", type=float, default=0.05)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
@@ -173,7 +208,10 @@ def main() -> None:
     )
     dim = args.dim or (1024 if cuda else 256)
     dtypes = args.dtypes or (["float16", "bfloat16"] if cuda else ["float32"])
-    blocks = args.block_rows or ([4096, 8192] if cuda else [512, 1024])
+    args.block_rows = args.block_rows or ([4096] if cuda else [512, 1024])
+    # the kernel search: on CUDA (on CPU Triton only interprets, far too slowly to time)
+    if args.kernel_block_rows is None:
+        args.kernel_block_rows = [1024, 4096] if cuda and _kernels_ok() else []
     if cuda:
         device_name = torch.cuda.get_device_name(args.device)
         roofline = H200_BF16_TFLOPS * 1e12
@@ -184,15 +222,6 @@ def main() -> None:
         device_name = f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
         roofline = matmul_rate(args.device, torch.float32)
         roofline_note = f"measured float32 matmul of this CPU, {roofline / 1e9:.1f} GFLOP/s"
-    rows = []
-    for n in args.sizes:
-        x = node(n, dim, args.device)
-        for dtype_name in dtypes:
-            rows.append(measure(x, dtype_name, blocks, args, roofline))
-            print("\n".join(table(rows[-1:], blocks)[2:]), flush=True)
-        del x
-        if cuda:
-            torch.cuda.empty_cache()
     info = {
         "device": device_name,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -201,12 +230,13 @@ def main() -> None:
             "numpy": np.__version__,
             "python": platform.python_version(),
         },
-        "semdedup_loaded_from": LOADED,
         "torch_threads": torch.get_num_threads(),
         "load_average_after": os.getloadavg(),
         "dim": dim,
         "dtypes": dtypes,
-        "block_rows": blocks,
+        "block_rows": args.block_rows,
+        "kernel_block_rows": args.kernel_block_rows,
+        "kernel_tolerance": {d: _kernel_tolerance(d, dim) for d in dtypes},
         "reps": args.reps,
         "flop_count": "n^2 * D per node (2 * n^2 * D / 2: the lower triangle), for both",
         "roofline": roofline_note,
@@ -220,14 +250,37 @@ def main() -> None:
     out_dir = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_dedup_{slug}.json"
+    rows = []
+    for n in args.sizes:
+        x = node(n, dim, args.device)
+        for dtype_name in dtypes:
+            rows.append(measure(x, dtype_name, args, roofline))
+            print("\n".join(table(rows[-1:], args)[2:]), flush=True)
+            info["load_average_after"] = os.getloadavg()
+            info["complete"] = False
+            path.write_text(json.dumps({"info": info, "rows": rows}, indent=1))  # so far
+        del x
+        if cuda:
+            torch.cuda.empty_cache()
+    info["complete"] = True
     path.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     print(f"\n{device_name}; torch {torch.__version__}; D={dim}; {roofline_note}")
     print(f"flops counted: {info['flop_count']}; wall-clock median of {args.reps} after a warm-up")
-    print("\n".join(table(rows, blocks)))
+    print("\n".join(table(rows, args)))
     exact = [r for r in rows if "equal_to_cpu_float32" in r]
     for r in exact:
-        print(f"n={r['n']}: {r['dtype']} on CUDA == float32 on CPU, bit for bit: "
-              f"{r['equal_to_cpu_float32']}")  # fmt: skip
+        print(f"n={r['n']}: {r['dtype']} on CUDA ({r['cpu_checked']}) == float32 on CPU, "
+              f"bit for bit: {r['equal_to_cpu_float32']}")  # fmt: skip
+    for r in rows:
+        for name, kernels, _ in _variants(args):
+            if kernels:
+                pre = f"{name}_phase_"
+                ph = {k[len(pre) : -2]: v for k, v in r.items() if k.startswith(pre)}
+                print(f"n={r['n']} {r['dtype']} {name} phases (ms): "
+                      + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in ph.items()))  # fmt: skip
+    same = [v for r in rows for k, v in r.items() if "_equal_to_ours_" in k]
+    if same:
+        print(f"kernel search == torch search, bit for bit, in all {len(same)} cases: {all(same)}")
     print(f"wrote {path}")
 
 

@@ -4,6 +4,8 @@ size or dtype, eps chosen afterwards, and the MDF filter that drops the marked r
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -352,3 +354,135 @@ def test_the_filter_documents_every_parameter():
     docs = parameter_docs(SemanticDedupFilter)
     assert set(docs) == {"eps", "similarity_field", "duplicate_field"}
     assert all(spec and meaning for spec, meaning in docs.values())
+
+
+# The search on the fused assignment kernels (semdedup_kernels): the same bits as the torch
+# search. Without CUDA the Triton kernels run under the CPU interpreter, which must be
+# chosen before Triton decorates them (tests/test_kernels_triton.py does the same).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _kernel_device() -> str:
+    """Where the kernel search can run here ("cuda", or "cpu" interpreted), else skip."""
+    pytest.importorskip("triton")
+    from mdf_taxonomy.kernels import assign_kernels
+
+    if assign_kernels.INTERPRET:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("Triton kernels compiled without the interpreter and no CUDA")
+
+
+def _both_searches(x, ids, keys, device, **kw):
+    """(torch search, kernel search, the kernel search's stats) on `device`."""
+    t = torch.as_tensor(x, device=device)
+    want = node_max_similarity(t, ids, keys, kernels=False, **kw)
+    stats: dict = {}
+    got = node_max_similarity(t, ids, keys, kernels=True, stats=stats, **kw)
+    return want, got, stats
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")  # interpreter
+def test_the_kernel_search_gives_the_torch_searchs_bits():
+    """fp32/fp16/bf16, nodes over several blocks, near-copies and exact copies (ties by
+    id): (max_sim, earlier_id) bit-identical to the torch search and to brute force."""
+    device = _kernel_device()
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(120, 24)).astype(np.float32)
+    x = np.concatenate([base, base[:30] + 0.02 * rng.normal(size=(30, 24)).astype(np.float32)])
+    x = np.concatenate([x, x[:3], x[:3], x[140:142]])  # exact copies: ties go by id
+    ids = rng.permutation(len(x)).astype(np.int64) * 5 + 2
+    keys = rng.normal(size=len(x))
+    brute = _brute_force(x, ids, keys)
+    cases = [("float32", 16), ("float32", 50), ("float32", 4096), ("float16", 37)]
+    cases += [("bfloat16", 64)]
+    for dtype, block_rows in cases:
+        want, got, stats = _both_searches(
+            x, ids, keys, device, block_rows=block_rows, compute_dtype=dtype
+        )
+        for a, b in ((got, want), (got, brute)):
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), (dtype, block_rows)
+        assert stats["kernel_calls"] == -(-len(x) // block_rows) - 1
+        assert 0 < stats["uncertain_rows"] < len(x)  # both ways of settling a row were taken
+    first = np.lexsort((ids, keys))[0]
+    assert got[0][first] == -np.inf and got[1][first] == -1
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")  # interpreter
+def test_the_kernel_search_settles_ties_among_many_copies_by_id():
+    """Each of 6 rows copied 9 times across blocks: every later copy's maximum is 1 or
+    the largest value, and the earlier row is the smallest id among the equal ones."""
+    device = _kernel_device()
+    rng = np.random.default_rng(5)
+    x = np.repeat(rng.normal(size=(6, 16)).astype(np.float32), 9, axis=0)
+    x[::7] += 0.001 * rng.normal(size=x[::7].shape).astype(np.float32)
+    ids = rng.permutation(10 * len(x))[: len(x)].astype(np.int64)
+    keys = rng.integers(0, 4, size=len(x)).astype(np.float64)  # ranking ties: by id
+    want, got, stats = _both_searches(x, ids, keys, device, block_rows=8)
+    brute = _brute_force(x, ids, keys)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert np.array_equal(got[0], brute[0]) and np.array_equal(got[1], brute[1])
+    assert stats["uncertain_rows"] > len(x) // 2
+
+
+def test_the_row_tolerances_bound_the_kernels_error():
+    """|16-bit score - exact| <= the row's bound for every pair, products exact and summed
+    in float32 (as on tensor cores), and the bound is tighter than the worst case."""
+    from mdf_taxonomy.curation.semdedup_kernels import kernel_tolerance, row_tolerances
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 256))
+    x[:20] *= rng.uniform(1e-3, 1, size=(20, 256))  # uneven entries: subnormals, wide range
+    u = unit_rows(torch.as_tensor(x, dtype=torch.float32))
+    exact = u.double() @ u.double().T
+    for dtype in (torch.bfloat16, torch.float16):
+        low = u.to(dtype).float()
+        tk, td = row_tolerances(u, low, dtype)
+        err = ((low @ low.T).double() - exact).abs()
+        assert bool((err <= tk[:, None]).all()) and bool((td >= tk).all())
+        assert float(tk.max()) < kernel_tolerance(dtype, 256)
+        low16 = u.to(dtype)
+        _, td16 = row_tolerances(u, low16, dtype)  # a 16-bit matmul's output is rounded
+        err16 = ((low16.float() @ low16.float().T).to(dtype).double() - exact).abs()
+        assert bool((err16 <= td16[:, None]).all()) and bool((td16 > tk).all())
+    tk, td = row_tolerances(u, u, torch.float32)
+    assert float(tk.min()) == float(td.max()) == kernel_tolerance(torch.float32, 256)
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")  # interpreter
+def test_the_kernel_searchs_second_pass_in_chunks_and_its_timing(monkeypatch):
+    from mdf_taxonomy.curation import semdedup_kernels as SK
+
+    device = _kernel_device()
+    rng = np.random.default_rng(6)
+    x = np.repeat(rng.normal(size=(30, 12)).astype(np.float32), 3, axis=0)
+    ids, keys = rng.permutation(len(x)).astype(np.int64), rng.normal(size=len(x))
+    monkeypatch.setattr(SK, "_FALLBACK_ELEMENTS", 100)  # a few rows per second-pass GEMM
+    monkeypatch.setattr(SK, "_PAIR_ELEMENTS", 24)  # two pairs per canonical_dot call
+    want, got, _ = _both_searches(x, ids, keys, device, block_rows=32)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    stats = {"timing": True}
+    t = torch.as_tensor(x, device=device)
+    node_max_similarity(t, ids, keys, block_rows=32, kernels=True, stats=stats)
+    assert {"kernel_s", "diagonal_s", "canonical_s", "second_pass_s"} <= set(stats)
+
+
+def test_the_kernel_search_is_chosen_on_cuda_only_and_checks_its_arguments():
+    from mdf_taxonomy.curation import semdedup_kernels as SK
+
+    x = np.random.default_rng(2).normal(size=(20, 8)).astype(np.float32)
+    ids, keys = np.arange(20), np.zeros(20)
+    stats: dict = {}
+    node_max_similarity(x, ids, keys, stats=stats)  # CPU: the torch search
+    assert "candidate_groups" in stats and "kernel_calls" not in stats
+    assert not SK.kernel_available("cpu")
+    assert SK.kernel_tolerance(torch.float32, 1024) > similarity_tolerance(torch.float16, 1024)
+    u = unit_rows(torch.as_tensor(x))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        SK.assigner_max_similarity(u, ids, compute_dtype="int8")
+    with pytest.raises(ValueError, match="block_rows"):
+        SK.assigner_max_similarity(u, ids, block_rows=0)
+    val, eid = SK.assigner_max_similarity(u[:1], ids[:1])
+    assert val.tolist() == [-np.inf] and eid.tolist() == [-1]

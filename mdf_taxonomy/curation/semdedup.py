@@ -17,6 +17,9 @@ On GPUs prefer float16 to bfloat16: the same tensor-core rate, a bound 8x tighte
 (0.0015 against 0.0119 at dim 1024), so far fewer pairs fall in the window (at dim 1024
 in a tight node, ~1.8 rechecked per row against ~45; benchmarks/bench_dedup.py).
 
+On CUDA with Triton the search runs on the fused assignment kernels instead, with the
+same bits (`semdedup_kernels`; `node_max_similarity(kernels=...)`).
+
 Memory is O(block_rows^2) per GEMM block plus a bounded buffer of group maxima (one value
 per row and `GROUP` columns), whatever the node's size. Imports numpy and torch only: the
 benchmark runs this module on a GPU machine that has nothing else.
@@ -24,13 +27,23 @@ benchmark runs this module on a GPU machine that has nothing else.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from mdf_taxonomy.curation.semdedup_exact import (
+    _RECHECK_ELEMENTS,
+    _SLACK,
+    _UNIT_ROUNDOFF,
+    DTYPES,
+    _exact_matmul,
+    _low,
+    _merge,
+    _tree_sum,
+    canonical_dot,
+    similarity_tolerance,
+)
 
 __all__ = [
     "DTYPES",
@@ -45,32 +58,10 @@ __all__ = [
     "unit_rows",
 ]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RANKINGS = ("hard", "easy", "random")
 GROUP = 8  # columns per kept maximum: the recheck recomputes whole groups
-_UNIT_ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-_SLACK = 2.0**-20  # canonical vs exact (< 1e-14), float32 roundings of the windows
 _G_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}  # group maxima per row block and pass
-_RECHECK_ELEMENTS = 1 << 23  # values per recheck chunk (64 MiB in float64)
 _RANDOM_SALT = 0x5EDD  # the `level` of sample_priorities: another order than the fit's
-_NO_ID = torch.iinfo(torch.int64).max
-
-
-def similarity_tolerance(dtype: torch.dtype, dim: int) -> float:
-    """Bound on |low-precision similarity - exact| for unit rows of `dim` values.
-
-    Inputs rounded to `dtype` (unit roundoff u: 2^-8 bf16, 2^-11 fp16, 0 fp32) move a dot
-    of unit vectors by <= 2u + u^2; the output rounded to `dtype` by <= u(1 + u)^2; a float32
-    accumulation in any order by <= 1.2 * dim * 2^-24. fp16 adds its subnormals (entries
-    below 2^-14 lose up to 2^-25 each: 2 * sqrt(dim) * 2^-25). At dim=1024: bf16 0.0119,
-    fp16 0.0015, fp32 7.4e-5. Holds for float32 accumulation only: `_exact_matmul` turns
-    TF32 and reduced-precision reductions off while a search runs.
-    """
-    u = _UNIT_ROUNDOFF[dtype]
-    tol = 3 * u + 4 * u * u + 1.2 * dim * 2.0**-24 + _SLACK
-    if dtype == torch.float16:
-        tol += 2 * math.sqrt(dim) * 2.0**-25
-    return tol
 
 
 def is_duplicate(max_sim: np.ndarray, eps: float) -> np.ndarray:
@@ -78,26 +69,6 @@ def is_duplicate(max_sim: np.ndarray, eps: float) -> np.ndarray:
     NaN, a row that was not compared, is never a duplicate)."""
     with np.errstate(invalid="ignore"):
         return np.asarray(max_sim, dtype=np.float64) >= 1.0 - float(eps)
-
-
-def _tree_sum(p: torch.Tensor) -> torch.Tensor:
-    """Sum over the last axis in a fixed pairwise tree: the same bits on any device."""
-    width = 1 << max(0, (p.shape[-1] - 1).bit_length())
-    if width != p.shape[-1]:
-        p = F.pad(p, (0, width - p.shape[-1]))
-    while p.shape[-1] > 1:
-        half = p.shape[-1] // 2
-        p = p[..., :half] + p[..., half:]
-    return p[..., 0]
-
-
-def canonical_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise float64 dot of float32 rows: exact products, fixed-tree sum (chunked)."""
-    out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
-    step = max(1, _RECHECK_ELEMENTS // max(1, a.shape[1]))
-    for i in range(0, a.shape[0], step):
-        out[i : i + step] = _tree_sum(a[i : i + step].double() * b[i : i + step].double())
-    return out
 
 
 def unit_rows(
@@ -144,53 +115,6 @@ def rank_keys(
     c = unit_rows(torch.as_tensor(centroid).reshape(1, -1), unit.device)
     distance = 1.0 - canonical_dot(unit, c.expand_as(unit)).cpu().numpy()
     return -distance if ranking == "hard" else distance
-
-
-@contextlib.contextmanager
-def _exact_matmul() -> Iterator[None]:
-    """float32 GEMMs in IEEE float32 and bf16/fp16 GEMMs reduced in float32 for the
-    duration (the tolerance assumes both); the settings, process-wide, are restored after."""
-    m = torch.backends.cuda.matmul
-    saved = (
-        torch.get_float32_matmul_precision(),
-        m.allow_bf16_reduced_precision_reduction,
-        m.allow_fp16_reduced_precision_reduction,
-    )
-    torch.set_float32_matmul_precision("highest")
-    m.allow_bf16_reduced_precision_reduction = False
-    m.allow_fp16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        m.allow_bf16_reduced_precision_reduction = saved[1]
-        m.allow_fp16_reduced_precision_reduction = saved[2]
-
-
-def _low(unit: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The GEMM operand: `unit` in `dtype` on CUDA; on CPU the same rounded values in
-    float32 (CPU GEMMs gain nothing from bf16, and the bound then holds exactly)."""
-    if dtype == torch.float32:
-        return unit
-    low = unit.to(dtype)
-    return low if unit.is_cuda else low.float()
-
-
-def _merge(
-    best_val: torch.Tensor,
-    best_id: torch.Tensor,
-    rows: torch.Tensor,
-    vals: torch.Tensor,
-    ids: torch.Tensor,
-) -> None:
-    """Fold candidate (row, float32 similarity, id) into the running best per row: the
-    larger value, then the smaller id (order-free: max and min are exact)."""
-    top = torch.full_like(best_val, -math.inf).scatter_reduce(0, rows, vals, "amax")
-    at = vals == top[rows]
-    low = torch.full_like(best_id, _NO_ID).scatter_reduce(0, rows[at], ids[at], "amin")
-    better = (top > best_val) | ((top == best_val) & (low < best_id))
-    best_val[better] = top[better]
-    best_id[better] = low[better]
 
 
 class _Search:
@@ -319,6 +243,23 @@ def earlier_max_similarity(
         return search.run()
 
 
+def _kernel_search(device: torch.device, kernels: bool | None):
+    """`semdedup_kernels.assigner_max_similarity` where it is asked for (`kernels`) or,
+    for None, where it serves `device`; else None (also where it does not import: this
+    file loaded on its own). Asked for and missing: an error."""
+    if kernels is False:
+        return None
+    try:
+        from mdf_taxonomy.curation import semdedup_kernels
+    except ImportError:
+        semdedup_kernels = None
+    if kernels and (semdedup_kernels is None or not semdedup_kernels.triton_available()):
+        raise RuntimeError("kernels=True needs mdf_taxonomy.kernels and Triton")
+    if semdedup_kernels is None or not (kernels or semdedup_kernels.kernel_available(device)):
+        return None
+    return semdedup_kernels.assigner_max_similarity
+
+
 def node_max_similarity(
     x: np.ndarray | torch.Tensor,
     ids: np.ndarray,
@@ -328,6 +269,7 @@ def node_max_similarity(
     compute_dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
     stats: dict | None = None,
+    kernels: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """SemDeDup within one node: each row's maximum cosine similarity to an earlier-ranked
     row, and that row's id.
@@ -336,7 +278,9 @@ def node_max_similarity(
     (max_sim float32, earlier_id int64) in the input's row order, -inf and -1 for the
     first-ranked row. Exact (see the module doc) for any `block_rows` and
     `compute_dtype` (float32, bfloat16, float16: bf16/fp16 GEMMs on CUDA; on CPU their
-    rounding, multiplied in float32). `device`: None keeps `x`'s.
+    rounding, multiplied in float32). `device`: None keeps `x`'s. `kernels`: search on
+    the fused assignment kernels (`semdedup_kernels`, the same bits); None: where they
+    serve the device (CUDA with Triton), else the blocked torch search below.
     """
     ids = np.asarray(ids, dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
@@ -345,16 +289,22 @@ def node_max_similarity(
     t = torch.as_tensor(x)
     unit = unit_rows(t[torch.as_tensor(order, device=t.device)], device)
     pos = np.arange(len(ids), dtype=np.int64)
-    val, eid = earlier_max_similarity(
-        unit,
-        pos,
-        unit,
-        pos,
-        ids[order],
-        block_rows=block_rows,
-        compute_dtype=compute_dtype,
-        stats=stats,
-    )
+    search = _kernel_search(unit.device, kernels)
+    if search is not None:
+        val, eid = search(
+            unit, ids[order], block_rows=block_rows, compute_dtype=compute_dtype, stats=stats
+        )
+    else:
+        val, eid = earlier_max_similarity(
+            unit,
+            pos,
+            unit,
+            pos,
+            ids[order],
+            block_rows=block_rows,
+            compute_dtype=compute_dtype,
+            stats=stats,
+        )
     max_sim = np.empty(len(ids), dtype=np.float32)
     earlier_id = np.empty(len(ids), dtype=np.int64)
     max_sim[order] = val.cpu().numpy()

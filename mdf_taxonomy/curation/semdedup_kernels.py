@@ -1,32 +1,35 @@
 """SemDeDup's within-node search on the fused assignment kernels (`TritonAssigner`).
 
-The maximum similarity to an earlier row is a nearest-centroid search: with the node's unit
-rows sorted by rank, row block [s, s + B) searches the rows before it, U[:s], as
-"centroids" (cosine, with the top-2 scores), so the N x N similarity matrix is never
-written; the B x B diagonal block, where only j < i counts, is one small masked matmul.
-The kernels run at GEMM speed but are exact only on their own rounded arithmetic, so
-their answer is used only where it is provably the canonical one (`semdedup`'s module doc):
+The maximum similarity to an earlier row is a nearest-centroid search. With the node's
+unit rows sorted by rank, each column block [a, b) of B rows is searched as "centroids" by
+all later rows, [b, n), in one kernel call (cosine, with the top-2 scores: many rows and
+K = B, the kernels' best shape), so the N x N similarity matrix is never written; the
+B x B diagonal block, where only j < i counts, is one masked matmul. The kernels are exact
+only on their own rounded arithmetic, so their answer is used only where it is provably
+the canonical one (`semdedup`'s module doc):
 
-* every pair's kernel score is within `tol` of its exact similarity (`kernel_tolerance`);
+* every pair's score is within its row's bound of the exact similarity (`row_tolerances`:
+  from the rows' actual 16-bit rounding errors, ~3x tighter than the worst case
+  `kernel_tolerance`); the top-2 is kept over score + bound, an upper bound on each pair;
 * the chosen pair's canonical value c is recomputed (`canonical_dot`, float32);
-* if the runner-up score + `tol` < c - 2^-20, every other pair's exact value is below
+* if the runner-up's upper bound < c - 2^-20, every other pair's exact value is below
   c - 2^-20, so its canonical float32 value is strictly below c: the chosen pair is the
-  unique maximum and (c, its id) is what `earlier_max_similarity` stores; ties cannot occur.
+  unique maximum and (c, its id) is what `earlier_max_similarity` stores; no tie can occur.
 
-The other rows ("uncertain": exact duplicates, near-ties, a wide tolerance) are settled by
-a second pass: a low-precision GEMM of those rows against the earlier rows, every pair
-whose score can reach c (>= c - tol' - 2^-20, tol' the GEMM's `similarity_tolerance`)
-recomputed canonically and merged as `semdedup` does (the larger value, then the smaller
-id). So the stored (max_sim, earlier_id) are bit-identical to `earlier_max_similarity`'s
-for every row, compute dtype and block size. The pass costs a dense GEMM per uncertain
-row: cheap for float16 (tolerance 0.0015 at dim 1024), nearly the whole triangle again for
-bfloat16 (0.0119: most rows are near-ties at that resolution), so prefer float16.
+The other rows ("uncertain": exact copies, near-ties, a wide tolerance) are settled by a
+second pass: a low-precision GEMM of those rows against the earlier rows, every pair whose
+score can reach c (>= c - tol - 2^-19, tol that GEMM's `similarity_tolerance`) recomputed
+canonically and merged as `semdedup` does (the larger value, then the smaller id). So the
+stored (max_sim, earlier_id) are bit-identical to `earlier_max_similarity`'s for every
+row, compute dtype and block size. The pass costs a dense GEMM per uncertain row: 12-17%
+of the rows at fp16 and dim 1024 on benchmarks/bench_dedup.py's node, 60-77% at bf16
+(8x coarser rounding), so prefer float16 (the same tensor-core rate).
 
-Tolerance of the kernels (`kernel_tolerance`): bf16/fp16 inputs are multiplied on tensor
-cores into float32, as cuBLAS does, so `similarity_tolerance(dtype, dim)` holds; float32
-inputs run as 3xTF32, whose error (~2^-21 + float32 accumulation) is bounded here by the
-float16 tolerance (which holds even for one plain TF32 product: 2^-11 unit roundoff, no
-subnormals). One more 2^-20 covers the kernel's float32 `1 - x.c` distance.
+Assumptions, those of `similarity_tolerance`: 16-bit products are exact in float32 and the
+float32 accumulation errs by at most 1.2 * dim * 2^-24 of sum |x_k y_k|. float32 inputs
+run as 3xTF32 (error ~2^-21 + accumulation), bounded by the float16 worst case (which
+holds even for one plain TF32 product: 2^-11 unit roundoff). 2^-20 more covers the
+kernel's float32 `1 - x.c` distance.
 
 Top-level imports: numpy, torch and `mdf_taxonomy.kernels` (Triton loads when a kernel
 runs); `semdedup`'s helpers are imported where used.
@@ -34,19 +37,20 @@ runs); `semdedup`'s helpers are imported where used.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 
 import numpy as np
 import torch
 
 from mdf_taxonomy.kernels import make_assigner, triton_available
 
-__all__ = ["DIAGONAL_ROWS", "assigner_max_similarity", "kernel_available", "kernel_tolerance"]
+__all__ = ["assigner_max_similarity", "kernel_available", "kernel_tolerance", "row_tolerances"]
 
-DIAGONAL_ROWS = 1024  # rows per kernel call and per diagonal block (at most block_rows)
 _STEP = 2.0**-20  # canonical vs exact and float32 roundings (semdedup._SLACK)
-_FALLBACK_ELEMENTS = 1 << 25  # scores per second-pass GEMM chunk
-_PAIR_CHUNK = 1 << 22  # candidate pairs recomputed per canonical_dot call
+_FALLBACK_ELEMENTS = 1 << 26  # scores per second-pass GEMM chunk
+_PAIR_ELEMENTS = 1 << 26  # values of the candidate pairs' rows gathered at once
 
 
 def kernel_available(device: torch.device | str) -> bool:
@@ -56,10 +60,67 @@ def kernel_available(device: torch.device | str) -> bool:
 
 def kernel_tolerance(dtype: torch.dtype, dim: int) -> float:
     """Bound on |kernel similarity - exact| for unit rows in `dtype` (see the module doc)."""
-    from mdf_taxonomy.curation.semdedup import similarity_tolerance
+    from mdf_taxonomy.curation.semdedup_exact import similarity_tolerance
 
     grade = torch.float16 if dtype == torch.float32 else dtype
     return similarity_tolerance(grade, dim) + _STEP
+
+
+def row_tolerances(
+    unit: torch.Tensor, low: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row i, bounds on |score(i, p) - exact similarity| valid for every row p: the
+    kernel's and the diagonal matmul's (float64).
+
+    From the rows' own rounding errors d = ||unit - low|| (T: their max over the node):
+    |x~.y~ - x.y| <= d_i ||y|| + (||x|| + d_i) T, products of 16-bit values are exact in
+    float32 and its accumulation adds at most 1.2 * dim * 2^-24 ||x~|| ||y~|| (the
+    assumption of `similarity_tolerance`); the diagonal matmul's 16-bit output adds one
+    rounding (u ||x~|| ||y~||). For float32 (3xTF32 kernels) the uniform
+    `kernel_tolerance`. Typically 2-3x tighter than the worst case `kernel_tolerance`.
+    """
+    from mdf_taxonomy.curation.semdedup_exact import _UNIT_ROUNDOFF
+
+    n, dim = unit.shape
+    if dtype == torch.float32:
+        tol = torch.full(
+            (n,), kernel_tolerance(dtype, dim), dtype=torch.float64, device=unit.device
+        )
+        return tol, tol
+    d = torch.empty(n, dtype=torch.float64, device=unit.device)
+    step = max(1, (1 << 23) // dim)
+    for i in range(0, n, step):
+        e = unit[i : i + step].double() - low[i : i + step].double()
+        d[i : i + step] = e.mul_(e).sum(1).sqrt_()
+    d *= 1 + 2.0**-30  # the float64 norm's own rounding
+    big = float(d.max())
+    one = 1 + 2.0**-23  # ||unit row||: float32 roundings of a float64 unit vector
+    mag = (one + big) ** 2  # bounds ||x~|| ||y~||
+    tk = d * one + (one + d) * big + 1.2 * dim * 2.0**-24 * mag + 2 * _STEP
+    u = _UNIT_ROUNDOFF[dtype]
+    return tk, tk + (u * mag if low.dtype != torch.float32 else 0.0)
+
+
+class _Clock:
+    """Per-phase seconds into `stats` (synchronising the device) when stats["timing"]."""
+
+    def __init__(self, stats: dict, device: torch.device):
+        self.stats, self.on = stats, bool(stats.get("timing"))
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if not self.on:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        key = f"{name}_s"
+        self.stats[key] = self.stats.get(key, 0.0) + time.perf_counter() - t0
 
 
 def _diagonal_top2(low: torch.Tensor, a: int, b: int):
@@ -68,72 +129,92 @@ def _diagonal_top2(low: torch.Tensor, a: int, b: int):
     s = (low[a:b] @ low[a:b].T).float()
     s.masked_fill_(torch.ones_like(s, dtype=torch.bool).triu_(), -math.inf)
     if b - a == 1:
-        return s[:, 0], torch.full_like(s[:, 0], -math.inf), torch.zeros_like(s[:, 0]).long()
+        none = torch.full_like(s[:, 0], -math.inf)
+        return none, none, torch.full((1,), a, dtype=torch.int64, device=s.device)
     top, arg = s.topk(2, dim=1)
     return top[:, 0], top[:, 1], arg[:, 0] + a
 
 
-def _kernel_top2(assigner, low: torch.Tensor, a: int, b: int):
-    """Best and second kernel score of rows [a, b) against rows [0, a), the best's id."""
-    out = assigner.assign(low[a:b], low[:a], metric="cosine", with_second=True)
+def _kernel_top2(assigner, low: torch.Tensor, r0: int, c0: int, c1: int):
+    """Best and second kernel score of rows [r0, n) against rows [c0, c1), the best's row
+    (global): one call with many rows and c1 - c0 "centroids", the kernels' sweet spot."""
+    out = assigner.assign(low[r0:], low[c0:c1], metric="cosine", with_second=True)
     one = torch.ones((), dtype=torch.float64, device=low.device)
     best = one - out.distance.double()  # exact: the distance is a float32 near 1
-    second = one - out.second.double() if a > 1 else torch.full_like(best, -math.inf)
-    return best, second, out.ids
+    second = one - out.second.double()  # -inf for a single centroid
+    return best, second, out.ids + c0
 
 
-def _first_pass(unit, low, block, tol, assigner, stats):
-    """(canonical best of the kernel's choice, its column, certain) per sorted row."""
-    from mdf_taxonomy.curation.semdedup import canonical_dot
+def _fold(best, second, col, rows: slice, vb, vs, varg) -> None:
+    """Merge a top-2 (vb >= vs, vb's column varg) into the running one of `rows`."""
+    ob, os_ = best[rows], second[rows]
+    take = vb > ob  # an equal score leaves second == best: a near-tie, settled later
+    second[rows] = torch.where(take, torch.maximum(ob, vs), torch.maximum(os_, vb))
+    best[rows] = torch.maximum(ob, vb)
+    col[rows] = torch.where(take, varg, col[rows])
+
+
+def _first_pass(unit, low, block, tols, assigner, stats, clock):
+    """(canonical best of the kernels' choice, its column, certain) per sorted row. Column
+    block [a, b): the diagonal block by one masked matmul, rows [b, n) by the kernel. The
+    top-2 is kept over upper bounds (score + the row's tolerance) of the exact values."""
+    from mdf_taxonomy.curation.semdedup_exact import canonical_dot
 
     n = unit.shape[0]
     dev = unit.device
     col = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    runner = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
+    best = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
+    second = best.clone()
+    tk, td = tols
     for a in range(0, n, block):
         b = min(a + block, n)
-        best, second, arg = _diagonal_top2(low, a, b)
-        best, second = best.double(), second.double()
-        if a > 0:
-            kb, ks, kid = _kernel_top2(assigner, low, a, b)
+        with clock("diagonal"):
+            db, ds, darg = _diagonal_top2(low, a, b)
+            t = td[a:b]
+            _fold(best, second, col, slice(a, b), db.double() + t, ds.double() + t, darg)
+        if b < n:
+            with clock("kernel"):
+                kb, ks, kid = _kernel_top2(assigner, low, b, a, b)
+                _fold(best, second, col, slice(b, n), kb + tk[b:], ks + tk[b:], kid)
             stats["kernel_calls"] += 1
-            take = kb >= best  # the larger wins; an equal score is a near-tie anyway
-            second = torch.where(take, torch.maximum(ks, best), torch.maximum(second, kb))
-            arg = torch.where(take, kid, arg)
-        col[a:b] = arg
-        runner[a:b] = second
-    col[0] = -1
-    val = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
-    rows = torch.arange(1, n, device=dev)
-    val[1:] = canonical_dot(unit[1:], unit.index_select(0, col[1:])).float()
-    certain = runner + tol < val.double() - _STEP
-    certain[0] = True
+    with clock("canonical"):
+        col[0] = -1
+        val = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+        val[1:] = canonical_dot(unit[1:], unit.index_select(0, col[1:])).float()
+        certain = second < val.double() - _STEP  # every other pair's exact value is below
+        certain[0] = True
     return val, col, certain
 
 
 def _second_pass(unit, low, rows, lower, tol, val, eid, ids_t, stats):
     """Settle `rows` (sorted positions) exactly: every pair within reach of `lower` (a
     canonical value each row attains) recomputed canonically, merged by (value, -id)."""
-    from mdf_taxonomy.curation.semdedup import _merge, canonical_dot
+    from mdf_taxonomy.curation.semdedup_exact import _merge, canonical_dot
 
     best_val = torch.full((rows.numel(),), -math.inf, dtype=torch.float32, device=unit.device)
     best_id = torch.full((rows.numel(),), -1, dtype=torch.int64, device=unit.device)
-    thr = (lower.double() - tol - _STEP).clamp(min=-2.0)
+    thr = (lower.double() - tol - 2 * _STEP).clamp(min=-2.0)
     rows_np = rows.cpu().numpy()
     i = 0
     while i < len(rows_np):
         end = int(rows_np[i])  # the columns before the chunk's last row
         m = max(1, _FALLBACK_ELEMENTS // max(1, end))
         j = min(i + m, len(rows_np))
-        end = int(rows_np[j - 1])
+        end, start = int(rows_np[j - 1]), int(rows_np[i])
         r = rows[i:j]
-        s = (low.index_select(0, r) @ low[:end].T).float()
-        cols = torch.arange(end, device=unit.device)
-        keep = (cols[None, :] < r[:, None]) & (s.double() >= thr[i:j, None])
+        s = low.index_select(0, r) @ low[:end].T
+        # in the scores' dtype: rounding to nearest never passes a value of that dtype,
+        # so a score >= the threshold is >= its rounding: no candidate is lost
+        keep = s >= thr[i:j, None].to(s.dtype)
+        del s
+        cols = torch.arange(start, end, device=unit.device)  # before `start`: all earlier
+        keep[:, start:] &= cols[None, :] < r[:, None]
         pr, pc = torch.nonzero(keep, as_tuple=True)
+        del keep
         stats["rechecked_pairs"] += int(pr.numel())
-        for k in range(0, pr.numel(), _PAIR_CHUNK):
-            qr, qc = pr[k : k + _PAIR_CHUNK], pc[k : k + _PAIR_CHUNK]
+        step = max(1, _PAIR_ELEMENTS // unit.shape[1])
+        for k in range(0, pr.numel(), step):
+            qr, qc = pr[k : k + step], pc[k : k + step]
             exact = canonical_dot(unit.index_select(0, r[qr]), unit.index_select(0, qc))
             _merge(best_val, best_id, qr + i, exact.float(), ids_t[qc])
         i = j
@@ -155,11 +236,14 @@ def assigner_max_similarity(
     (float32) to an earlier row and that row's id (the smallest among equal values); -inf
     and -1 for the first row. The same bits as `earlier_max_similarity` (module doc).
 
-    `block_rows`: rows per kernel call, at most DIAGONAL_ROWS (the diagonal blocks are
-    dense). `assigner`: an exact `Assigner` (default: the Triton one). `stats`, if given,
-    gets counts: kernel calls, uncertain rows, pairs recomputed in the second pass.
+    `block_rows`: B, the "centroids" per kernel call and the diagonal blocks' size (a
+    dense B x B matmul each; 4096 beat 1024 on an H200, benchmarks/bench_dedup.py).
+    `assigner`: an exact `Assigner` (default: the Triton one). `stats`, if given, gets
+    counts: kernel calls, uncertain rows, pairs recomputed in the second pass; with
+    stats["timing"] true, also seconds per phase (tolerances, diagonal, kernel,
+    canonical, second_pass; the device synchronised around each).
     """
-    from mdf_taxonomy.curation.semdedup import (
+    from mdf_taxonomy.curation.semdedup_exact import (
         _UNIT_ROUNDOFF,
         DTYPES,
         _exact_matmul,
@@ -167,7 +251,7 @@ def assigner_max_similarity(
         similarity_tolerance,
     )
 
-    dtype = DTYPES[compute_dtype] if isinstance(compute_dtype, str) else compute_dtype
+    dtype = DTYPES.get(compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     if dtype not in _UNIT_ROUNDOFF:
         raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got {compute_dtype!r}")
     if block_rows < 1:
@@ -183,16 +267,17 @@ def assigner_max_similarity(
         return val, eid
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=dev)
     assigner = assigner if assigner is not None else make_assigner("triton")
-    block = min(block_rows, DIAGONAL_ROWS)
     with _exact_matmul(), torch.no_grad():
         low = _low(unit, dtype)
-        val, col, certain = _first_pass(
-            unit, low, block, kernel_tolerance(dtype, dim), assigner, stats
-        )
+        clock = _Clock(stats, dev)
+        with clock("tolerances"):
+            tols = row_tolerances(unit, low, dtype)
+        val, col, certain = _first_pass(unit, low, block_rows, tols, assigner, stats, clock)
         eid[1:] = ids_t.index_select(0, col[1:])
         rows = torch.nonzero(~certain, as_tuple=True)[0]
         stats["uncertain_rows"] += int(rows.numel())
         if rows.numel():
             tol = similarity_tolerance(dtype, dim)
-            _second_pass(unit, low, rows, val[rows], tol, val, eid, ids_t, stats)
+            with clock("second_pass"):
+                _second_pass(unit, low, rows, val[rows], tol, val, eid, ids_t, stats)
     return val, eid
