@@ -25,6 +25,8 @@ from mdf_taxonomy.cli.options import (
 )
 from mdf_taxonomy.cli.report import add_report_parser
 
+FLAGS = (CLI_FIT_PARAMETERS, CLI_RUN_PARAMETERS)  # fit's and predict's parameter flags
+
 __all__ = ["CLI_FIT_PARAMETERS", "CLI_RUN_PARAMETERS", "CliError", "build_parser", "main"]
 
 
@@ -206,17 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    for name, func, what in (
-        ("fit", cmd_fit, "fit a taxonomy on Parquet embeddings"),
-        ("predict", cmd_predict, "label Parquet embeddings with a stored taxonomy"),
-        ("sample", cmd_sample, "draw a balanced subset over a stored taxonomy"),
-        ("dedup", cmd_dedup, "mark near-duplicates within the nodes of labelled Parquet"),
+    curation = ("seed", "embedding_field")  # the tree is stored: no fit parameter but these
+    for name, func, what, fit, run_flags in (
+        ("fit", cmd_fit, "fit a taxonomy on Parquet embeddings", *FLAGS),
+        ("predict", cmd_predict, "label Parquet embeddings with a stored taxonomy", *FLAGS),
+        (
+            "sample",
+            cmd_sample,
+            "draw a balanced subset over a stored taxonomy",
+            curation,
+            ("batch_size", "device", "kernel_backend"),
+        ),
+        (
+            "dedup",
+            cmd_dedup,
+            "mark near-duplicates within the nodes of labelled Parquet",
+            curation,
+            ("device", "compute_dtype", "on_bad_file"),
+        ),
     ):
         sp = sub.add_parser(name, help=what)
         sp.add_argument("--input", required=True, help="file, glob or directory (any fsspec URI)")
         sp.add_argument("--storage-uri", required=True, help="where the taxonomy lives")
-        sp.add_argument("--output", default=None, help="where labelled Parquet goes")
-        _add_parameter_flags(sp)
+        sp.add_argument("--output", default=None, help="where the records go")
+        _add_parameter_flags(sp, fit, run_flags)
         sp.add_argument(
             "--overwrite",
             action="store_true",

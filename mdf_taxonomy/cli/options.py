@@ -99,9 +99,9 @@ def _engine(args: argparse.Namespace) -> Any:
     from mdf_taxonomy.engine import TaxonomyEngine
 
     params = {
-        name: getattr(args, name)
+        name: getattr(args, name, None)
         for name in CLI_FIT_PARAMETERS + CLI_RUN_PARAMETERS
-        if getattr(args, name) is not None
+        if getattr(args, name, None) is not None
     }
     return TaxonomyEngine(
         storage_uri=args.storage_uri,
