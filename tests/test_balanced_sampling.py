@@ -25,6 +25,7 @@ from mdf_taxonomy.model.sampling import sample_priorities
 from mdf_taxonomy.operators.balanced_sample_filter import BalancedSampleFilter
 from mdf_taxonomy.passes.parquet_input import ParquetInput
 from mdf_taxonomy.passes.parquet_sink import ParquetSink
+from mdf_taxonomy.passes.staged_output import OutputExists
 
 DIM = 8
 PARENTS = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])  # 10 leaves under 4 nodes; 3 an only child
@@ -250,7 +251,7 @@ def test_plan_round_trips_and_parameters_are_checked(data, tmp_path):
         with pytest.raises(ValueError, match=name):
             _sample(data, tmp_path, "bad", **kw)
     _sample(data, tmp_path, "twice")
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(OutputExists, match="overwrite"):
         _sample(data, tmp_path, "twice")
     assert _sample(data, tmp_path, "twice", overwrite=True)[1]
 
@@ -321,4 +322,4 @@ def test_engine_and_cli_sample_the_same_rows_as_the_passes(data, tmp_path, capsy
     assert _read(tmp_path / "cli") == want
     assert f"sampled records: {tmp_path / 'cli'}" in capsys.readouterr().out
     assert cli.main([*argv, "--seed", "0"]) == 2  # the output holds data now: refused
-    assert "holds data" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err

@@ -45,3 +45,6 @@ def test_dedup_through_engine_and_cli_marks_the_planted_copies(ray_session, tmp_
     assert cli.main(argv) == 0
     assert _marks(tmp_path / "cli") == marks
     assert f"records with dedup fields: {tmp_path / 'cli'}" in capsys.readouterr().out
+    assert cli.main(argv) == 2  # never appended to: a second run is refused
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert cli.main([*argv, "--overwrite"]) == 0 and _marks(tmp_path / "cli") == marks

@@ -47,6 +47,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
         seed=args.seed,
         cross_boundary_margin=args.cross_boundary_margin,
         id_field=args.id_field,
+        overwrite=args.overwrite,
     )
     print(
         f"deduplicated: {summary['duplicates']} duplicate(s) of {summary['rows']} rows at "

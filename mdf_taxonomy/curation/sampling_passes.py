@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
@@ -35,6 +34,7 @@ from mdf_taxonomy.model.taxonomy import Taxonomy
 from mdf_taxonomy.passes.parquet_input import ParquetInput
 from mdf_taxonomy.passes.parquet_sink import ParquetSink
 from mdf_taxonomy.passes.records import parse_arrow
+from mdf_taxonomy.passes.staged_output import StagedOutput
 
 
 def scan(
@@ -49,8 +49,8 @@ def scan(
 ) -> Iterator[tuple[pa.RecordBatch, np.ndarray, np.ndarray, np.ndarray]]:
     """(record batch, leaf, score, priority) per batch of `items` (None: every row group);
     rows with a rejected embedding get leaf -1 and are counted by kind in `rejected`."""
+    items = source.get_file_list() if items is None else items  # lists (and finds the field)
     field = source.embedding_field
-    items = source.get_file_list() if items is None else items
     for _, batches in source.read_items(items):
         for batch in batches:
             parsed = parse_arrow(batch.column(field), field, tax.dim, metric=tax.config.metric)
@@ -147,6 +147,19 @@ def build_plan(
         input, embedding_field, batch_rows=batch_rows, storage_options=storage_options
     )
     assigner = make_assigner(kernel_backend)
+    return _plan(tax, source, target_size, multiplier, strategy, seed, assigner, device)
+
+
+def _plan(
+    tax: Taxonomy,
+    source: ParquetInput,
+    target_size: int,
+    multiplier: int,
+    strategy: str,
+    seed: int,
+    assigner: Any,
+    device: str,
+) -> SamplePlan:
     sizes = count_leaves(tax, source, assigner=assigner, device=device)
     plan = SamplePlan.build(tax, sizes, target_size, multiplier, strategy, seed)
     return plan.finish(gather_candidates(plan, tax, source, assigner=assigner, device=device))
@@ -170,45 +183,29 @@ def sample_parquet(
 ) -> dict[str, Any]:
     """Balanced sample of `input` (Parquet, any fsspec URI) over `tax`, written to `output`.
 
-    Three passes (module doc); the selected rows keep every input column and get int32
-    `taxonomy_repeat` (1..multiplier), each row written once. `plan_uri`: where to save the
-    plan too (for `BalancedSampleFilter`). `output` must be empty unless `overwrite`
-    (then it is deleted first). A target above multiplier x the valid rows takes every
-    valid row `multiplier` times (logged; `full_take` in the summary). Returns the summary.
+    Three passes (module doc) over one listing of the input; the selected rows keep every
+    input column and get int32 `taxonomy_repeat` (1..multiplier), each row written once.
+    `plan_uri`: where to save the plan too (for `BalancedSampleFilter`). `output` is
+    written whole or not at all and must be empty unless `overwrite` (a StagedOutput). A
+    target above multiplier x the valid rows takes every valid row `multiplier` times
+    (logged; `full_take` in the summary). Returns the summary.
     """
     check_sampling(target_size, multiplier, strategy, seed)
     _check_run(tax, kernel_backend, device)
-    fs, path = fsspec.core.url_to_fs(output, **(storage_options or {}))
-    if fs.exists(path) and fs.find(path):
-        if not overwrite:
-            raise FileExistsError(f"output {output!r} holds data: pass overwrite=True")
-        fs.rm(path, recursive=True)
-    plan = build_plan(
-        tax,
-        input,
-        target_size,
-        multiplier,
-        strategy,
-        seed,
-        storage_options,
-        embedding_field,
-        kernel_backend,
-        device,
-        batch_rows,
-    )
-    if plan_uri is not None:
-        plan.save(plan_uri, storage_options)
     source = ParquetInput(
         input, embedding_field, batch_rows=batch_rows, storage_options=storage_options
     )
-    sink = ParquetSink(output, storage_options=storage_options)
+    assigner = make_assigner(kernel_backend)
     rejected: Counter = Counter()
-    try:
-        counts = select_rows(
-            plan, tax, source, sink, None, make_assigner(kernel_backend), device, rejected
-        )
-    finally:
-        files = sink.close()
+    with StagedOutput(output, storage_options, overwrite) as staged:
+        plan = _plan(tax, source, target_size, multiplier, strategy, seed, assigner, device)
+        if plan_uri is not None:
+            plan.save(plan_uri, storage_options)
+        sink = ParquetSink(staged.staging_uri, storage_options=storage_options)
+        try:
+            counts = select_rows(plan, tax, source, sink, None, assigner, device, rejected)
+        finally:
+            files = [staged.final_path(f) for f in sink.close()]
     return {
         "command": "sample",
         "snapshot": tax.version,

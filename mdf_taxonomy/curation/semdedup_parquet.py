@@ -45,6 +45,7 @@ from mdf_taxonomy.passes.input_report import ITEM_SEP
 from mdf_taxonomy.passes.parquet_input import ParquetInput
 from mdf_taxonomy.passes.parquet_sink import ParquetSink
 from mdf_taxonomy.passes.records import parse_arrow
+from mdf_taxonomy.passes.staged_output import StagedOutput
 
 SIMILARITY_FIELD = "dedup_max_similarity"
 DUPLICATE_OF_FIELD = "dedup_duplicate_of"
@@ -102,8 +103,10 @@ def dedup_parquet(
     block_rows: int = 4096,
     partition_by: list[str] | None = None,
     on_bad_file: str = "fail",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """SemDeDup over labelled Parquet at `input`, written to `output`; returns a summary.
+    """SemDeDup over labelled Parquet at `input`, written to `output` (whole or not at all,
+    refused if it holds data unless `overwrite`: a StagedOutput); returns a summary.
 
     Every input column is written with `dedup_max_similarity` (float32: the largest cosine
     similarity to an earlier-ranked row of the node; -inf for a node's first row, NaN for
@@ -142,16 +145,19 @@ def dedup_parquet(
         partition_by = [top_field] if groups is not None else []
     if groups is None or (run.level == 1 and run.cross is not None):
         groups = [items]  # the siblings of a top node are the other top nodes
-    sink = ParquetSink(output, partition_by, storage_options=storage_options)
     totals: Counter = Counter()
     skipped: Counter = Counter()
-    for group in groups:
-        batches = [b for _, bs in src.read_items(group) for b in bs]
-        if not batches or not any(b.num_rows for b in batches):
-            continue
-        table = pa.Table.from_batches(batches)
-        sink.write(_dedup_table(table, src.embedding_field, run, totals, skipped))
-    files = sink.close()
+    with StagedOutput(output, storage_options, overwrite) as staged:
+        sink = ParquetSink(staged.staging_uri, partition_by, storage_options=storage_options)
+        try:
+            for group in groups:
+                batches = [b for _, bs in src.read_items(group) for b in bs]
+                if not batches or not any(b.num_rows for b in batches):
+                    continue
+                table = pa.Table.from_batches(batches)
+                sink.write(_dedup_table(table, src.embedding_field, run, totals, skipped))
+        finally:
+            files = [staged.final_path(f) for f in sink.close()]
     return {
         "rows": totals["rows"],
         "compared": totals["compared"],

@@ -290,13 +290,15 @@ class TaxonomyEngine:
         seed: int | None = None,
         cross_boundary_margin: float | None = None,
         id_field: str = "id",
+        overwrite: bool = False,
     ) -> dict[str, Any]:
         """SemDeDup within the nodes of `level` (None: the leaves) over labelled `input`:
         every row gets its highest cosine similarity to an earlier-ranked row of its node
         (`ranking`: 'hard' furthest from the centroid first, 'easy', or 'random' by content
         hash) and that row's id, and `is_duplicate` for `eps`, so eps can be chosen again
         later. `cross_boundary_margin`: rows closer than that to a sibling node are also
-        compared with its rows. `seed`: the tree's by default. The summary."""
+        compared with its rows. `seed`: the tree's by default. `output` is refused if it
+        holds data, unless `overwrite`. The summary."""
         tax = self.load()
         self.last_summary = dedup_parquet(
             tax,
@@ -313,6 +315,7 @@ class TaxonomyEngine:
             compute_dtype=self.compute_dtype,
             device=self.device,
             on_bad_file=self.on_bad_file,
+            overwrite=overwrite,
         )
         return self.last_summary
 
@@ -345,10 +348,11 @@ class TaxonomyEngine:
             }
             return output
         source = ParquetInput(**self._loader_params(input))
+        items = source.get_file_list()  # lists the files, and finds the field if unnamed
         field = source.embedding_field
         assigner = make_assigner(self.kernel_backend)
         out = []
-        for _, batches in source.read_items(source.get_file_list()):
+        for _, batches in source.read_items(items):
             column = pa.Table.from_batches(batches).column(field)
             parsed = parse_arrow(column, field, tax.dim, metric=tax.config.metric)
             paths = np.full((len(column), tax.n_levels), -1, dtype=np.int32)
