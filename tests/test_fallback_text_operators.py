@@ -310,7 +310,14 @@ def test_add_to_existing_pipeline_runs_under_the_fallback(ray_session, tmp_path)
         assert table[name].null_count == 0, name
     assert set(table["taxonomy_error"].to_pylist()) == {""}
     assert pc.min(table["taxonomy_l1"]).as_py() >= 0 and pc.min(table["taxonomy_l2"]).as_py() >= 0
-    # what MDF's own operators keep of the sample with the YAML's params, in file order
+
+
+def test_mdfs_own_operators_keep_the_same_records_with_the_yamls_params(tmp_path):
+    """What MDF's own operators keep of the sample with the YAML's params, in file order
+    (a test of its own, so the fallback's run above needs no MDF beside it)."""
+    sample = pq.read_table(SAMPLE)
+    want = _expected_survivors(sample)
+    cfg = rewrite(ROOT / "configs" / "add_to_existing_pipeline.yaml", tmp_path)
     clean = yaml.safe_load(cfg.read_text())["stages"][0]["operators"]
     job = {
         "records": sample.select(["uuid", "common_name", "species"]).to_pylist(),
