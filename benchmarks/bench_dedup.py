@@ -1,8 +1,9 @@
 """Semantic dedup's pairwise step on one device: ours (`node_max_similarity`) against the
 obvious torch code, side by side in one run, for both of our searches: the blocked torch
 GEMMs with the exact recheck (`kernels=False`, columns ours_b*) and the search on the
-fused assignment kernels (`semdedup_kernels`, `kernels=True`, columns kernel_b*, CUDA
-only), whose output is checked bit for bit against the torch search's.
+fused assignment kernels (`semdedup_kernels`, `kernels=True`, columns kernel*, CUDA
+only; kernel_search*: its one launch over the lower triangle alone), whose output is
+checked bit for bit against the torch search's.
 
 The obvious code: the node's full similarity matrix by one matmul, the upper triangle
 masked, max and argmax per row (what one writes first; its bf16 values are not exact and
@@ -20,7 +21,7 @@ package's other dependencies are missing), so it runs on a GPU machine with torc
 
 Usage: python benchmarks/bench_dedup.py [--device cpu|cuda] [--sizes N ...] [--dim D]
        [--dtypes float32|bfloat16|float16 ...] [--block-rows B ...]
-       [--kernel-block-rows B ...] [--reps R] [--threads T]
+       [--no-kernels] [--reps R] [--threads T]
 Writes results/bench_dedup_<device>.json (or to $OUT) and prints the table.
 """
 
@@ -109,7 +110,7 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
 def _variants(args) -> list[tuple[str, bool, int]]:
     """(column prefix, kernels, block_rows): the torch search, then the kernel search."""
     out = [(f"ours_b{b}", False, b) for b in args.block_rows]
-    return out + [(f"kernel_b{b}", True, b) for b in args.kernel_block_rows]
+    return out + ([("kernel", True, 0)] if args.kernels else [])
 
 
 def measure(x: torch.Tensor, dtype_name: str, args, roofline: float) -> dict:
@@ -157,7 +158,17 @@ def measure(x: torch.Tensor, dtype_name: str, args, roofline: float) -> dict:
             row["equal_to_cpu_float32"] = bool(
                 np.array_equal(val, cpu[0]) and np.array_equal(eid, cpu[1])
             )
-    for name in ["obvious", *(v[0] for v in _variants(args))]:
+    if args.kernels:  # the search's one launch alone, on the rows as the kernel reads them
+        from mdf_taxonomy.kernels import make_assigner
+
+        low = SD.unit_rows(x).to(dtype)
+        search = make_assigner("triton")
+        row["kernel_search_s"] = timeit(
+            lambda: search.assign_earlier(low, with_second=True), device, args.reps
+        )
+        del low
+    names = ["obvious", *(v[0] for v in _variants(args))]
+    for name in names + (["kernel_search"] if args.kernels else []):
         seconds = row[f"{name}_s"]
         row[f"{name}_rows_per_s"] = n / seconds
         row[f"{name}_tflops"] = flops / seconds / 1e12
@@ -168,9 +179,9 @@ def measure(x: torch.Tensor, dtype_name: str, args, roofline: float) -> dict:
 def table(rows: list[dict], args) -> list[str]:
     head = ["n", "dtype", "obvious rows/s", "TFLOP/s", "roof"]
     for _, kernels, b in _variants(args):
-        label = f"{'kernel' if kernels else 'torch'} b={b}"
+        label = "kernel" if kernels else f"torch b={b}"
         head += [f"{label} rows/s", "TFLOP/s", "roof", "vs obvious", "rechecked/row"]
-        head += ["uncertain/row", "== torch"] if kernels else []
+        head += ["uncertain/row", "== torch", "search alone TFLOP/s", "roof"] if kernels else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["n"]), r["dtype"], f"{r['obvious_rows_per_s']:.3g}"]
@@ -184,6 +195,8 @@ def table(rows: list[dict], args) -> list[str]:
                 cells += [f"{r.get(p + '_uncertain_rows_per_row', float('nan')):.3f}"]
                 same = [v for k, v in r.items() if k.startswith(p + "_equal_to_")]
                 cells += [str(same[0]) if same else "-"]
+                cells += [f"{r['kernel_search_tflops']:.3g}"]
+                cells += [f"{100 * r['kernel_search_frac_roofline']:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -195,7 +208,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int)
     ap.add_argument("--dtypes", nargs="+", choices=list(SD.DTYPES))
     ap.add_argument("--block-rows", type=int, nargs="+", help="the torch search's")
-    ap.add_argument("--kernel-block-rows", type=int, nargs="+", help="the kernel search's")
+    ap.add_argument("--no-kernels", dest="kernels", action="store_false", help="torch only")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--eps", type=float, default=0.05)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
@@ -210,8 +223,7 @@ def main() -> None:
     dtypes = args.dtypes or (["float16", "bfloat16"] if cuda else ["float32"])
     args.block_rows = args.block_rows or ([4096] if cuda else [512, 1024])
     # the kernel search: on CUDA (on CPU Triton only interprets, far too slowly to time)
-    if args.kernel_block_rows is None:
-        args.kernel_block_rows = [1024, 4096] if cuda and _kernels_ok() else []
+    args.kernels = args.kernels and cuda and _kernels_ok()
     if cuda:
         device_name = torch.cuda.get_device_name(args.device)
         roofline = H200_BF16_TFLOPS * 1e12
@@ -235,7 +247,7 @@ def main() -> None:
         "dim": dim,
         "dtypes": dtypes,
         "block_rows": args.block_rows,
-        "kernel_block_rows": args.kernel_block_rows,
+        "kernel_search": args.kernels,
         "kernel_tolerance": {d: _kernel_tolerance(d, dim) for d in dtypes},
         "reps": args.reps,
         "flop_count": "n^2 * D per node (2 * n^2 * D / 2: the lower triangle), for both",

@@ -530,3 +530,31 @@ def test_fp8_assigner_is_the_shortlist_on_triton():
     o = torch.tensor([0, 24])
     exact = K.grouped_assign(x, g, c, o, backend="triton")
     assert torch.equal(a.grouped_assign(x, g, c, o).ids, exact.ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_assign_earlier_matches_the_reference_over_the_lower_triangle(dtype):
+    """Each row's nearest earlier row (cosine) over several row blocks and column tiles,
+    the diagonal tiles masked: the reference's ids (exact copies: the lowest id), its
+    distances and runner-ups to rounding; row 0 has none, row 1 no runner-up."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.normalize(torch.randn(75, 40, generator=g), dim=1)
+    x[50:53] = x[7]  # copies across blocks: ties go to the lowest id
+    x[60] = x[52]
+    low = x.to(dtype)
+    want = K.TorchAssigner().assign_earlier(low.float(), with_second=True)
+    got = K.TritonAssigner().assign_earlier(low, with_second=True)
+    assert got.ids.tolist()[:2] == [-1, 0] and want.ids[0] == -1
+    assert got.distance[0] == float("inf") and got.second[:2].tolist() == [float("inf")] * 2
+    assert torch.equal(got.ids, want.ids)
+    assert got.ids[50:53].tolist() == [7, 7, 7] and got.ids[60] == 7
+    torch.testing.assert_close(got.distance[1:], want.distance[1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.second[2:], want.second[2:], atol=1e-5, rtol=0)
+    brute = low.double() @ low.double().T
+    brute.masked_fill_(torch.ones_like(brute, dtype=torch.bool).triu_(), -float("inf"))
+    assert torch.equal(want.ids[1:], brute[1:].argmax(1))
+    assert K.AutoAssigner().assign_earlier(low.float()).second is None
+    for split_cols in (16, 48, 1000):  # column ranges per program, merged: the same bits
+        ids, dist, sec = TD.assign_earlier_triton(low, with_second=True, split_cols=split_cols)
+        assert torch.equal(ids, got.ids) and torch.equal(dist, got.distance)
+        assert torch.equal(sec, got.second)

@@ -404,7 +404,7 @@ def test_the_kernel_search_gives_the_torch_searchs_bits():
         )
         for a, b in ((got, want), (got, brute)):
             assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), (dtype, block_rows)
-        assert stats["kernel_calls"] == -(-len(x) // block_rows) - 1
+        assert stats["kernel_calls"] == 1  # the whole lower triangle in one launch
         assert 0 < stats["uncertain_rows"] < len(x)  # both ways of settling a row were taken
     first = np.lexsort((ids, keys))[0]
     assert got[0][first] == -np.inf and got[1][first] == -1
@@ -439,16 +439,12 @@ def test_the_row_tolerances_bound_the_kernels_error():
     exact = u.double() @ u.double().T
     for dtype in (torch.bfloat16, torch.float16):
         low = u.to(dtype).float()
-        tk, td = row_tolerances(u, low, dtype)
+        tol = row_tolerances(u, low, dtype)
         err = ((low @ low.T).double() - exact).abs()
-        assert bool((err <= tk[:, None]).all()) and bool((td >= tk).all())
-        assert float(tk.max()) < kernel_tolerance(dtype, 256)
-        low16 = u.to(dtype)
-        _, td16 = row_tolerances(u, low16, dtype)  # a 16-bit matmul's output is rounded
-        err16 = ((low16.float() @ low16.float().T).to(dtype).double() - exact).abs()
-        assert bool((err16 <= td16[:, None]).all()) and bool((td16 > tk).all())
-    tk, td = row_tolerances(u, u, torch.float32)
-    assert float(tk.min()) == float(td.max()) == kernel_tolerance(torch.float32, 256)
+        assert bool((err <= tol[:, None]).all())
+        assert float(tol.max()) < kernel_tolerance(dtype, 256)
+    tol = row_tolerances(u, u, torch.float32)
+    assert float(tol.min()) == float(tol.max()) == kernel_tolerance(torch.float32, 256)
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")  # interpreter
@@ -466,7 +462,8 @@ def test_the_kernel_searchs_second_pass_in_chunks_and_its_timing(monkeypatch):
     stats = {"timing": True}
     t = torch.as_tensor(x, device=device)
     node_max_similarity(t, ids, keys, block_rows=32, kernels=True, stats=stats)
-    assert {"kernel_s", "diagonal_s", "canonical_s", "second_pass_s"} <= set(stats)
+    want = {"prepare_s", "tolerances_s", "kernel_s", "canonical_s", "second_pass_s", "results_s"}
+    assert want <= set(stats)
 
 
 def test_the_kernel_search_is_chosen_on_cuda_only_and_checks_its_arguments():
@@ -482,7 +479,5 @@ def test_the_kernel_search_is_chosen_on_cuda_only_and_checks_its_arguments():
     u = unit_rows(torch.as_tensor(x))
     with pytest.raises(ValueError, match="compute_dtype"):
         SK.assigner_max_similarity(u, ids, compute_dtype="int8")
-    with pytest.raises(ValueError, match="block_rows"):
-        SK.assigner_max_similarity(u, ids, block_rows=0)
     val, eid = SK.assigner_max_similarity(u[:1], ids[:1])
     assert val.tolist() == [-np.inf] and eid.tolist() == [-1]

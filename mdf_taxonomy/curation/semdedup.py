@@ -37,6 +37,7 @@ from mdf_taxonomy.curation.semdedup_exact import (
     _SLACK,
     _UNIT_ROUNDOFF,
     DTYPES,
+    Clock,
     _exact_matmul,
     _low,
     _merge,
@@ -278,22 +279,25 @@ def node_max_similarity(
     (max_sim float32, earlier_id int64) in the input's row order, -inf and -1 for the
     first-ranked row. Exact (see the module doc) for any `block_rows` and
     `compute_dtype` (float32, bfloat16, float16: bf16/fp16 GEMMs on CUDA; on CPU their
-    rounding, multiplied in float32). `device`: None keeps `x`'s. `kernels`: search on
-    the fused assignment kernels (`semdedup_kernels`, the same bits); None: where they
-    serve the device (CUDA with Triton), else the blocked torch search below.
+    rounding, multiplied in float32). `block_rows`: the torch search's GEMM blocks (the
+    kernels tile on their own). `device`: None keeps `x`'s. `kernels`: search on the
+    fused assignment kernels (`semdedup_kernels`, the same bits); None: where they serve
+    the device (CUDA with Triton), else the blocked torch search below. `stats`: see the
+    searches; with stats["timing"], also the seconds to sort and normalise (prepare) and
+    to bring the results back (results).
     """
     ids = np.asarray(ids, dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
         raise ValueError("ids must be unique within a node: they break ranking ties")
-    order = np.lexsort((ids, np.asarray(rank_scores)))
     t = torch.as_tensor(x)
-    unit = unit_rows(t[torch.as_tensor(order, device=t.device)], device)
+    clock = Clock(stats, torch.device(device) if device is not None else t.device)
+    with clock("prepare"):
+        order = np.lexsort((ids, np.asarray(rank_scores)))
+        unit = unit_rows(t[torch.as_tensor(order, device=t.device)], device)
     pos = np.arange(len(ids), dtype=np.int64)
     search = _kernel_search(unit.device, kernels)
     if search is not None:
-        val, eid = search(
-            unit, ids[order], block_rows=block_rows, compute_dtype=compute_dtype, stats=stats
-        )
+        val, eid = search(unit, ids[order], compute_dtype=compute_dtype, stats=stats)
     else:
         val, eid = earlier_max_similarity(
             unit,
@@ -305,8 +309,9 @@ def node_max_similarity(
             compute_dtype=compute_dtype,
             stats=stats,
         )
-    max_sim = np.empty(len(ids), dtype=np.float32)
-    earlier_id = np.empty(len(ids), dtype=np.int64)
-    max_sim[order] = val.cpu().numpy()
-    earlier_id[order] = eid.cpu().numpy()
+    with clock("results"):
+        max_sim = np.empty(len(ids), dtype=np.float32)
+        earlier_id = np.empty(len(ids), dtype=np.int64)
+        max_sim[order] = val.cpu().numpy()
+        earlier_id[order] = eid.cpu().numpy()
     return max_sim, earlier_id

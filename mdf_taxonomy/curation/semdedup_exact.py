@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -103,3 +104,26 @@ def _merge(
     better = (top > best_val) | ((top == best_val) & (low < best_id))
     best_val[better] = top[better]
     best_id[better] = low[better]
+
+
+class Clock:
+    """Per-phase seconds into `stats` (synchronising the device) when stats["timing"]."""
+
+    def __init__(self, stats: dict | None, device: torch.device):
+        self.stats = stats if stats is not None else {}
+        self.on = bool(self.stats.get("timing"))
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.on:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        key = f"{name}_s"
+        self.stats[key] = self.stats.get(key, 0.0) + time.perf_counter() - t0

@@ -1,11 +1,10 @@
-"""SemDeDup's within-node search on the fused assignment kernels (`TritonAssigner`).
+"""SemDeDup's within-node search on the fused assignment kernels (`Assigner.assign_earlier`).
 
-The maximum similarity to an earlier row is a nearest-centroid search. With the node's
-unit rows sorted by rank, each column block [a, b) of B rows is searched as "centroids" by
-all later rows, [b, n), in one kernel call (cosine, with the top-2 scores: many rows and
-K = B, the kernels' best shape), so the N x N similarity matrix is never written; the
-B x B diagonal block, where only j < i counts, is one masked matmul. The kernels are exact
-only on their own rounded arithmetic, so their answer is used only where it is provably
+The maximum similarity to an earlier row is a nearest-neighbour search over the lower
+triangle: with the node's unit rows sorted by rank, one kernel launch compares each row
+with the rows before it and keeps the top-2 scores (tiled GEMM on tensor cores, the
+epilogue in registers), so the N x N similarity matrix is never written. The kernel is
+exact only on its own rounded arithmetic, so its answer is used only where it is provably
 the canonical one (`semdedup`'s module doc):
 
 * every pair's score is within its row's bound of the exact similarity (`row_tolerances`:
@@ -21,9 +20,9 @@ second pass: a low-precision GEMM of those rows against the earlier rows, every 
 score can reach c (>= c - tol - 2^-19, tol that GEMM's `similarity_tolerance`) recomputed
 canonically and merged as `semdedup` does (the larger value, then the smaller id). So the
 stored (max_sim, earlier_id) are bit-identical to `earlier_max_similarity`'s for every
-row, compute dtype and block size. The pass costs a dense GEMM per uncertain row: 12-17%
-of the rows at fp16 and dim 1024 on benchmarks/bench_dedup.py's node, 60-77% at bf16
-(8x coarser rounding), so prefer float16 (the same tensor-core rate).
+row and compute dtype. The pass costs a dense GEMM per uncertain row: 12-17% of the rows
+at fp16 and dim 1024 on benchmarks/bench_dedup.py's node, 60-77% at bf16 (8x coarser
+rounding), so prefer float16 (the same tensor-core rate).
 
 Assumptions, those of `similarity_tolerance`: 16-bit products are exact in float32 and the
 float32 accumulation errs by at most 1.2 * dim * 2^-24 of sum |x_k y_k|. float32 inputs
@@ -37,9 +36,7 @@ runs); `semdedup`'s helpers are imported where used.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 
 import numpy as np
 import torch
@@ -66,27 +63,21 @@ def kernel_tolerance(dtype: torch.dtype, dim: int) -> float:
     return similarity_tolerance(grade, dim) + _STEP
 
 
-def row_tolerances(
-    unit: torch.Tensor, low: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row i, bounds on |score(i, p) - exact similarity| valid for every row p: the
-    kernel's and the diagonal matmul's (float64).
+def row_tolerances(unit: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per row i, a bound on |kernel score(i, p) - exact similarity| valid for every row p
+    (float64).
 
     From the rows' own rounding errors d = ||unit - low|| (T: their max over the node):
     |x~.y~ - x.y| <= d_i ||y|| + (||x|| + d_i) T, products of 16-bit values are exact in
     float32 and its accumulation adds at most 1.2 * dim * 2^-24 ||x~|| ||y~|| (the
-    assumption of `similarity_tolerance`); the diagonal matmul's 16-bit output adds one
-    rounding (u ||x~|| ||y~||). For float32 (3xTF32 kernels) the uniform
+    assumption of `similarity_tolerance`). For float32 (3xTF32 kernels) the uniform
     `kernel_tolerance`. Typically 2-3x tighter than the worst case `kernel_tolerance`.
     """
-    from mdf_taxonomy.curation.semdedup_exact import _UNIT_ROUNDOFF
-
     n, dim = unit.shape
     if dtype == torch.float32:
-        tol = torch.full(
+        return torch.full(
             (n,), kernel_tolerance(dtype, dim), dtype=torch.float64, device=unit.device
         )
-        return tol, tol
     d = torch.empty(n, dtype=torch.float64, device=unit.device)
     step = max(1, (1 << 23) // dim)
     for i in range(0, n, step):
@@ -96,90 +87,22 @@ def row_tolerances(
     big = float(d.max())
     one = 1 + 2.0**-23  # ||unit row||: float32 roundings of a float64 unit vector
     mag = (one + big) ** 2  # bounds ||x~|| ||y~||
-    tk = d * one + (one + d) * big + 1.2 * dim * 2.0**-24 * mag + 2 * _STEP
-    u = _UNIT_ROUNDOFF[dtype]
-    return tk, tk + (u * mag if low.dtype != torch.float32 else 0.0)
+    return d * one + (one + d) * big + 1.2 * dim * 2.0**-24 * mag + 2 * _STEP
 
 
-class _Clock:
-    """Per-phase seconds into `stats` (synchronising the device) when stats["timing"]."""
-
-    def __init__(self, stats: dict, device: torch.device):
-        self.stats, self.on = stats, bool(stats.get("timing"))
-        self.cuda = device.type == "cuda"
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if not self.on:
-            yield
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if self.cuda:
-            torch.cuda.synchronize()
-        key = f"{name}_s"
-        self.stats[key] = self.stats.get(key, 0.0) + time.perf_counter() - t0
-
-
-def _diagonal_top2(low: torch.Tensor, a: int, b: int):
-    """Best and second score of rows [a, b) against the earlier rows of [a, b), and the
-    best's column (global); -inf where there are none."""
-    s = (low[a:b] @ low[a:b].T).float()
-    s.masked_fill_(torch.ones_like(s, dtype=torch.bool).triu_(), -math.inf)
-    if b - a == 1:
-        none = torch.full_like(s[:, 0], -math.inf)
-        return none, none, torch.full((1,), a, dtype=torch.int64, device=s.device)
-    top, arg = s.topk(2, dim=1)
-    return top[:, 0], top[:, 1], arg[:, 0] + a
-
-
-def _kernel_top2(assigner, low: torch.Tensor, r0: int, c0: int, c1: int):
-    """Best and second kernel score of rows [r0, n) against rows [c0, c1), the best's row
-    (global): one call with many rows and c1 - c0 "centroids", the kernels' sweet spot."""
-    out = assigner.assign(low[r0:], low[c0:c1], metric="cosine", with_second=True)
-    one = torch.ones((), dtype=torch.float64, device=low.device)
-    best = one - out.distance.double()  # exact: the distance is a float32 near 1
-    second = one - out.second.double()  # -inf for a single centroid
-    return best, second, out.ids + c0
-
-
-def _fold(best, second, col, rows: slice, vb, vs, varg) -> None:
-    """Merge a top-2 (vb >= vs, vb's column varg) into the running one of `rows`."""
-    ob, os_ = best[rows], second[rows]
-    take = vb > ob  # an equal score leaves second == best: a near-tie, settled later
-    second[rows] = torch.where(take, torch.maximum(ob, vs), torch.maximum(os_, vb))
-    best[rows] = torch.maximum(ob, vb)
-    col[rows] = torch.where(take, varg, col[rows])
-
-
-def _first_pass(unit, low, block, tols, assigner, stats, clock):
-    """(canonical best of the kernels' choice, its column, certain) per sorted row. Column
-    block [a, b): the diagonal block by one masked matmul, rows [b, n) by the kernel. The
+def _first_pass(unit, low, tol, assigner, clock):
+    """(canonical best of the kernel's choice, its column, certain) per sorted row. The
     top-2 is kept over upper bounds (score + the row's tolerance) of the exact values."""
     from mdf_taxonomy.curation.semdedup_exact import canonical_dot
 
     n = unit.shape[0]
-    dev = unit.device
-    col = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    best = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
-    second = best.clone()
-    tk, td = tols
-    for a in range(0, n, block):
-        b = min(a + block, n)
-        with clock("diagonal"):
-            db, ds, darg = _diagonal_top2(low, a, b)
-            t = td[a:b]
-            _fold(best, second, col, slice(a, b), db.double() + t, ds.double() + t, darg)
-        if b < n:
-            with clock("kernel"):
-                kb, ks, kid = _kernel_top2(assigner, low, b, a, b)
-                _fold(best, second, col, slice(b, n), kb + tk[b:], ks + tk[b:], kid)
-            stats["kernel_calls"] += 1
+    with clock("kernel"):
+        out = assigner.assign_earlier(low, with_second=True)
     with clock("canonical"):
-        col[0] = -1
-        val = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+        one = torch.ones((), dtype=torch.float64, device=unit.device)
+        second = one - out.second.double() + tol  # -inf for rows 0 and 1; exact: near 1
+        col = out.ids
+        val = torch.full((n,), -math.inf, dtype=torch.float32, device=unit.device)
         val[1:] = canonical_dot(unit[1:], unit.index_select(0, col[1:])).float()
         certain = second < val.double() - _STEP  # every other pair's exact value is below
         certain[0] = True
@@ -226,7 +149,6 @@ def assigner_max_similarity(
     unit: torch.Tensor,
     ids: np.ndarray,
     *,
-    block_rows: int = 4096,
     compute_dtype: torch.dtype | str = torch.float32,
     stats: dict | None = None,
     assigner=None,
@@ -236,16 +158,15 @@ def assigner_max_similarity(
     (float32) to an earlier row and that row's id (the smallest among equal values); -inf
     and -1 for the first row. The same bits as `earlier_max_similarity` (module doc).
 
-    `block_rows`: B, the "centroids" per kernel call and the diagonal blocks' size (a
-    dense B x B matmul each; 4096 beat 1024 on an H200, benchmarks/bench_dedup.py).
     `assigner`: an exact `Assigner` (default: the Triton one). `stats`, if given, gets
     counts: kernel calls, uncertain rows, pairs recomputed in the second pass; with
-    stats["timing"] true, also seconds per phase (tolerances, diagonal, kernel,
-    canonical, second_pass; the device synchronised around each).
+    stats["timing"] true, also seconds per phase (tolerances, kernel, canonical,
+    second_pass; the device synchronised around each).
     """
     from mdf_taxonomy.curation.semdedup_exact import (
         _UNIT_ROUNDOFF,
         DTYPES,
+        Clock,
         _exact_matmul,
         _low,
         similarity_tolerance,
@@ -254,8 +175,6 @@ def assigner_max_similarity(
     dtype = DTYPES.get(compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     if dtype not in _UNIT_ROUNDOFF:
         raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got {compute_dtype!r}")
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     stats = stats if stats is not None else {}
     for key in ("kernel_calls", "uncertain_rows", "rechecked_pairs"):
         stats.setdefault(key, 0)
@@ -267,12 +186,13 @@ def assigner_max_similarity(
         return val, eid
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=dev)
     assigner = assigner if assigner is not None else make_assigner("triton")
+    clock = Clock(stats, dev)
     with _exact_matmul(), torch.no_grad():
         low = _low(unit, dtype)
-        clock = _Clock(stats, dev)
         with clock("tolerances"):
-            tols = row_tolerances(unit, low, dtype)
-        val, col, certain = _first_pass(unit, low, block_rows, tols, assigner, stats, clock)
+            tol = row_tolerances(unit, low, dtype)
+        val, col, certain = _first_pass(unit, low, tol, assigner, clock)
+        stats["kernel_calls"] += 1
         eid[1:] = ids_t.index_select(0, col[1:])
         rows = torch.nonzero(~certain, as_tuple=True)[0]
         stats["uncertain_rows"] += int(rows.numel())

@@ -411,3 +411,147 @@ def launch_assign(
         XN_OUT=xn is not None and not xn_given,
         **meta,
     )
+
+
+# ------------------------------------------------------------- each row against earlier rows
+@triton.jit
+def _earlier_tiles(
+    x_rows,
+    x_ptr,
+    rows,
+    r0,
+    c_lo,
+    c_hi,
+    offs_n,
+    offs_k,
+    stride_x,
+    best,
+    best_id,
+    second,
+    second_id,
+    D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IS_FP32: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Fold the column tiles [c_lo, c_hi) of score -x.c into the running top-2; MASKED:
+    tiles that meet the diagonal, where only columns < the row count."""
+    for c0 in range(c_lo, c_hi, BLOCK_N):
+        acc = _tile_dot(
+            x_rows,
+            x_ptr,
+            x_ptr,
+            x_ptr,
+            r0,
+            c0,
+            c_hi,
+            offs_n,
+            offs_k,
+            stride_x,
+            D,
+            EVEN_D,
+            IS_FP32,
+            False,
+            False,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        s = -acc
+        if MASKED:
+            s = tl.where((c0 + offs_n)[None, :] < rows[:, None], s, float("inf"))
+        best, best_id, second, second_id = _top2_update(
+            s, c0, c_hi, offs_n, best, best_id, second, second_id, EVEN_N, True, False
+        )
+    return best, best_id, second, second_id
+
+
+@triton.jit
+def _assign_earlier_kernel(
+    x_ptr,
+    ids_ptr,
+    dist_ptr,
+    sec_ptr,
+    N,
+    stride_x,
+    split_cols,
+    D: tl.constexpr,
+    IS_FP32: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per row i of unit rows x: the nearest of the rows j < i (cosine: 1 - x_i.x_j) and
+    the runner-up. Row block b compares with columns [0, end of b): the later blocks, which
+    have the most tiles, are started first so that the short ones fill the tail. SPLIT:
+    program (b, s) takes columns [s * split_cols, (s + 1) * split_cols) only and stores raw
+    scores at row s * N + i (merged on the host), so that small nodes fill the GPU."""
+    block = tl.num_programs(0) - 1 - tl.program_id(0)
+    r0 = block * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = r0 + offs_m
+    row_mask = rows < N
+    rows = tl.minimum(rows, N - 1).to(tl.int64)
+    x_rows = x_ptr + rows[:, None] * stride_x
+    best = tl.full((BLOCK_M,), float("inf"), tl.float32)
+    best_id = tl.full((BLOCK_M,), -1, tl.int32)
+    second = tl.full((BLOCK_M,), float("inf"), tl.float32)
+    second_id = tl.full((BLOCK_M,), -1, tl.int32)
+    end = tl.minimum(r0 + BLOCK_M, N)
+    c_lo = 0
+    if SPLIT:
+        c_lo = tl.program_id(1) * split_cols
+        end = tl.minimum(end, c_lo + split_cols)
+    clear = tl.maximum(tl.minimum((r0 // BLOCK_N) * BLOCK_N, end), c_lo)  # before row r0
+    best, best_id, second, second_id = _earlier_tiles(
+        x_rows, x_ptr, rows, r0, c_lo, clear, offs_n, offs_k, stride_x, best, best_id, second,
+        second_id, D, EVEN_D, IS_FP32, False, True, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    best, best_id, second, second_id = _earlier_tiles(
+        x_rows, x_ptr, rows, r0, clear, end, offs_n, offs_k, stride_x, best, best_id, second,
+        second_id, D, EVEN_D, IS_FP32, True, False, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    if SPLIT:
+        out = tl.program_id(1).to(tl.int64) * N + rows
+        tl.store(ids_ptr + out, best_id.to(tl.int64), mask=row_mask)
+        tl.store(dist_ptr + out, best, mask=row_mask)
+        tl.store(sec_ptr + out, second, mask=row_mask)
+    else:
+        store_rows(
+            ids_ptr, dist_ptr, sec_ptr, rows, row_mask, best, best_id, second, best, False, True
+        )
+
+
+def launch_assign_earlier(
+    x: torch.Tensor, ids, dist, sec, conf: dict, splits: int = 1, split_cols: int = 0
+) -> None:
+    """One ``_assign_earlier_kernel`` launch over the rows of ``x`` (16-bit or fp32);
+    ``splits`` > 1: column ranges of ``split_cols`` per program, raw scores out."""
+    n, d = x.shape
+    bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
+    _assign_earlier_kernel[(triton.cdiv(n, bm), splits)](
+        x,
+        ids,
+        dist,
+        sec,
+        n,
+        x.stride(0),
+        split_cols,
+        d,
+        IS_FP32=x.dtype == torch.float32,
+        EVEN_D=d % bk == 0,
+        SPLIT=splits > 1,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=conf["num_warps"],
+        num_stages=conf["num_stages"],
+    )

@@ -18,7 +18,12 @@ from typing import NamedTuple
 import torch
 
 from .launch import KernelTuning
-from .reference import assign_torch, grouped_assign_torch, partial_sums_torch
+from .reference import (
+    assign_earlier_torch,
+    assign_torch,
+    grouped_assign_torch,
+    partial_sums_torch,
+)
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
@@ -118,6 +123,12 @@ class Assigner(abc.ABC):
         """(n_clusters, D) int64 fixed-point sums and (n_clusters,) int64 counts; id < 0
         skipped. Exact integer arithmetic: identical whatever the row order or batch split."""
 
+    def assign_earlier(self, x: torch.Tensor, *, with_second: bool = False) -> Assignment:
+        """Each row's nearest among the rows before it, by cosine (unit rows: distance
+        ``1 - <x_i, x_j>``, j < i): SemDeDup's search within a rank-sorted node, the lower
+        triangle only, never the N x N matrix. Row 0 has none: id -1, distance +inf."""
+        raise NotImplementedError(f"{type(self).__name__} has no assign_earlier")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -143,6 +154,9 @@ class TorchAssigner(Assigner):
 
     def partial_sums(self, x, ids, n_clusters):
         return partial_sums_torch(x, ids, n_clusters)
+
+    def assign_earlier(self, x, *, with_second=False):
+        return Assignment(*assign_earlier_torch(x, with_second=with_second))
 
 
 def _dispatch():
@@ -206,6 +220,12 @@ class TritonAssigner(Assigner):
         self._ready(x)
         return _partial_sums_triton().partial_sums_triton(x, ids, n_clusters, tuning=self.tuning)
 
+    def assign_earlier(self, x, *, with_second=False):
+        self._ready(x)
+        return Assignment(
+            *_dispatch().assign_earlier_triton(x, with_second=with_second, tuning=self.tuning)
+        )
+
     def __repr__(self) -> str:
         return f"TritonAssigner(tuning={self.tuning!r})"
 
@@ -237,6 +257,9 @@ class DelegatingAssigner(Assigner):
 
     def partial_sums(self, x, ids, n_clusters):
         return self._for(x).partial_sums(x, ids, n_clusters)
+
+    def assign_earlier(self, x, *, with_second=False):
+        return self._for(x).assign_earlier(x, with_second=with_second)
 
 
 class AutoAssigner(DelegatingAssigner):

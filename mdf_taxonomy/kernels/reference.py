@@ -412,3 +412,29 @@ def partial_sums_torch(
     for r0 in range(0, n, rows):
         sums.index_add_(0, ids[r0 : r0 + rows], quantize(x[r0 : r0 + rows]))
     return sums, counts
+
+
+def assign_earlier_torch(
+    x: torch.Tensor, *, with_second: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each row's nearest earlier row by cosine (unit rows; ``Assigner.assign_earlier``):
+    exact float64 scores, the lowest id on ties; row 0 gets id -1 and distance +inf."""
+    if x.dim() != 2:
+        raise ValueError(f"bad shape x={tuple(x.shape)}")
+    n, dev = x.shape[0], x.device
+    xf = x.to(torch.float64)
+    ids = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    best = torch.full((n,), -_INF, dtype=torch.float64, device=dev)
+    second = best.clone()
+    step = _rows_per_chunk(n, 8)
+    for a in range(1, n, step):
+        b = min(a + step, n)
+        s = xf[a:b] @ xf[:b].T
+        later = torch.arange(b, device=dev)[None, :] >= torch.arange(a, b, device=dev)[:, None]
+        s.masked_fill_(later, -_INF)
+        top, arg = s.max(dim=1)  # the first maximum: the lowest id
+        best[a:b], ids[a:b] = top, arg
+        if with_second:
+            second[a:b] = s.scatter_(1, arg[:, None], -_INF).amax(dim=1)
+    dist = (1.0 - best).to(torch.float32)
+    return ids, dist, (1.0 - second).to(torch.float32) if with_second else None
