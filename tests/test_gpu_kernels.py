@@ -351,3 +351,30 @@ def test_assign_earlier_matches_the_oracle(dtype, n, d):
         ids, dist, sec = TD.assign_earlier_triton(low, with_second=True, split_cols=split_cols)
         assert torch.equal(ids, got.ids) and torch.equal(dist, got.distance)
         assert torch.equal(sec, got.second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_earlier_above_lists_the_oracles_candidates(dtype):
+    """Every earlier column over the row's threshold, away from the threshold by more
+    than the dtype's rounding, is listed, in ascending order; counts agree likewise."""
+    g = torch.Generator(device=DEV).manual_seed(9)
+    n, d = 5000, 1024
+    x = torch.nn.functional.normalize(torch.randn(n, d, device=DEV, generator=g), dim=1)
+    x[4000:4010] = x[17]
+    low = x.to(dtype)
+    pos = torch.arange(5, n, 7, device=DEV)
+    pos = torch.cat([pos, torch.arange(4000, 4010, device=DEV)]).unique()
+    thr = torch.full((len(pos),), 0.09, device=DEV)
+    count, cand = K.TritonAssigner().earlier_above(low, pos, thr, 64)
+    exact = low.double()[pos] @ low.double().T
+    later = torch.arange(n, device=DEV)[None, :] >= pos[:, None]
+    sure = (exact >= 0.09 + 1e-3) & ~later
+    maybe = (exact >= 0.09 - 1e-3) & ~later
+    assert bool((count >= sure.sum(1)).all()) and bool((count <= maybe.sum(1)).all())
+    rows = torch.nonzero(count <= 64, as_tuple=True)[0]
+    for r in rows[:: max(1, len(rows) // 50)].tolist():
+        listed = cand[r, : int(count[r])]
+        assert bool((listed[1:] > listed[:-1]).all()) and bool(maybe[r, listed].all())
+        assert bool(sure[r].nonzero()[:, 0].isin(listed).all())
+    copies = torch.nonzero(pos >= 4000, as_tuple=True)[0]
+    assert bool((cand[copies] == 17).any(1).all())  # the original, for every copy

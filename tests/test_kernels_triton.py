@@ -558,3 +558,21 @@ def test_assign_earlier_matches_the_reference_over_the_lower_triangle(dtype):
         ids, dist, sec = TD.assign_earlier_triton(low, with_second=True, split_cols=split_cols)
         assert torch.equal(ids, got.ids) and torch.equal(dist, got.distance)
         assert torch.equal(sec, got.second)
+
+
+def test_earlier_above_lists_the_reference_candidates_in_column_order():
+    """Gathered rows, per-row thresholds, copies over several tiles: the reference's
+    counts and first `cap` columns, ascending, -1 after them; cap < 1 is refused."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(90, 24, generator=g), dim=1)
+    x[60:64] = x[5]
+    pos = torch.tensor([0, 3, 10, 17, 40, 60, 61, 62, 63, 70, 89])
+    thr = torch.full((len(pos),), 0.3)
+    thr[5:9] = 0.99
+    for cap in (1, 3, 8):
+        want = K.TorchAssigner().earlier_above(x, pos, thr, cap)
+        got = K.TritonAssigner().earlier_above(x, pos, thr, cap)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0][0] == 0 and got[1][8].tolist()[:4] == [5, 60, 61, 62]
+    with pytest.raises(ValueError, match="cap"):
+        K.TritonAssigner().earlier_above(x, pos, thr, 0)

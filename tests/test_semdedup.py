@@ -455,10 +455,14 @@ def test_the_kernel_searchs_second_pass_in_chunks_and_its_timing(monkeypatch):
     rng = np.random.default_rng(6)
     x = np.repeat(rng.normal(size=(30, 12)).astype(np.float32), 3, axis=0)
     ids, keys = rng.permutation(len(x)).astype(np.int64), rng.normal(size=len(x))
-    monkeypatch.setattr(SK, "_FALLBACK_ELEMENTS", 100)  # a few rows per second-pass GEMM
+    monkeypatch.setattr(SK, "_FALLBACK_ELEMENTS", 100)  # a few rows per dense GEMM
     monkeypatch.setattr(SK, "_PAIR_ELEMENTS", 24)  # two pairs per canonical_dot call
-    want, got, _ = _both_searches(x, ids, keys, device, block_rows=32)
-    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    for listed, dense in ((64, False), (1, True)):  # 1: every uncertain row has more
+        monkeypatch.setattr(SK, "_CANDIDATES", listed)
+        want, got, stats = _both_searches(x, ids, keys, device, block_rows=32)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        assert stats["uncertain_rows"] > 0
+        assert stats["dense_rows"] == (stats["uncertain_rows"] if dense else 0)
     stats = {"timing": True}
     t = torch.as_tensor(x, device=device)
     node_max_similarity(t, ids, keys, block_rows=32, kernels=True, stats=stats)

@@ -16,13 +16,14 @@ the canonical one (`semdedup`'s module doc):
   unique maximum and (c, its id) is what `earlier_max_similarity` stores; no tie can occur.
 
 The other rows ("uncertain": exact copies, near-ties, a wide tolerance) are settled by a
-second pass: a low-precision GEMM of those rows against the earlier rows, every pair whose
-score can reach c (>= c - tol - 2^-19, tol that GEMM's `similarity_tolerance`) recomputed
-canonically and merged as `semdedup` does (the larger value, then the smaller id). So the
-stored (max_sim, earlier_id) are bit-identical to `earlier_max_similarity`'s for every
-row and compute dtype. The pass costs a dense GEMM per uncertain row: 12-17% of the rows
-at fp16 and dim 1024 on benchmarks/bench_dedup.py's node, 60-77% at bf16 (8x coarser
-rounding), so prefer float16 (the same tensor-core rate).
+second launch over those rows only (`Assigner.earlier_above`): it lists every earlier
+column whose score can reach c (>= c - the row's bound - 2^-19); those pairs are
+recomputed canonically and merged as `semdedup` does (the larger value, then the smaller
+id). A row with more than `_CANDIDATES` such columns goes through a dense low-precision
+GEMM instead (`similarity_tolerance`'s window). So the stored (max_sim, earlier_id) are
+bit-identical to `earlier_max_similarity`'s for every row and compute dtype. 11-12% of
+the rows are uncertain at fp16 and dim 1024 on benchmarks/bench_dedup.py's node, 50-58%
+at bf16 (8x coarser rounding), so prefer float16 (the same tensor-core rate).
 
 Assumptions, those of `similarity_tolerance`: 16-bit products are exact in float32 and the
 float32 accumulation errs by at most 1.2 * dim * 2^-24 of sum |x_k y_k|. float32 inputs
@@ -46,7 +47,8 @@ from mdf_taxonomy.kernels import make_assigner, triton_available
 __all__ = ["assigner_max_similarity", "kernel_available", "kernel_tolerance", "row_tolerances"]
 
 _STEP = 2.0**-20  # canonical vs exact and float32 roundings (semdedup._SLACK)
-_FALLBACK_ELEMENTS = 1 << 26  # scores per second-pass GEMM chunk
+_CANDIDATES = 64  # earlier columns the kernel lists per uncertain row
+_FALLBACK_ELEMENTS = 1 << 26  # scores per GEMM chunk of the rows with more
 _PAIR_ELEMENTS = 1 << 26  # values of the candidate pairs' rows gathered at once
 
 
@@ -109,40 +111,70 @@ def _first_pass(unit, low, tol, assigner, clock):
     return val, col, certain
 
 
-def _second_pass(unit, low, rows, lower, tol, val, eid, ids_t, stats):
-    """Settle `rows` (sorted positions) exactly: every pair within reach of `lower` (a
-    canonical value each row attains) recomputed canonically, merged by (value, -id)."""
+def _merge_pairs(unit, pos, local, cols, ids_t, best_val, best_id, stats) -> None:
+    """Recompute the pairs (row at sorted position pos[local], column) canonically and fold
+    them into the rows' running best (`best_*`, indexed by `local`)."""
     from mdf_taxonomy.curation.semdedup_exact import _merge, canonical_dot
 
-    best_val = torch.full((rows.numel(),), -math.inf, dtype=torch.float32, device=unit.device)
-    best_id = torch.full((rows.numel(),), -1, dtype=torch.int64, device=unit.device)
+    stats["rechecked_pairs"] += int(local.numel())
+    step = max(1, _PAIR_ELEMENTS // unit.shape[1])
+    for k in range(0, local.numel(), step):
+        qr, qc = local[k : k + step], cols[k : k + step]
+        exact = canonical_dot(unit.index_select(0, pos[qr]), unit.index_select(0, qc))
+        _merge(best_val, best_id, qr, exact.float(), ids_t[qc])
+
+
+def _second_pass(unit, low, rows, lower, tk, assigner, dtype, val, eid, ids_t, stats):
+    """Settle `rows` (sorted positions) exactly: every pair within reach of `lower` (a
+    canonical value each row attains) recomputed canonically, merged by (value, -id).
+
+    The kernel (`Assigner.earlier_above`) lists each row's earlier columns whose score is
+    >= lower - the row's tolerance - 2^-19, the first `_CANDIDATES`; a row with more (many
+    copies, bf16's wide bound) goes through a dense low-precision GEMM instead."""
+    from mdf_taxonomy.curation.semdedup_exact import similarity_tolerance
+
+    dev = unit.device
+    best_val = torch.full((rows.numel(),), -math.inf, dtype=torch.float32, device=dev)
+    best_id = torch.full((rows.numel(),), -1, dtype=torch.int64, device=dev)
+    thr = (lower.double() - tk[rows] - 2 * _STEP).clamp(min=-2.0)
+    thr32 = thr.float()  # rounded down, so that no score at the threshold is lost
+    thr32 = torch.where(thr32.double() > thr, torch.nextafter(thr32, thr32 - 1), thr32)
+    counts, cand = assigner.earlier_above(low, rows, thr32, _CANDIDATES)
+    listed = counts <= _CANDIDATES
+    local, slot = torch.nonzero((cand >= 0) & listed[:, None], as_tuple=True)
+    _merge_pairs(unit, rows, local, cand[local, slot], ids_t, best_val, best_id, stats)
+    over = torch.nonzero(~listed, as_tuple=True)[0]
+    stats["dense_rows"] += int(over.numel())
+    if over.numel():
+        tol = similarity_tolerance(dtype, unit.shape[1])
+        _dense_pass(unit, low, rows, over, lower, tol, ids_t, best_val, best_id, stats)
+    val[rows] = best_val
+    eid[rows] = best_id
+
+
+def _dense_pass(unit, low, rows, over, lower, tol, ids_t, best_val, best_id, stats):
+    """The rows `rows[over]` against all their earlier rows by low-precision GEMMs in
+    chunks, every pair within reach of `lower` recomputed (`_merge_pairs`)."""
     thr = (lower.double() - tol - 2 * _STEP).clamp(min=-2.0)
-    rows_np = rows.cpu().numpy()
+    over_np = rows[over].cpu().numpy()
     i = 0
-    while i < len(rows_np):
-        end = int(rows_np[i])  # the columns before the chunk's last row
-        m = max(1, _FALLBACK_ELEMENTS // max(1, end))
-        j = min(i + m, len(rows_np))
-        end, start = int(rows_np[j - 1]), int(rows_np[i])
-        r = rows[i:j]
+    while i < len(over_np):
+        m = max(1, _FALLBACK_ELEMENTS // max(1, int(over_np[i])))
+        j = min(i + m, len(over_np))
+        end, start = int(over_np[j - 1]), int(over_np[i])  # columns before the last row
+        idx = over[i:j]
+        r = rows[idx]
         s = low.index_select(0, r) @ low[:end].T
         # in the scores' dtype: rounding to nearest never passes a value of that dtype,
         # so a score >= the threshold is >= its rounding: no candidate is lost
-        keep = s >= thr[i:j, None].to(s.dtype)
+        keep = s >= thr[idx, None].to(s.dtype)
         del s
         cols = torch.arange(start, end, device=unit.device)  # before `start`: all earlier
         keep[:, start:] &= cols[None, :] < r[:, None]
         pr, pc = torch.nonzero(keep, as_tuple=True)
         del keep
-        stats["rechecked_pairs"] += int(pr.numel())
-        step = max(1, _PAIR_ELEMENTS // unit.shape[1])
-        for k in range(0, pr.numel(), step):
-            qr, qc = pr[k : k + step], pc[k : k + step]
-            exact = canonical_dot(unit.index_select(0, r[qr]), unit.index_select(0, qc))
-            _merge(best_val, best_id, qr + i, exact.float(), ids_t[qc])
+        _merge_pairs(unit, rows, idx[pr], pc, ids_t, best_val, best_id, stats)
         i = j
-    val[rows] = best_val
-    eid[rows] = best_id
 
 
 def assigner_max_similarity(
@@ -159,7 +191,8 @@ def assigner_max_similarity(
     and -1 for the first row. The same bits as `earlier_max_similarity` (module doc).
 
     `assigner`: an exact `Assigner` (default: the Triton one). `stats`, if given, gets
-    counts: kernel calls, uncertain rows, pairs recomputed in the second pass; with
+    counts: kernel calls, uncertain rows, rows settled by the dense GEMM (dense_rows),
+    pairs recomputed in the second pass; with
     stats["timing"] true, also seconds per phase (tolerances, kernel, canonical,
     second_pass; the device synchronised around each).
     """
@@ -169,14 +202,13 @@ def assigner_max_similarity(
         Clock,
         _exact_matmul,
         _low,
-        similarity_tolerance,
     )
 
     dtype = DTYPES.get(compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     if dtype not in _UNIT_ROUNDOFF:
         raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got {compute_dtype!r}")
     stats = stats if stats is not None else {}
-    for key in ("kernel_calls", "uncertain_rows", "rechecked_pairs"):
+    for key in ("kernel_calls", "uncertain_rows", "dense_rows", "rechecked_pairs"):
         stats.setdefault(key, 0)
     n, dim = unit.shape
     dev = unit.device
@@ -197,7 +229,7 @@ def assigner_max_similarity(
         rows = torch.nonzero(~certain, as_tuple=True)[0]
         stats["uncertain_rows"] += int(rows.numel())
         if rows.numel():
-            tol = similarity_tolerance(dtype, dim)
             with clock("second_pass"):
-                _second_pass(unit, low, rows, val[rows], tol, val, eid, ids_t, stats)
+                lower = val[rows]
+                _second_pass(unit, low, rows, lower, tol, assigner, dtype, val, eid, ids_t, stats)
     return val, eid

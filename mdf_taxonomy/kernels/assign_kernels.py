@@ -555,3 +555,91 @@ def launch_assign_earlier(
         num_warps=conf["num_warps"],
         num_stages=conf["num_stages"],
     )
+
+
+@triton.jit
+def _earlier_above_kernel(
+    x_ptr,
+    pos_ptr,
+    thr_ptr,
+    cand_ptr,
+    count_ptr,
+    M,
+    stride_x,
+    D: tl.constexpr,
+    IS_FP32: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    CAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """For the rows at ascending positions pos (of x's rows), the columns j < pos whose
+    score x_pos.x_j >= thr: the first CAP in column order (no atomics: a prefix sum per
+    tile gives each hit its slot, so the output is deterministic) and how many there are."""
+    block = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest blocks first
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    g = block * BLOCK_M + offs_m
+    g_mask = g < M
+    g = tl.minimum(g, M - 1)
+    rows = tl.load(pos_ptr + g)
+    thr = tl.load(thr_ptr + g)
+    x_rows = x_ptr + rows[:, None] * stride_x
+    end = tl.load(pos_ptr + tl.minimum(block * BLOCK_M + BLOCK_M, M) - 1)  # the block's last
+    count = tl.zeros((BLOCK_M,), tl.int32)
+    out = cand_ptr + g.to(tl.int64)[:, None] * CAP
+    for c0 in range(0, end, BLOCK_N):
+        acc = _tile_dot(
+            x_rows,
+            x_ptr,
+            x_ptr,
+            x_ptr,
+            0,
+            c0,
+            end,
+            offs_n,
+            offs_k,
+            stride_x,
+            D,
+            EVEN_D,
+            IS_FP32,
+            False,
+            False,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        cols = c0 + offs_n
+        hit = ((acc >= thr[:, None]) & (cols[None, :] < rows[:, None])).to(tl.int32)
+        if tl.max(tl.max(hit, axis=1), axis=0) > 0:  # rare: most tiles hold no candidate
+            slot = count[:, None] + tl.cumsum(hit, axis=1) - 1
+            keep = (hit > 0) & (slot < CAP) & g_mask[:, None]
+            tl.store(out + slot, cols[None, :].to(tl.int64) + 0 * slot, mask=keep)
+            count += tl.sum(hit, axis=1)
+    tl.store(count_ptr + g, count, mask=g_mask)
+
+
+def launch_earlier_above(x: torch.Tensor, pos, thr, cand, count, conf: dict) -> None:
+    """One ``_earlier_above_kernel`` launch over the gathered rows ``pos``."""
+    m, d = pos.shape[0], x.shape[1]
+    bm, bn, bk = conf["BLOCK_M"], conf["BLOCK_N"], conf["BLOCK_K"]
+    _earlier_above_kernel[(triton.cdiv(m, bm),)](
+        x,
+        pos,
+        thr,
+        cand,
+        count,
+        m,
+        x.stride(0),
+        d,
+        IS_FP32=x.dtype == torch.float32,
+        EVEN_D=d % bk == 0,
+        CAP=cand.shape[1],
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=conf["num_warps"],
+        num_stages=conf["num_stages"],
+    )

@@ -21,6 +21,7 @@ from .launch import KernelTuning
 from .reference import (
     assign_earlier_torch,
     assign_torch,
+    earlier_above_torch,
     grouped_assign_torch,
     partial_sums_torch,
 )
@@ -129,6 +130,15 @@ class Assigner(abc.ABC):
         triangle only, never the N x N matrix. Row 0 has none: id -1, distance +inf."""
         raise NotImplementedError(f"{type(self).__name__} has no assign_earlier")
 
+    def earlier_above(
+        self, x: torch.Tensor, positions: torch.Tensor, thresholds: torch.Tensor, cap: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the rows of ``x`` at ascending ``positions``, the earlier rows j < position
+        whose score ``<x_p, x_j>`` is >= the row's threshold: (counts (M,) int64, the first
+        ``cap`` such j per row in ascending order, -1 after them (M, cap) int64). The
+        candidates SemDeDup's exact recheck needs, without the rows x N score matrix."""
+        raise NotImplementedError(f"{type(self).__name__} has no earlier_above")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -157,6 +167,15 @@ class TorchAssigner(Assigner):
 
     def assign_earlier(self, x, *, with_second=False):
         return Assignment(*assign_earlier_torch(x, with_second=with_second))
+
+    def earlier_above(self, x, positions, thresholds, cap):
+        return earlier_above_torch(x, positions, thresholds, _check_cap(cap))
+
+
+def _check_cap(cap: int) -> int:
+    if not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be an int >= 1, got {cap!r}")
+    return cap
 
 
 def _dispatch():
@@ -226,6 +245,12 @@ class TritonAssigner(Assigner):
             *_dispatch().assign_earlier_triton(x, with_second=with_second, tuning=self.tuning)
         )
 
+    def earlier_above(self, x, positions, thresholds, cap):
+        self._ready(x)
+        return _dispatch().earlier_above_triton(
+            x, positions, thresholds, _check_cap(cap), tuning=self.tuning
+        )
+
     def __repr__(self) -> str:
         return f"TritonAssigner(tuning={self.tuning!r})"
 
@@ -260,6 +285,9 @@ class DelegatingAssigner(Assigner):
 
     def assign_earlier(self, x, *, with_second=False):
         return self._for(x).assign_earlier(x, with_second=with_second)
+
+    def earlier_above(self, x, positions, thresholds, cap):
+        return self._for(x).earlier_above(x, positions, thresholds, cap)
 
 
 class AutoAssigner(DelegatingAssigner):

@@ -17,7 +17,12 @@ import weakref
 import torch
 import triton
 
-from .assign_kernels import INTERPRET, launch_assign, launch_assign_earlier
+from .assign_kernels import (
+    INTERPRET,
+    launch_assign,
+    launch_assign_earlier,
+    launch_earlier_above,
+)
 from .launch import DEFAULT_TUNING, KernelTuning, n_sms, use_ws
 from .metrics import check_metric, finish_distance
 
@@ -332,6 +337,27 @@ def assign_earlier_triton(
     sec = torch.minimum(psec.gather(0, arg[None])[0], others)
     dist = finish_distance(b, None, "cosine")
     return ids, dist, finish_distance(sec, None, "cosine") if with_second else None
+
+
+def earlier_above_triton(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    thresholds: torch.Tensor,
+    cap: int,
+    *,
+    tuning: KernelTuning | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Assigner.earlier_above`` in one fused launch: (counts, candidates)."""
+    x = kernel_input(x)
+    m = positions.shape[0]
+    count = torch.zeros(m, dtype=torch.int32, device=x.device)
+    cand = torch.full((m, cap), -1, dtype=torch.int64, device=x.device)
+    if m and cap:
+        conf = (tuning or DEFAULT_TUNING).assign_config(x.dtype, x.shape[1], x.shape[0], x.device)
+        pos = positions.to(device=x.device, dtype=torch.int64).contiguous()
+        thr = thresholds.to(device=x.device, dtype=torch.float32).contiguous()
+        launch_earlier_above(x, pos, thr, cand, count, conf)
+    return count.long(), cand
 
 
 def work_items(keys: torch.Tensor, n_keys: int, block: int):
