@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from mdf_taxonomy import kernels as K  # noqa: E402
 from mdf_taxonomy.curation import semdedup as SD  # noqa: E402, N812
-from mdf_taxonomy.kernels import triton_dispatch as TD  # noqa: E402
+from mdf_taxonomy.kernels import earlier_kernels as EK  # noqa: E402
 
 PEAK = 989e12
 CONFIGS = {  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
@@ -60,7 +60,7 @@ def main() -> None:
                 try:
 
                     def run(x=x, tuning=tuning, split=split):
-                        return TD.assign_earlier_triton(
+                        return EK.assign_earlier_triton(
                             x, with_second=True, tuning=tuning, split_cols=split
                         )
 

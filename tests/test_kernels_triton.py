@@ -26,6 +26,7 @@ if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("needs TRITON_INTERPRET=1", allow_module_level=True)
 
 from mdf_taxonomy.kernels import assign_kernels as AK  # noqa: E402
+from mdf_taxonomy.kernels import earlier_kernels as EK  # noqa: E402
 from mdf_taxonomy.kernels import fp8_shortlist as F8  # noqa: E402
 from mdf_taxonomy.kernels import launch as L  # noqa: E402
 from mdf_taxonomy.kernels import triton_dispatch as TD  # noqa: E402
@@ -555,7 +556,7 @@ def test_assign_earlier_matches_the_reference_over_the_lower_triangle(dtype):
     assert torch.equal(want.ids[1:], brute[1:].argmax(1))
     assert K.AutoAssigner().assign_earlier(low.float()).second is None
     for split_cols in (16, 48, 1000):  # column ranges per program, merged: the same bits
-        ids, dist, sec = TD.assign_earlier_triton(low, with_second=True, split_cols=split_cols)
+        ids, dist, sec = EK.assign_earlier_triton(low, with_second=True, split_cols=split_cols)
         assert torch.equal(ids, got.ids) and torch.equal(dist, got.distance)
         assert torch.equal(sec, got.second)
 

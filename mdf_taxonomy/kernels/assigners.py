@@ -17,14 +17,9 @@ from typing import NamedTuple
 
 import torch
 
+from .earlier_reference import assign_earlier_torch, earlier_above_torch
 from .launch import KernelTuning
-from .reference import (
-    assign_earlier_torch,
-    assign_torch,
-    earlier_above_torch,
-    grouped_assign_torch,
-    partial_sums_torch,
-)
+from .reference import assign_torch, grouped_assign_torch, partial_sums_torch
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
@@ -184,6 +179,12 @@ def _dispatch():
     return triton_dispatch
 
 
+def _earlier_kernels():
+    from . import earlier_kernels
+
+    return earlier_kernels
+
+
 def _partial_sums_triton():
     from . import triton_partial_sums
 
@@ -241,13 +242,14 @@ class TritonAssigner(Assigner):
 
     def assign_earlier(self, x, *, with_second=False):
         self._ready(x)
+        kernels = _earlier_kernels()
         return Assignment(
-            *_dispatch().assign_earlier_triton(x, with_second=with_second, tuning=self.tuning)
+            *kernels.assign_earlier_triton(x, with_second=with_second, tuning=self.tuning)
         )
 
     def earlier_above(self, x, positions, thresholds, cap):
         self._ready(x)
-        return _dispatch().earlier_above_triton(
+        return _earlier_kernels().earlier_above_triton(
             x, positions, thresholds, _check_cap(cap), tuning=self.tuning
         )
 

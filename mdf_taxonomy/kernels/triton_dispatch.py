@@ -17,12 +17,7 @@ import weakref
 import torch
 import triton
 
-from .assign_kernels import (
-    INTERPRET,
-    launch_assign,
-    launch_assign_earlier,
-    launch_earlier_above,
-)
+from .assign_kernels import INTERPRET, launch_assign
 from .launch import DEFAULT_TUNING, KernelTuning, n_sms, use_ws
 from .metrics import check_metric, finish_distance
 
@@ -291,73 +286,6 @@ def assign_triton(
     return _assign_prepared(
         x, c, cn, metric, with_second, x_sqnorm=x_sqnorm, tuning=tuning or DEFAULT_TUNING
     )
-
-
-def assign_earlier_triton(
-    x: torch.Tensor,
-    *,
-    with_second: bool = False,
-    tuning: KernelTuning | None = None,
-    split_cols: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Each row's nearest earlier row (cosine; ``Assigner.assign_earlier``), one fused
-    launch over the lower triangle: (ids, dist, second or None).
-
-    A node too small to fill the GPU with row blocks also splits the columns into ranges
-    of ``split_cols`` (default: what gives ~2 programs per multiprocessor), merged by the
-    exact top-2 merge (lowest id on ties), so the split never changes a bit.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"bad shape x={tuple(x.shape)}")
-    x = kernel_input(x)
-    n, d = x.shape
-    ids, dist, sec = empty_out(n, x.device, True, filled=True)
-    if n < 2:
-        return ids, dist, sec if with_second else None
-    conf = (tuning or DEFAULT_TUNING).assign_config(x.dtype, d, n, x.device)
-    bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
-    row_blocks = triton.cdiv(n, bm)
-    sms = n_sms(x.device)
-    if split_cols is None:  # ~8 programs per SM, about half of them below the diagonal
-        split_cols = (
-            n if row_blocks >= 2 * sms else triton.cdiv(n, triton.cdiv(8 * sms, row_blocks))
-        )
-    split_cols = triton.cdiv(max(1, split_cols), bn) * bn  # whole column tiles
-    splits = triton.cdiv(n, split_cols)
-    if splits == 1:
-        launch_assign_earlier(x, ids, dist, sec, conf)
-        return ids, dist, sec if with_second else None
-    pids = torch.full((splits, n), -1, dtype=torch.int64, device=x.device)
-    pbest = torch.full((splits, n), float("inf"), dtype=torch.float32, device=x.device)
-    psec = torch.full_like(pbest, float("inf"))
-    launch_assign_earlier(x, pids, pbest, psec, conf, splits, split_cols)
-    b, arg = pbest.min(dim=0)  # the lowest split (the lowest ids) on ties
-    ids = pids.gather(0, arg[None])[0]
-    others = pbest.scatter(0, arg[None], float("inf")).min(dim=0).values
-    sec = torch.minimum(psec.gather(0, arg[None])[0], others)
-    dist = finish_distance(b, None, "cosine")
-    return ids, dist, finish_distance(sec, None, "cosine") if with_second else None
-
-
-def earlier_above_triton(
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    thresholds: torch.Tensor,
-    cap: int,
-    *,
-    tuning: KernelTuning | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Assigner.earlier_above`` in one fused launch: (counts, candidates)."""
-    x = kernel_input(x)
-    m = positions.shape[0]
-    count = torch.zeros(m, dtype=torch.int32, device=x.device)
-    cand = torch.full((m, cap), -1, dtype=torch.int64, device=x.device)
-    if m and cap:
-        conf = (tuning or DEFAULT_TUNING).assign_config(x.dtype, x.shape[1], x.shape[0], x.device)
-        pos = positions.to(device=x.device, dtype=torch.int64).contiguous()
-        thr = thresholds.to(device=x.device, dtype=torch.float32).contiguous()
-        launch_earlier_above(x, pos, thr, cand, count, conf)
-    return count.long(), cand
 
 
 def work_items(keys: torch.Tensor, n_keys: int, block: int):
