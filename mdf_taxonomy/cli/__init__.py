@@ -140,7 +140,9 @@ def _report(summary: dict[str, Any], result: dict[str, Any], config: Any) -> Non
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit (or resume) through TaxonomyEngine, as the Python API does."""
     engine = _engine(args)
-    tax = engine.fit(args.input, output=args.output, overwrite=args.overwrite)
+    tax = engine.fit(
+        args.input, output=args.output, overwrite=args.overwrite, warm_start=args.warm_start
+    )
     fit = engine.last_summary["fit"]
     print(
         f"taxonomy artifact: {args.storage_uri} (snapshot {tax.version}, "
@@ -150,6 +152,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"fit: {fit['passes_run']} pass(es) run, rows seen {fit['rows_seen']}, "
         f"fitted {fit['rows_fitted']}, rejected {fit['rejected'] or 0}, {fit['seconds']:.1f}s"
     )
+    for lv in fit.get("id_changes", {}).get("levels", []):
+        print(
+            f"level {lv['level']} ids: {lv['kept']} kept, {lv['born']} born, {lv['retired']} "
+            f"retired, {len(lv['drifted'])} drifted, centroid shift max {lv['shift_max']:.4g}"
+        )
     _print_labelling(engine.last_summary)
     if args.output:
         print(f"labelled records: {args.output}")
@@ -181,6 +188,18 @@ def _print_skipped(skipped: list[dict[str, Any]] | None) -> None:
     """Input items skipped under on_bad_file=skip: never silent."""
     for entry in skipped or []:
         print(f"skipped input: {entry['item']} ({entry['rows']} rows): {entry['reason']}")
+
+
+def _add_warm_start_flag(sp: argparse.ArgumentParser) -> None:
+    """--warm-start (TaxonomyEngine.fit's warm_start; the engine is not imported here, so
+    that building the parser stays cheap)."""
+    sp.add_argument(
+        "--warm-start",
+        default=None,
+        metavar="STORAGE_URI",
+        help="refit from this fitted tree, keeping its node ids (TaxonomyEngine.fit's "
+        "warm_start; default: none, a cold fit)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.set_defaults(func=func)
         add_curation_flags(sp, name)
+        if name == "fit":
+            _add_warm_start_flag(sp)
     add_report_parser(sub)
     return p
 

@@ -23,6 +23,11 @@ CLI_FIT_PARAMETERS = (
     "tol",
     "sample_per_child",
     "init_iters",
+    "max_node_size",
+    "min_node_size",
+    "centroid_search",
+    "coarse_min_children",
+    "coarse_probe",
     "embedding_field",
 )
 CLI_RUN_PARAMETERS = (

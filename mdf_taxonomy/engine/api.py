@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 
@@ -16,13 +15,13 @@ from mdf_taxonomy.curation.sampling_passes import sample_parquet
 from mdf_taxonomy.curation.semdedup_parquet import dedup_parquet
 from mdf_taxonomy.engine.fit_driver import PipelineFit
 from mdf_taxonomy.engine.plan import pinned
-from mdf_taxonomy.engine.running import label_summary, record_run
+from mdf_taxonomy.engine.running import label_summary, paths_in_memory, record_run
 from mdf_taxonomy.engine.staging import StagedOutput, staged_run
 from mdf_taxonomy.kernels import make_assigner
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
 from mdf_taxonomy.model.config import RunConfig, document_table_parameters
+from mdf_taxonomy.model.warm_start import id_changes
 from mdf_taxonomy.passes.parquet_input import ParquetInput
-from mdf_taxonomy.passes.records import parse_arrow
 
 #: The parameters the engine takes by keyword, besides its own: the fit and run tables'.
 FIT_PARAMETERS = frozenset(TaxonomyConfig.__dataclass_fields__) - {"extra"}
@@ -217,9 +216,19 @@ class TaxonomyEngine:
         output: str | None = None,
         filter: Any = None,
         overwrite: bool = False,
+        warm_start: Taxonomy | str | None = None,
     ) -> Taxonomy:  # noqa: A002
         """Fit (or resume) the taxonomy on `input`; write labelled records to `output`
-        (refused if it holds data, unless `overwrite`)."""
+        (refused if it holds data, unless `overwrite`).
+
+        Parameters
+        ----------
+        warm_start : Taxonomy, str or None, default=None
+            A finished tree, or the storage URI of one (its latest snapshot), to refit from
+            so that its nodes keep their ids; the summary's fit.id_changes says what was
+            kept and born (model/warm_start.py has the rules). None: a cold fit.
+        """
+        warm = None if warm_start is None else self._tree(warm_start, "warm_start")
         extra = {"filter": filter} if filter is not None else {}
         staged = (
             StagedOutput(output, self.storage_options, overwrite) if output is not None else None
@@ -231,6 +240,7 @@ class TaxonomyEngine:
             max_pass_retries=self.max_pass_retries,
             columnar=self.columnar,
             cache_bytes=self.cache_bytes,
+            warm_start=warm,
         )
         self.last_fit = run
         tax = run.run()
@@ -239,6 +249,8 @@ class TaxonomyEngine:
             "runtime": _mdf.MDF_FLAVOUR,
             "fit": run.summary,
         }
+        if warm is not None:
+            summary["fit"]["id_changes"] = id_changes(warm, tax).as_dict()
         if output is not None:
             summary["label"] = self._label(input, output, tax, staged, extra)
         summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
@@ -323,6 +335,34 @@ class TaxonomyEngine:
         """The latest snapshot in the store."""
         return TaxonomyStore(self.storage_uri, self.storage_options).load()
 
+    def _tree(self, tree: Taxonomy | str, name: str) -> Taxonomy:
+        """A tree given as itself or by its storage URI (latest snapshot), other than ours."""
+        if isinstance(tree, Taxonomy):
+            return tree
+        if not isinstance(tree, str):
+            raise TypeError(f"{name}: a Taxonomy or a storage URI, not {type(tree).__name__}")
+        if tree.rstrip("/") == self.storage_uri.rstrip("/"):
+            raise ValueError(
+                f"{name}={tree!r} is this engine's own storage_uri (fit anew elsewhere)"
+            )
+        return TaxonomyStore(tree, self.storage_options).load()
+
+    def compare(
+        self,
+        input: str | list[str],  # noqa: A002
+        old: Taxonomy | str,
+        new: Taxonomy | str | None = None,
+    ) -> dict[str, Any]:
+        """What moved from `old` to `new` (a tree or storage URI; None: this engine's
+        stored tree): per level, nodes kept, born, retired and drifted, centroid shifts,
+        and the `input` rows whose path changed, each row labelled by both trees in one
+        read in this process (model.warm_start.id_changes). The report, as a dict."""
+        old_tax = self._tree(old, "old")
+        new_tax = self.load() if new is None else self._tree(new, "new")
+        report = id_changes(old_tax, new_tax, *self._paths(input, [old_tax, new_tax]))
+        self.last_summary = {"command": "compare", **report.as_dict()}
+        return report.as_dict()
+
     def predict(
         self,
         input: str | list[str] | np.ndarray | torch.Tensor,
@@ -347,19 +387,12 @@ class TaxonomyEngine:
                 "label": label,
             }
             return output
+        return self._paths(input, [tax])[0]
+
+    def _paths(self, input: str | list[str], trees: list[Taxonomy]) -> list[np.ndarray]:  # noqa: A002
+        """Each tree's paths of the `input` rows, read once in this process."""
         source = ParquetInput(**self._loader_params(input))
-        items = source.get_file_list()  # lists the files, and finds the field if unnamed
-        field = source.embedding_field
-        assigner = make_assigner(self.kernel_backend)
-        out = []
-        for _, batches in source.read_items(items):
-            column = pa.Table.from_batches(batches).column(field)
-            parsed = parse_arrow(column, field, tax.dim, metric=tax.config.metric)
-            paths = np.full((len(column), tax.n_levels), -1, dtype=np.int32)
-            if len(parsed.valid):
-                paths[parsed.valid] = tax.assign_paths(parsed.x, assigner=assigner)[0]
-            out.append(paths)
-        return np.concatenate(out) if out else np.zeros((0, tax.n_levels), np.int32)
+        return paths_in_memory(source, trees, make_assigner(self.kernel_backend))
 
 
 document_table_parameters(TaxonomyEngine, extra=FIT_PARAMETERS | RUN_PARAMETERS)

@@ -36,6 +36,7 @@ from mdf_taxonomy.engine.plan import columnar_plan, create_loader, fit_operators
 from mdf_taxonomy.engine.running import _progress, _say, ensure_ray
 from mdf_taxonomy.engine.totals import PassRecord, PassTotals
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig, TaxonomyStore
+from mdf_taxonomy.model.balance import level_balance
 from mdf_taxonomy.model.fitting import (
     LloydResult,
     SampleResult,
@@ -44,6 +45,7 @@ from mdf_taxonomy.model.fitting import (
     start_level,
 )
 from mdf_taxonomy.model.phase import Phase
+from mdf_taxonomy.model.warm_start import check_warm_start, identity, needs_sample, warm_children
 from mdf_taxonomy.operators import KMeansLevelRefiner
 from mdf_taxonomy.passes.columnar import WorkerPool
 
@@ -61,7 +63,9 @@ class PipelineFit:
         on_pass: Callable[[Taxonomy], None] | None = None,
         columnar: bool = True,
         cache_bytes: int | None = None,
+        warm_start: Taxonomy | None = None,
     ):
+        """`warm_start`: a finished tree whose ids this fit keeps (model/warm_start.py)."""
         ops = fit_operators(config)
         if len(ops) != 1:
             raise ValueError(
@@ -89,6 +93,7 @@ class PipelineFit:
         self.account: InputAccount
         self.plan = columnar_plan(config, "KMeansLevelRefiner", cache_bytes) if columnar else None
         self.pool: WorkerPool | None = None  # the columnar workers, kept across passes
+        self.warm_start = warm_start
 
     @property
     def pass_log(self) -> list[dict[str, Any]]:
@@ -122,6 +127,9 @@ class PipelineFit:
             "storage_uri": self.storage_uri,
             "snapshot": tax.version,
             "nodes_per_level": [lv.n_nodes for lv in tax.levels],
+            "balance_per_level": [
+                None if lv.sizes is None else level_balance(lv.sizes) for lv in tax.levels
+            ],
             "passes_run": len(self.passes),
             "resumed": self.resumed,
             "rows_seen": last.rows if last else None,
@@ -142,6 +150,8 @@ class PipelineFit:
             raise ValueError(f"the loader {self.config.data_loader.type} found no input")
         self.account = InputAccount(self.config, loader, items, report=self.plan is None)
         description = describe_input(loader, items, max_samples, self.config)
+        if self.warm_start is not None:  # part of the fit's identity: a resume must agree
+            description["warm_start"] = identity(self.warm_start)
         fingerprint = fingerprint_of(description)
         if self.store.latest_version() is not None:
             tax = self.store.load()
@@ -164,6 +174,8 @@ class PipelineFit:
                     f"fingerprint {tax.fingerprint[:12]} != {fingerprint[:12]}): use another "
                     "storage_uri, or the same input"
                 )
+            if self.warm_start is not None:
+                check_warm_start(self.warm_start, wanted, tax.dim)
             log.info(
                 "resuming fit at %s from snapshot %s (level %d, %s, iteration %d)",
                 self.storage_uri,
@@ -180,6 +192,8 @@ class PipelineFit:
         tax = Taxonomy(
             config=resolve_config(self.fit_config, dim), dim=dim, fingerprint=fingerprint
         )
+        if self.warm_start is not None:
+            check_warm_start(self.warm_start, tax.config, dim)
         self.store.save(tax)
         self._record_input(description)
         return tax
@@ -205,6 +219,14 @@ class PipelineFit:
         """One pass over the snapshot `tax`, re-run while it loses rows; the next snapshot."""
         st = tax.state
         n_nodes = 0 if st.phase == Phase.SAMPLE else tax.levels[st.level - 1].n_nodes
+        warm = self.warm_start
+        if st.phase == Phase.SAMPLE and warm is not None and not needs_sample(warm, tax):
+            nxt = start_level(tax, SampleResult({}, {}), warm_children(warm, tax, None))
+            self.store.save(nxt)
+            _say(f"L{st.level}: {nxt.levels[-1].n_nodes} nodes from the old tree", self.progress)
+            if self.on_pass is not None:
+                self.on_pass(nxt)
+            return nxt
         for attempt in range(self.max_pass_retries + 1):
             try:
                 result, totals = self._stream(tax, n_nodes)
@@ -223,8 +245,9 @@ class PipelineFit:
                 if attempt == self.max_pass_retries:
                     raise
         if st.phase == Phase.SAMPLE:
-            rows = result["parent_rows"]
-            nxt = start_level(tax, SampleResult(rows=rows, samples=result["samples"]))
+            sample = SampleResult(rows=result["parent_rows"], samples=result["samples"])
+            initial = warm_children(warm, tax, sample) if warm is not None else None
+            nxt = start_level(tax, sample, initial)
         else:
             nxt = finish_pass(
                 tax,
@@ -373,4 +396,7 @@ class PipelineFit:
             f"{sizes.min()}/{int(np.median(sizes))}/{sizes.max()}), {len(hist)} Lloyd passes, "
             f"inertia {hist[-1]['inertia'] if hist else float('nan'):.6g}, {seconds:.1f}s"
         )
+        if lv.sizes is not None:
+            b = level_balance(lv.sizes)
+            line += f"; rows per node gini {b['gini']:.3f}, max/median {b['max_over_median']}"
         _say(line, self.progress)

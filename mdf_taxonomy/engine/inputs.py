@@ -149,7 +149,7 @@ def fingerprint_of(description: dict[str, Any]) -> str:
 def input_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What differs between two input descriptions, in words (for a refused resume)."""
     said = []
-    for key in ("max_samples",):
+    for key in ("max_samples", "warm_start"):
         if old.get(key) != new.get(key):
             said.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
     if old.get("upstream") != new.get("upstream"):

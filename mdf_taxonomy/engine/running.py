@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 import fsspec
+import numpy as np
+import pyarrow as pa
 import ray
 
 from mdf_taxonomy import _mdf
@@ -24,6 +26,7 @@ from mdf_taxonomy.operators import TaxonomyPathRefiner
 from mdf_taxonomy.operators.registry import register
 from mdf_taxonomy.passes.columnar import WorkerPool
 from mdf_taxonomy.passes.parquet_input import ParquetInput
+from mdf_taxonomy.passes.records import parse_arrow
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,32 @@ def _run_once(config: Any, progress: bool, desc: str) -> dict[str, Any]:
         "labelling": label_counts(stats),
         "stats": stats,
     }
+
+
+def paths_in_memory(
+    source: ParquetInput, trees: list[Taxonomy], assigner: Any = None
+) -> list[np.ndarray]:
+    """Each tree's (N, levels) int32 paths of the rows of `source`, read once in this
+    process (-1 rows for records with a rejected embedding); the trees must agree on dim
+    and metric, which decide how rows are parsed."""
+    tax = trees[0]
+    if any((t.dim, t.config.metric) != (tax.dim, tax.config.metric) for t in trees):
+        raise ValueError("the trees differ in dim or metric: their rows cannot be read once")
+    items = source.get_file_list()  # lists the files, and finds the field if unnamed
+    field = source.embedding_field
+    out: list[list[np.ndarray]] = [[] for _ in trees]
+    for _, batches in source.read_items(items):
+        column = pa.Table.from_batches(batches).column(field)
+        parsed = parse_arrow(column, field, tax.dim, metric=tax.config.metric)
+        for t, got in zip(trees, out, strict=True):
+            paths = np.full((len(column), t.n_levels), -1, dtype=np.int32)
+            if len(parsed.valid):
+                paths[parsed.valid] = t.assign_paths(parsed.x, assigner=assigner)[0]
+            got.append(paths)
+    return [
+        np.concatenate(got) if got else np.zeros((0, t.n_levels), np.int32)
+        for t, got in zip(trees, out, strict=True)
+    ]
 
 
 def label_summary(result: dict[str, Any]) -> dict[str, Any]:

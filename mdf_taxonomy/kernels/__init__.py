@@ -3,8 +3,10 @@
 ``make_assigner(kernel_backend)`` turns the user's ``kernel_backend`` choice into an
 assigner once: ``"torch"`` is the reference and the CPU path, ``"triton"`` runs the fused
 Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"auto"`` picks Triton for
-CUDA tensors when Triton imports, else torch. The module functions ``assign``,
-``grouped_assign`` and ``partial_sums`` (``backend=``) are shorthands over it. Triton is
+CUDA tensors when Triton imports, else torch. ``with_centroid_search`` puts a tree's
+approximate search for huge levels (``coarse_search``, not exact) over any of them. The
+module functions ``assign``, ``grouped_assign`` and ``partial_sums`` (``backend=``) are
+shorthands over it. Triton is
 imported only when a Triton kernel runs, so this package imports on machines without CUDA
 or Triton.
 """
@@ -25,17 +27,20 @@ from .assigners import (
     resolve_backend,
     triton_available,
 )
+from .coarse_search import CENTROID_SEARCHES, CoarseSearchAssigner, with_centroid_search
 from .fixed_point import FIXED_POINT_BITS, from_fixed_point
 from .launch import KernelTuning
 from .metrics import METRICS, check_metric
 
 __all__ = [
+    "CENTROID_SEARCHES",
     "KERNEL_BACKENDS",
     "FIXED_POINT_BITS",
     "METRICS",
     "Assigner",
     "Assignment",
     "AutoAssigner",
+    "CoarseSearchAssigner",
     "KernelTuning",
     "TorchAssigner",
     "TritonAssigner",
@@ -47,6 +52,7 @@ __all__ = [
     "from_fixed_point",
     "resolve_backend",
     "triton_available",
+    "with_centroid_search",
 ]
 
 

@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import re
 import textwrap
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from mdf_taxonomy.kernels import KERNEL_BACKENDS, METRICS
+from mdf_taxonomy.kernels import CENTROID_SEARCHES, KERNEL_BACKENDS, METRICS
+from mdf_taxonomy.model.constraints import (
+    Bool,
+    Constraint,
+    Device,
+    FiniteAtLeast,
+    Identifier,
+    Int,
+    NonEmptyStr,
+    OneOf,
+    OrNone,
+    PerLevel,
+)
 
 MAX_LEVELS = 64
 MAX_BRANCHING = 2**24
@@ -31,116 +42,6 @@ MAX_DIM = 2**24
 SEED_LIMIT = 2**63  # seeds feed numpy's and torch's generators, which take [0, 2**63)
 
 
-@dataclass(frozen=True)
-class Int:
-    """An integer (not a bool) in [lo, hi]."""
-
-    lo: int
-    hi: int
-
-    def ok(self, v: Any) -> bool:
-        return _is_int(v) and self.lo <= v <= self.hi
-
-    def __str__(self) -> str:
-        if _pow2(self.hi + 1) and self.hi > 1024:
-            return f"must be an integer in [{self.lo}, {_num(self.hi + 1)})"
-        return f"must be an integer in [{self.lo}, {_num(self.hi)}]"
-
-
-@dataclass(frozen=True)
-class PerLevel:
-    """One `inner` for every level, or a list of them (its length is checked against n_levels)."""
-
-    inner: Int
-
-    def ok(self, v: Any) -> bool:
-        return self.inner.ok(v) or (isinstance(v, tuple) and all(self.inner.ok(b) for b in v))
-
-    def __str__(self) -> str:
-        return f"{self.inner}, or a list of such integers, one per level"
-
-
-@dataclass(frozen=True)
-class OrNone:
-    inner: Any
-
-    def ok(self, v: Any) -> bool:
-        return v is None or self.inner.ok(v)
-
-    def __str__(self) -> str:
-        return f"{self.inner}, or null"
-
-
-@dataclass(frozen=True)
-class FiniteAtLeast:
-    """A finite real number (not a bool) >= lo."""
-
-    lo: float
-
-    def ok(self, v: Any) -> bool:
-        real = isinstance(v, int | float) and not isinstance(v, bool)
-        return real and math.isfinite(v) and v >= self.lo
-
-    def __str__(self) -> str:
-        return f"must be a finite number >= {self.lo:g}"
-
-
-@dataclass(frozen=True)
-class OneOf:
-    options: tuple[str, ...]
-
-    def ok(self, v: Any) -> bool:
-        return isinstance(v, str) and v in self.options
-
-    def __str__(self) -> str:
-        return f"must be one of {self.options}"
-
-
-@dataclass(frozen=True)
-class NonEmptyStr:
-    def ok(self, v: Any) -> bool:
-        return isinstance(v, str) and bool(v)
-
-    def __str__(self) -> str:
-        return "must be a non-empty string"
-
-
-@dataclass(frozen=True)
-class Bool:
-    def ok(self, v: Any) -> bool:
-        return isinstance(v, bool)
-
-    def __str__(self) -> str:
-        return "must be true or false"
-
-
-@dataclass(frozen=True)
-class Device:
-    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-
-    def ok(self, v: Any) -> bool:
-        if v in ("auto", "cpu", "cuda"):
-            return True
-        return isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit()
-
-    def __str__(self) -> str:
-        return "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
-
-
-@dataclass(frozen=True)
-class Identifier:
-    """Letters, digits and underscores (possibly none): safe in a column or folder name."""
-
-    def ok(self, v: Any) -> bool:
-        return isinstance(v, str) and re.fullmatch(r"\w*", v, re.ASCII) is not None
-
-    def __str__(self) -> str:
-        return "must be letters, digits and underscores"
-
-
-Constraint = (
-    Int | PerLevel | OrNone | FiniteAtLeast | OneOf | NonEmptyStr | Bool | Device | Identifier
-)
 PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
     "n_levels": Int(1, MAX_LEVELS),
     "branching_factor": PerLevel(Int(1, MAX_BRANCHING)),
@@ -152,6 +53,11 @@ PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
     "sample_per_child": Int(1, MAX_SAMPLE),
     "max_sample_per_node": Int(1, MAX_SAMPLE),
     "init_iters": Int(0, MAX_ITER),
+    "max_node_size": OrNone(Int(1, 2**62 - 1)),
+    "min_node_size": OrNone(Int(1, 2**62 - 1)),
+    "centroid_search": OneOf(CENTROID_SEARCHES),
+    "coarse_min_children": Int(1, MAX_BRANCHING),
+    "coarse_probe": Int(1, 2**16),
     "embedding_field": OrNone(NonEmptyStr()),
 }
 
@@ -184,6 +90,16 @@ class TaxonomyConfig:
         The cap on a parent's init sample.
     init_iters : int, default=10
         Lloyd iterations run in memory on the sample after k-means++.
+    max_node_size : int or None, default=None
+        Balance: a parent of S rows gets max(branching, ceil(S / max_node_size)) children.
+    min_node_size : int or None, default=None
+        Nodes of fewer rows are flagged in the history as undersized (never merged).
+    centroid_search : {'exact', 'coarse'}, default='exact'
+        'coarse': approximate search of big parents by an index (kernels.coarse_search).
+    coarse_min_children : int, default=65536
+        Children from which centroid_search='coarse' searches a parent by its index.
+    coarse_probe : int, default=8
+        Index cells the coarse search reads per row (more: slower, nearer to exact).
     embedding_field : str or None, default=None
         The input column holding the vectors (None: the one column of float vectors,
         found in the input's schema or the first batch's records and logged; none or
@@ -202,6 +118,11 @@ class TaxonomyConfig:
     sample_per_child: int = 64
     max_sample_per_node: int = 65536
     init_iters: int = 10
+    max_node_size: int | None = None
+    min_node_size: int | None = None
+    centroid_search: str = "exact"
+    coarse_min_children: int = 65536
+    coarse_probe: int = 8
     embedding_field: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -398,15 +319,3 @@ def document_table_parameters(cls: type, extra: Collection[str] = ()) -> None:
         lines.append(f"    {name} : {spec}")
         lines += textwrap.wrap(meaning, 88, initial_indent=" " * 8, subsequent_indent=" " * 8)
     cls.__doc__ = "\n".join(lines) + "\n"
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _num(n: int) -> str:
-    return f"2**{n.bit_length() - 1}" if n > 1024 and _pow2(n) else str(n)

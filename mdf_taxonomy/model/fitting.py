@@ -7,7 +7,8 @@ Rules, stated plainly (after FAISS's Clustering):
   depend on batch size, worker count or file order; the rule is in model/sampling.py.
 - Init: greedy k-means++ on the parent's sample (model/seeding.py; generator seeded
   by seed, level, parent), then `init_iters` Lloyd iterations on the sample in memory.
-- A parent gets at most as many children as it has rows, and at most as many as
+- A parent gets the branching factor's children, or more where `max_node_size` splits
+  it (model/balance.py), at most as many as it has rows, and at most as many as
   its sample holds distinct rows (so no two children start on one point and every
   row has one nearest child); at least one; a parent with no rows gets one child
   equal to itself. Capped parents are counted in the level's history entry and
@@ -37,6 +38,7 @@ from mdf_taxonomy.kernels.fixed_point import (  # inertia's fixed point: order-f
     inertia_from_fixed,
     quantize_inertia,
 )
+from mdf_taxonomy.model.balance import children_wanted, level_balance, size_flags
 from mdf_taxonomy.model.config import TaxonomyConfig
 from mdf_taxonomy.model.limits import (  # callers import the bounds here too
     FIXED_SUM_LIMIT,
@@ -141,18 +143,28 @@ class LloydResult:
     rows: int
 
 
-def start_level(tax: Taxonomy, result: SampleResult) -> Taxonomy:
+def start_level(
+    tax: Taxonomy, result: SampleResult, initial: dict[int, np.ndarray] | None = None
+) -> Taxonomy:
     """After a sampling pass: initial children for every parent of the new level.
 
-    The history entry counts the parents that got fewer children than the branching
-    factor: `empty_parents` (no rows), `few_rows` (fewer rows than the branching
-    factor), `few_distinct` (fewer distinct sample rows than min(branching, rows));
-    `capped_parents` is their union and `capped_children` the children not made.
-    `distinct_rows` is the number of distinct rows over the level's samples.
+    `initial`: parents whose children are given (a warm start, model/warm_start.py),
+    taken as they are and counted as `warm_parents`; the others start from their sample.
+
+    A parent is to get the branching factor's children, or more when max_node_size
+    splits it (model/balance.py). The history entry counts the parents that got fewer
+    than that: `empty_parents` (no rows), `few_rows` (fewer rows), `few_distinct` (fewer
+    distinct sample rows than min(wanted, rows)); `capped_parents` is their union and
+    `capped_children` the children not made. `distinct_rows` is the number of distinct
+    rows over the level's samples. With max_node_size set, `split_parents` counts the
+    parents that got more children than the branching factor, `split_children` the
+    children beyond it.
     """
     cfg, level = tax.config, tax.state.level
     n_parents = 1 if level == 1 else tax.levels[level - 2].n_nodes
     b = cfg.branching(level)
+    counted = np.array([result.rows.get(p, 0) for p in range(n_parents)], dtype=np.int64)
+    wanted = children_wanted(cfg, level, counted, n_parents)
     blocks, parents = [], []
     seen = {
         "distinct_rows": 0,
@@ -162,13 +174,22 @@ def start_level(tax: Taxonomy, result: SampleResult) -> Taxonomy:
         "few_rows": 0,
         "few_distinct": 0,
     }
+    if initial:
+        seen["warm_parents"] = 0
+    if cfg.max_node_size is not None:
+        seen.update(split_parents=0, split_children=0)
     for p in range(n_parents):
+        if initial and p in initial:
+            blocks.append(np.asarray(initial[p], dtype=np.float32))
+            parents.append(np.full(len(blocks[-1]), p, dtype=np.int64))
+            seen["warm_parents"] += 1
+            continue
         fallback = None if level == 1 else tax.levels[level - 2].centroids[p]
         rows = result.rows.get(p, 0)
         block, distinct = init_children(
             result.samples.get(p, np.zeros((0, tax.dim), np.float32)),
             rows,
-            b,
+            int(wanted[p]),
             node_seed(cfg.seed, level, p),
             cfg.metric,
             cfg.init_iters,
@@ -177,12 +198,16 @@ def start_level(tax: Taxonomy, result: SampleResult) -> Taxonomy:
         blocks.append(block)
         parents.append(np.full(len(block), p, dtype=np.int64))
         seen["distinct_rows"] += distinct
-        if len(block) < b:
+        k = int(wanted[p])
+        if len(block) < k:
             seen["capped_parents"] += 1
-            seen["capped_children"] += b - len(block)
+            seen["capped_children"] += k - len(block)
             seen["empty_parents"] += rows == 0
-            seen["few_rows"] += 0 < rows < b
-            seen["few_distinct"] += 0 < rows and distinct < min(b, rows)
+            seen["few_rows"] += 0 < rows < k
+            seen["few_distinct"] += 0 < rows and distinct < min(k, rows)
+        if len(block) > b:
+            seen["split_parents"] += 1
+            seen["split_children"] += len(block) - b
     if seen["capped_parents"]:
         log.warning(
             "level %d: %d of %d parents got fewer than %d children (%d without rows, %d with "
@@ -197,6 +222,9 @@ def start_level(tax: Taxonomy, result: SampleResult) -> Taxonomy:
             seen["capped_children"],
         )
     new_level = Level(np.concatenate(blocks), np.concatenate(parents))
+    above = tax.levels[: level - 1]
+    if level > 1 and result.rows:  # the parents' rows under their final centroids
+        above[-1] = Level(above[-1].centroids, above[-1].parents, counted)
     history = tax.state.history + [
         {
             "level": level,
@@ -207,11 +235,15 @@ def start_level(tax: Taxonomy, result: SampleResult) -> Taxonomy:
         }
     ]
     state = FitState(level=level, phase="lloyd", iteration=0, inertia=None, history=history)
-    return replace(tax, levels=tax.levels[: level - 1] + [new_level], state=state, version=None)
+    return replace(tax, levels=above + [new_level], state=state, version=None)
 
 
 def finish_pass(tax: Taxonomy, result: LloydResult) -> Taxonomy:
-    """After a Lloyd pass: new centroids, repair, and the convergence decision."""
+    """After a Lloyd pass: new centroids, repair, and the convergence decision.
+
+    The pass's counts become the level's sizes; the entry of a level's last pass also
+    holds their `balance` (model/balance.py) and the oversized/undersized node counts
+    of the bounds that are set."""
     cfg, st = tax.config, tax.state
     lv = tax.levels[st.level - 1]
     centroids, repaired = update_centroids(
@@ -236,8 +268,9 @@ def finish_pass(tax: Taxonomy, result: LloydResult) -> Taxonomy:
             "empty": int((counts == 0).sum()),
         }
     ]
-    levels = tax.levels[: st.level - 1] + [Level(centroids, lv.parents)]
+    levels = tax.levels[: st.level - 1] + [Level(centroids, lv.parents, counts)]
     if converged or iteration >= cfg.max_iter:
+        history[-1].update(balance=level_balance(counts), **size_flags(cfg, counts))
         if st.level == cfg.n_levels:
             state = FitState(
                 level=st.level, phase="done", iteration=iteration, inertia=inertia, history=history

@@ -19,9 +19,12 @@ from mdf_taxonomy.model.storage import TaxonomyStoreError
 from mdf_taxonomy.model.taxonomy import FitState
 
 FORMAT = "mdf-taxonomy"
-FORMAT_VERSION = 1
+#: The newest format read. 2 adds the optional level_i_sizes arrays; a snapshot without
+#: them is written as 1, so older readers still load it.
+FORMAT_VERSION = 2
 PHASES = tuple(p.value for p in Phase)  # ("sample", "lloyd", "done")
-DTYPES = {"centroids": "float32", "parents": "int64"}  # what save() writes (see Level)
+DTYPES = {"centroids": "float32", "parents": "int64", "sizes": "int64"}  # see Level
+OPTIONAL = ("sizes",)  # arrays a level may lack
 
 _VERSION = re.compile(r"[0-9]{6,18}")  # f"{n:06d}"
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # no separator, no "..", no "/"
@@ -96,21 +99,25 @@ def _check_manifest(m: Any, version: str, where: str) -> None:
         f"is not a fit state (level >= 1, phase in {PHASES}, iteration >= 0, finite inertia)",
     )
     arrays = m.get("arrays")
-    expected = [f"level_{i}_{kind}" for i in range(1, n + 1) for kind in DTYPES]
+    levels = range(1, n + 1)
+    expected = [f"level_{i}_{kind}" for i in levels for kind in DTYPES if kind not in OPTIONAL]
+    optional = {f"level_{i}_{kind}" for i in levels for kind in OPTIONAL}
     need(
-        isinstance(arrays, dict) and sorted(arrays) == sorted(expected),
+        isinstance(arrays, dict) and set(expected) <= set(arrays) <= set(expected) | optional,
         "arrays",
-        f"must hold exactly {expected}",
+        f"must hold exactly {expected}, and optionally {sorted(optional)}",
     )
     for i in range(1, n + 1):
         for kind in DTYPES:
             name = f"level_{i}_{kind}"
+            if name not in arrays:
+                continue
             _check_entry(arrays[name], name, kind, m["dim"], arrays[f"level_{i}_centroids"], where)
 
 
 def _check_entry(e: Any, name: str, kind: str, dim: int, centroids: Any, where: str) -> None:
     """One manifest array entry: a plain file of its folder, and the shape and dtype save()
-    writes (centroids (n, dim), parents (n,) with the same n)."""
+    writes (centroids (n, dim), parents and sizes (n,) with the same n)."""
     if not isinstance(e, dict):
         raise TaxonomyStoreError(f"{where}: array {name!r} entry {e!r} is not an object")
 

@@ -10,6 +10,7 @@ the same whatever the batch size, worker count or file order.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,6 +47,22 @@ def rows_by_key(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield int(key), idx
 
 
+class SampleSizes(NamedTuple):
+    """Sample rows per parent: `default`, or `larger[p]` for a parent split into more
+    children than the branching factor (model/balance.py)."""
+
+    default: int
+    larger: dict[int, int]
+
+    def of(self, parent: int) -> int:
+        return self.larger.get(parent, self.default)
+
+
+def size_of(k: int | SampleSizes, parent: int) -> int:
+    """The sample size of `parent` under `k` (one size for all, or SampleSizes)."""
+    return k.of(parent) if isinstance(k, SampleSizes) else k
+
+
 class BottomK:
     """Per parent, the rows of the k smallest priorities seen so far (the fit's sample).
 
@@ -63,7 +80,11 @@ class BottomK:
         return np.argsort(priorities, kind="stable")[:k]
 
     def offer(
-        self, parents: np.ndarray, priorities: np.ndarray, vectors: np.ndarray, k: int
+        self,
+        parents: np.ndarray,
+        priorities: np.ndarray,
+        vectors: np.ndarray,
+        k: int | SampleSizes,
     ) -> dict[int, int]:
         """Merge candidates; returns the k-th priority of every touched parent whose
         sample is full: rows above it can never enter."""
@@ -73,9 +94,10 @@ class BottomK:
             if p in self.kept:
                 old_prio, old_vec = self.kept[p]
                 prio, vec = np.concatenate([old_prio, prio]), np.concatenate([old_vec, vec])
-            keep = self.smallest(prio, k)
+            kp = size_of(k, p)
+            keep = self.smallest(prio, kp)
             self.kept[p] = (prio[keep], vec[keep])
-            if len(keep) == k:
+            if len(keep) == kp:
                 cut[p] = int(prio[keep[-1]])
         return cut
 

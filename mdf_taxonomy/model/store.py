@@ -3,6 +3,7 @@
 Layout under storage_uri:
     snapshots/000007/manifest.json          format, version, config, state, checksums
     snapshots/000007/level_1_centroids.npy  arrays as .npy, loaded with allow_pickle=False
+    snapshots/000007/level_1_sizes.npy      rows per node, where known (format 2)
     LATEST                                  name of the newest complete snapshot
     LOCK                                    the writer lease, while a writer holds one
 
@@ -90,7 +91,10 @@ class TaxonomyStore(LeasedStorage):
                     f"{where}_parents.npy: level {i} parents are not sorted "
                     "(a level's nodes are grouped by parent)"
                 )
-            levels.append(Level(centroids, parents))
+            sizes = arrays.get(f"level_{i}_sizes")
+            if sizes is not None and sizes.size and sizes.min() < 0:
+                raise TaxonomyStoreError(f"{where}_sizes.npy: level {i} sizes hold negative counts")
+            levels.append(Level(centroids, parents, sizes))
             n_parents = levels[-1].n_nodes
         return Taxonomy(
             config=TaxonomyConfig.from_dict(manifest["config"]),
@@ -178,6 +182,9 @@ class TaxonomyStore(LeasedStorage):
         for i, lv in enumerate(tax.levels, start=1):
             arrays[f"level_{i}_centroids"] = lv.centroids
             arrays[f"level_{i}_parents"] = lv.parents
+            if lv.sizes is not None:
+                arrays[f"level_{i}_sizes"] = lv.sizes
+        with_sizes = any(lv.sizes is not None for lv in tax.levels)
         meta = {}
         try:
             with self._reach():
@@ -195,7 +202,7 @@ class TaxonomyStore(LeasedStorage):
                 }
             manifest = {
                 "format": FORMAT,
-                "format_version": FORMAT_VERSION,
+                "format_version": FORMAT_VERSION if with_sizes else 1,
                 "version": version,
                 "created_unix": time.time(),
                 "config": tax.config.to_dict(),

@@ -23,6 +23,9 @@ from mdf_taxonomy.model.config import TaxonomyConfig
 class Level:
     centroids: np.ndarray  # (n_nodes, dim) float32
     parents: np.ndarray  # (n_nodes,) int64, node id in the level above (0 = root for level 1)
+    # (n_nodes,) int64 rows the level's latest Lloyd pass assigned to each node; None before
+    # the first pass (and in snapshots written before sizes were stored)
+    sizes: np.ndarray | None = None
     _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -33,6 +36,10 @@ class Level:
                 f"level arrays disagree: centroids {self.centroids.shape}, "
                 f"parents {self.parents.shape}"
             )
+        if self.sizes is not None:
+            self.sizes = np.ascontiguousarray(self.sizes, dtype=np.int64)
+            if self.sizes.shape != self.parents.shape:
+                raise ValueError(f"level sizes {self.sizes.shape} != nodes {self.parents.shape}")
         if self.parents.size and np.any(np.diff(self.parents) < 0):
             raise ValueError("level nodes must be sorted by parent")
 
@@ -56,7 +63,12 @@ class Level:
         return self._on_device[key]
 
     def __getstate__(self) -> dict:
-        return {"centroids": self.centroids, "parents": self.parents, "_on_device": {}}
+        return {
+            "centroids": self.centroids,
+            "parents": self.parents,
+            "sizes": self.sizes,
+            "_on_device": {},
+        }
 
 
 @dataclass
@@ -123,12 +135,20 @@ class Taxonomy:
         x_sqnorm: torch.Tensor | None = None,
     ) -> kernels.Assignment:
         """Nearest child of each row's parent at `level` (1-based); rows already prepared.
-        `assigner`: the kernels (None: `kernels.AutoAssigner()`). `x_sqnorm`: the rows'
-        norms from the level above (see `kernels.Assignment`)."""
+        `assigner`: the kernels (None: `kernels.AutoAssigner()`), under the tree's own
+        centroid_search, whoever calls. `x_sqnorm`: the rows' norms from the level above
+        (see `kernels.Assignment`)."""
         lv = self.levels[level - 1]
         n_parents = 1 if level == 1 else self.levels[level - 2].n_nodes
         centroids, offsets = lv.on_device(x.device, n_parents)
-        return (assigner or kernels.AutoAssigner()).grouped_assign(
+        cfg = self.config
+        search = kernels.with_centroid_search(
+            assigner or kernels.AutoAssigner(),
+            cfg.centroid_search,
+            cfg.coarse_min_children,
+            cfg.coarse_probe,
+        )
+        return search.grouped_assign(
             x,
             parents,
             centroids,

@@ -11,6 +11,7 @@ import pyarrow as pa
 from mdf_taxonomy import _mdf
 from mdf_taxonomy.backend import FitBackend, PartialsCombiner
 from mdf_taxonomy.model import Taxonomy, TaxonomyConfig
+from mdf_taxonomy.model.balance import sample_sizes
 from mdf_taxonomy.model.config import check_parameter, document_table_parameters
 from mdf_taxonomy.operators.taxonomy_operator import _TaxonomyRefiner
 from mdf_taxonomy.passes import batch
@@ -60,6 +61,11 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
         sample_per_child: int = 64,
         max_sample_per_node: int = 65536,
         init_iters: int = 10,
+        max_node_size: int | None = None,
+        min_node_size: int | None = None,
+        centroid_search: str = "exact",
+        coarse_min_children: int = 65536,
+        coarse_probe: int = 8,
         backend_buckets: int = 2,
         flush_rows: int = 0,
         backend_name: str = "mdf_taxonomy_fit",
@@ -88,6 +94,11 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
             sample_per_child=sample_per_child,
             max_sample_per_node=max_sample_per_node,
             init_iters=init_iters,
+            max_node_size=max_node_size,
+            min_node_size=min_node_size,
+            centroid_search=centroid_search,
+            coarse_min_children=coarse_min_children,
+            coarse_probe=coarse_probe,
             embedding_field=embedding_field,
         )
         check_parameter("backend_buckets", backend_buckets, type(self).__name__)
@@ -153,7 +164,7 @@ class KMeansLevelRefiner(_TaxonomyRefiner):
                         offer.parents,
                         offer.priorities,
                         offer.vectors,
-                        tax.config.sample_size(st.level),
+                        sample_sizes(tax),
                         offer.parent_rows,
                         totals,
                         parsed.reasons(),

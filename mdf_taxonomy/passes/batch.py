@@ -16,8 +16,9 @@ import torch
 
 from mdf_taxonomy.kernels import Assigner
 from mdf_taxonomy.model import Taxonomy
+from mdf_taxonomy.model.balance import sample_sizes
 from mdf_taxonomy.model.fitting import inertia_to_fixed
-from mdf_taxonomy.model.sampling import BottomK, rows_by_key, sample_priorities
+from mdf_taxonomy.model.sampling import BottomK, rows_by_key, sample_priorities, size_of
 from mdf_taxonomy.model.taxonomy import Labels
 from mdf_taxonomy.passes.records import ERROR_FIELD, FIELD_PREFIX, ParsedBatch
 
@@ -120,13 +121,13 @@ def sample_offer(
     rows = x.float().cpu().numpy()
     prio = sample_priorities(rows, cfg.seed, level)
     par = parents.cpu().numpy()
-    k = cfg.sample_size(level)
+    k = sample_sizes(tax)
     keep, parent_rows = [], {}
     for p, idx in rows_by_key(par):
         parent_rows[p] = len(idx)
         if p in cut:
             idx = idx[prio[idx] < np.uint64(cut[p])]
-        keep.append(idx[BottomK.smallest(prio[idx], k)])
+        keep.append(idx[BottomK.smallest(prio[idx], size_of(k, p))])
     idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
     return SampleOffer(parent_rows, par[idx], prio[idx], rows[idx])
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mdf_taxonomy.model import Taxonomy
+from mdf_taxonomy.model.balance import sample_sizes
 from mdf_taxonomy.model.config import RunConfig
 from mdf_taxonomy.model.fitting import add_fixed_sums
 from mdf_taxonomy.model.phase import Phase
@@ -93,7 +94,7 @@ class WorkerPool:
         rejected: dict[str, int] = {}
         parent_rows: dict[int, int] = {}
         samples = BottomK()
-        k = tax.config.sample_size(st.level)
+        k = sample_sizes(tax) if st.phase == Phase.SAMPLE else 0
         with_sums = [p for p in parts if p.sums is not None]
         if len(with_sums) == 1:  # one worker: its partial is the pass's (already marked)
             sums, counts = with_sums[0].sums, with_sums[0].counts

@@ -25,6 +25,7 @@ import torch
 from mdf_taxonomy.backend.combiner import PartialsCombiner
 from mdf_taxonomy.kernels import make_assigner
 from mdf_taxonomy.model import Taxonomy
+from mdf_taxonomy.model.balance import sample_sizes
 from mdf_taxonomy.model.config import RunConfig
 from mdf_taxonomy.model.fitting import mark_overflowed
 from mdf_taxonomy.model.phase import Phase
@@ -203,7 +204,7 @@ class PassWorker:
         st = tax.state
         assigner = self.assigner
         combiner = None
-        k = tax.config.sample_size(st.level) if st.phase == Phase.SAMPLE else 0
+        k = sample_sizes(tax) if st.phase == Phase.SAMPLE else 0
         cut: dict[int, int] = {}
         started = time.perf_counter()
         self.source.load_skipped = []
