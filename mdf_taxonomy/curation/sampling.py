@@ -354,7 +354,7 @@ def row_keys(
     strategy: str,
     seed: int,
     assigner: Any = None,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(leaf, score, priority) of valid float32 rows `x`: the one place both faces (the
     Parquet passes, the MDF filter) compute what the plan is applied to. `device`: where

@@ -44,7 +44,7 @@ def scan(
     seed: int,
     items: list[str] | None = None,
     assigner: Any = None,
-    device: str = "cpu",
+    device: str = "auto",
     rejected: Counter | None = None,
 ) -> Iterator[tuple[pa.RecordBatch, np.ndarray, np.ndarray, np.ndarray]]:
     """(record batch, leaf, score, priority) per batch of `items` (None: every row group);
@@ -70,7 +70,7 @@ def count_leaves(
     source: ParquetInput,
     items: list[str] | None = None,
     assigner: Any = None,
-    device: str = "cpu",
+    device: str = "auto",
     rejected: Counter | None = None,
 ) -> np.ndarray:
     """Pass 1: (n_leaves,) int64 valid rows per leaf; workers' counts add up."""
@@ -86,7 +86,7 @@ def gather_candidates(
     source: ParquetInput,
     items: list[str] | None = None,
     assigner: Any = None,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> LeafCandidates:
     """Pass 2: per leaf the extra + 1 smallest keys; merge workers' with `merge`."""
     candidates = plan.candidates()
@@ -104,7 +104,7 @@ def select_rows(
     sink: ParquetSink,
     items: list[str] | None = None,
     assigner: Any = None,
-    device: str = "cpu",
+    device: str = "auto",
     rejected: Counter | None = None,
 ) -> dict[str, int]:
     """Pass 3: write the selected rows (every column, plus int32 `taxonomy_repeat`) to
@@ -136,7 +136,7 @@ def build_plan(
     storage_options: dict[str, Any] | None = None,
     embedding_field: str | None = None,
     kernel_backend: str = "auto",
-    device: str = "cpu",
+    device: str = "auto",
     batch_rows: int = 4096,
 ) -> SamplePlan:
     """Passes 1 and 2 over `input`: the plan the selecting pass (or the MDF filter,
@@ -177,7 +177,7 @@ def sample_parquet(
     embedding_field: str | None = None,
     plan_uri: str | None = None,
     kernel_backend: str = "auto",
-    device: str = "cpu",
+    device: str = "auto",
     batch_rows: int = 4096,
     overwrite: bool = False,
 ) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class BalancedSampleFilter(Filter):
     embedding_field : str or None, default=None
         The column holding the vectors (None: the one column of float vectors found in
         the first batch).
-    device : str, default='cpu'
+    device : str, default='auto'
         Where the rows are assigned ("auto": CUDA when there is one).
     kernel_backend : str, default='auto'
         The assignment kernels: "auto", "torch" or "triton".
@@ -57,7 +57,7 @@ class BalancedSampleFilter(Filter):
         storage_uri: str,
         plan_uri: str,
         embedding_field: str | None = None,
-        device: str = "cpu",
+        device: str = "auto",
         kernel_backend: str = "auto",
         storage_options: dict[str, Any] | None = None,
     ):
