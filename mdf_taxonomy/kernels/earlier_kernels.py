@@ -20,11 +20,34 @@ from .triton_dispatch import empty_out, kernel_input
 
 
 @triton.jit
+def _self_dot(
+    x_rows,
+    x_ptr,
+    c0,
+    c_hi,
+    offs_n,
+    offs_k,
+    stride_x,
+    D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IS_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The rows against the column tile [c0, c0 + BLOCK_N) of their own matrix (columns
+    clamped below c_hi; pointer loads, no descriptors)."""
+    return _tile_dot(
+        x_rows, x_ptr, x_ptr, x_ptr, 0, c0, c_hi, offs_n, offs_k, stride_x, D, EVEN_D, IS_FP32,
+        False, False, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit
 def _earlier_tiles(
     x_rows,
     x_ptr,
     rows,
-    r0,
     c_lo,
     c_hi,
     offs_n,
@@ -46,26 +69,10 @@ def _earlier_tiles(
     """Fold the column tiles [c_lo, c_hi) of score -x.c into the running top-2; MASKED:
     tiles that meet the diagonal, where only columns < the row count."""
     for c0 in range(c_lo, c_hi, BLOCK_N):
-        acc = _tile_dot(
-            x_rows,
-            x_ptr,
-            x_ptr,
-            x_ptr,
-            r0,
-            c0,
-            c_hi,
-            offs_n,
-            offs_k,
-            stride_x,
-            D,
-            EVEN_D,
-            IS_FP32,
-            False,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-        )
+        acc = _self_dot(
+            x_rows, x_ptr, c0, c_hi, offs_n, offs_k, stride_x, D, EVEN_D, IS_FP32, BLOCK_M,
+            BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         s = -acc
         if MASKED:
             s = tl.where((c0 + offs_n)[None, :] < rows[:, None], s, float("inf"))
@@ -117,11 +124,11 @@ def _assign_earlier_kernel(
         end = tl.minimum(end, c_lo + split_cols)
     clear = tl.maximum(tl.minimum((r0 // BLOCK_N) * BLOCK_N, end), c_lo)  # before row r0
     best, best_id, second, second_id = _earlier_tiles(
-        x_rows, x_ptr, rows, r0, c_lo, clear, offs_n, offs_k, stride_x, best, best_id, second,
+        x_rows, x_ptr, rows, c_lo, clear, offs_n, offs_k, stride_x, best, best_id, second,
         second_id, D, EVEN_D, IS_FP32, False, True, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     best, best_id, second, second_id = _earlier_tiles(
-        x_rows, x_ptr, rows, r0, clear, end, offs_n, offs_k, stride_x, best, best_id, second,
+        x_rows, x_ptr, rows, clear, end, offs_n, offs_k, stride_x, best, best_id, second,
         second_id, D, EVEN_D, IS_FP32, True, False, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if SPLIT:
@@ -196,26 +203,10 @@ def _earlier_above_kernel(
     count = tl.zeros((BLOCK_M,), tl.int32)
     out = cand_ptr + g.to(tl.int64)[:, None] * CAP
     for c0 in range(0, end, BLOCK_N):
-        acc = _tile_dot(
-            x_rows,
-            x_ptr,
-            x_ptr,
-            x_ptr,
-            0,
-            c0,
-            end,
-            offs_n,
-            offs_k,
-            stride_x,
-            D,
-            EVEN_D,
-            IS_FP32,
-            False,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-        )
+        acc = _self_dot(
+            x_rows, x_ptr, c0, end, offs_n, offs_k, stride_x, D, EVEN_D, IS_FP32, BLOCK_M,
+            BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         cols = c0 + offs_n
         hit = ((acc >= thr[:, None]) & (cols[None, :] < rows[:, None])).to(tl.int32)
         if tl.max(tl.max(hit, axis=1), axis=0) > 0:  # rare: most tiles hold no candidate
