@@ -25,6 +25,7 @@ CLI_FIT_PARAMETERS = (
     "init_iters",
     "max_node_size",
     "min_node_size",
+    "balance_factor",
     "centroid_search",
     "coarse_min_children",
     "coarse_probe",

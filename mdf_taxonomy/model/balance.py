@@ -3,7 +3,11 @@
 Every path has `n_levels` ids, so a node too large for curation is not split in place
 (that would renumber its level) but gets more children at the next level: with
 `max_node_size` set, a parent of S rows gets max(branching, ceil(S / max_node_size))
-children, so its children hold at most max_node_size rows on average. S is counted by
+children, so its children hold at most max_node_size rows on average. With
+`balance_factor` f set, the bound is relative: a parent over f x the median size M of
+its siblings (the children of its own parent) gets ceil(branching x S / (f x M))
+children, so they are at most f times a median sibling's children on average; with both
+set a parent gets the larger count. S is counted by
 the sampling pass of the new level (the rows under the parent's final centroid), so the
 number of children depends on counts only, whatever the batching, and the parent's
 stored size becomes S: an inner node's size is the sum of its children's. A leaf's size
@@ -78,18 +82,45 @@ def size_flags(cfg: TaxonomyConfig, sizes: np.ndarray) -> dict[str, int]:
 
 
 def children_wanted(
-    cfg: TaxonomyConfig, level: int, parent_sizes: np.ndarray | None, n_parents: int
+    cfg: TaxonomyConfig,
+    level: int,
+    parent_sizes: np.ndarray | None,
+    n_parents: int,
+    parent_groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n_parents,) children each parent is to get at `level`: the branching factor, or
-    ceil(size / max_node_size) where that is more (module doc); level 1 and parents of
-    unknown size keep the branching factor."""
+    more where max_node_size or balance_factor asks (module doc); level 1 and parents of
+    unknown size keep the branching factor. `parent_groups`: each parent's own parent,
+    whose children are its siblings (None: all are siblings)."""
     b = cfg.branching(level)
     wanted = np.full(n_parents, b, dtype=np.int64)
-    if cfg.max_node_size is None or level == 1 or parent_sizes is None:
+    if level == 1 or parent_sizes is None:
         return wanted
-    split = -(-np.asarray(parent_sizes, dtype=np.int64) // cfg.max_node_size)  # ceil
+    sizes = np.asarray(parent_sizes, dtype=np.int64)
+    split = np.zeros(n_parents, dtype=np.int64)
+    if cfg.max_node_size is not None:
+        split = -(-sizes // cfg.max_node_size)  # ceil
+    if cfg.balance_factor is not None:
+        split = np.maximum(split, _relative_split(sizes, parent_groups, b, cfg.balance_factor))
     cap = min(MAX_BRANCHING, cfg.max_sample_per_node)
     return np.maximum(wanted, np.minimum(split, cap))
+
+
+def _relative_split(
+    sizes: np.ndarray, groups: np.ndarray | None, b: int, factor: float
+) -> np.ndarray:
+    """ceil(b x S / (factor x M)) for parents over factor x M, M the median size of their
+    siblings (0 elsewhere), so a split parent's children are at most factor times as large
+    on average as a median sibling's."""
+    groups = np.zeros(len(sizes), np.int64) if groups is None else np.asarray(groups)
+    split = np.zeros(len(sizes), dtype=np.int64)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        limit = factor * float(np.median(sizes[members]))
+        over = members[sizes[members] > limit]
+        if limit > 0 and over.size:
+            split[over] = np.ceil(b * sizes[over] / limit).astype(np.int64)
+    return split
 
 
 def sample_sizes(tax: Taxonomy) -> SampleSizes:
@@ -99,12 +130,19 @@ def sample_sizes(tax: Taxonomy) -> SampleSizes:
     b = cfg.branching(level)
     above = tax.levels[level - 2] if level > 1 else None
     sizes = None if above is None else above.sizes
-    wanted = children_wanted(cfg, level, sizes, 1 if above is None else above.n_nodes)
+    n_parents = 1 if above is None else above.n_nodes
+    wanted = children_wanted(cfg, level, sizes, n_parents, parent_groups(tax, level))
     larger = {
         int(p): min(cfg.max_sample_per_node, cfg.sample_per_child * int(wanted[p]))
         for p in np.flatnonzero(wanted > b)
     }
     return SampleSizes(cfg.sample_size(level), larger)
+
+
+def parent_groups(tax: Taxonomy, level: int) -> np.ndarray | None:
+    """Each parent's own parent for the parents of `level` (None below level 3: the
+    parents of level 2 are the root's children, all siblings)."""
+    return tax.levels[level - 2].parents if level > 2 else None
 
 
 def split_parents(tax: Taxonomy, level: int) -> np.ndarray:

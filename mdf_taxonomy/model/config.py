@@ -55,6 +55,7 @@ PARAMETER_CONSTRAINTS: dict[str, Constraint] = {
     "init_iters": Int(0, MAX_ITER),
     "max_node_size": OrNone(Int(1, 2**62 - 1)),
     "min_node_size": OrNone(Int(1, 2**62 - 1)),
+    "balance_factor": OrNone(FiniteAtLeast(1.0)),
     "centroid_search": OneOf(CENTROID_SEARCHES),
     "coarse_min_children": Int(1, MAX_BRANCHING),
     "coarse_probe": Int(1, 2**16),
@@ -94,6 +95,9 @@ class TaxonomyConfig:
         Balance: a parent of S rows gets max(branching, ceil(S / max_node_size)) children.
     min_node_size : int or None, default=None
         Nodes of fewer rows are flagged in the history as undersized (never merged).
+    balance_factor : float or None, default=None
+        Balance: a parent of S rows, over balance_factor x the median size M of its
+        siblings, gets ceil(branching x S / (balance_factor x M)) children.
     centroid_search : {'exact', 'coarse'}, default='exact'
         'coarse': approximate search of big parents by an index (kernels.coarse_search).
     coarse_min_children : int, default=65536
@@ -120,6 +124,7 @@ class TaxonomyConfig:
     init_iters: int = 10
     max_node_size: int | None = None
     min_node_size: int | None = None
+    balance_factor: float | None = None
     centroid_search: str = "exact"
     coarse_min_children: int = 65536
     coarse_probe: int = 8

@@ -7,9 +7,9 @@ Rules, stated plainly (after FAISS's Clustering):
   depend on batch size, worker count or file order; the rule is in model/sampling.py.
 - Init: greedy k-means++ on the parent's sample (model/seeding.py; generator seeded
   by seed, level, parent), then `init_iters` Lloyd iterations on the sample in memory.
-- A parent gets the branching factor's children, or more where `max_node_size` splits
-  it (model/balance.py), at most as many as it has rows, and at most as many as
-  its sample holds distinct rows (so no two children start on one point and every
+- A parent gets the branching factor's children, or more where `max_node_size` or
+  `balance_factor` splits it (model/balance.py), at most as many as it has rows, and at
+  most as many as its sample holds distinct rows (so no two children start on one point and every
   row has one nearest child); at least one; a parent with no rows gets one child
   equal to itself. Capped parents are counted in the level's history entry and
   logged once per level.
@@ -38,7 +38,7 @@ from mdf_taxonomy.kernels.fixed_point import (  # inertia's fixed point: order-f
     inertia_from_fixed,
     quantize_inertia,
 )
-from mdf_taxonomy.model.balance import children_wanted, level_balance, size_flags
+from mdf_taxonomy.model.balance import children_wanted, level_balance, parent_groups, size_flags
 from mdf_taxonomy.model.config import TaxonomyConfig
 from mdf_taxonomy.model.limits import (  # callers import the bounds here too
     FIXED_SUM_LIMIT,
@@ -151,12 +151,12 @@ def start_level(
     `initial`: parents whose children are given (a warm start, model/warm_start.py),
     taken as they are and counted as `warm_parents`; the others start from their sample.
 
-    A parent is to get the branching factor's children, or more when max_node_size
-    splits it (model/balance.py). The history entry counts the parents that got fewer
+    A parent is to get the branching factor's children, or more when max_node_size or
+    balance_factor splits it (model/balance.py). The history entry counts the parents that got fewer
     than that: `empty_parents` (no rows), `few_rows` (fewer rows), `few_distinct` (fewer
     distinct sample rows than min(wanted, rows)); `capped_parents` is their union and
     `capped_children` the children not made. `distinct_rows` is the number of distinct
-    rows over the level's samples. With max_node_size set, `split_parents` counts the
+    rows over the level's samples. With either set, `split_parents` counts the
     parents that got more children than the branching factor, `split_children` the
     children beyond it.
     """
@@ -164,7 +164,7 @@ def start_level(
     n_parents = 1 if level == 1 else tax.levels[level - 2].n_nodes
     b = cfg.branching(level)
     counted = np.array([result.rows.get(p, 0) for p in range(n_parents)], dtype=np.int64)
-    wanted = children_wanted(cfg, level, counted, n_parents)
+    wanted = children_wanted(cfg, level, counted, n_parents, parent_groups(tax, level))
     blocks, parents = [], []
     seen = {
         "distinct_rows": 0,
@@ -176,7 +176,7 @@ def start_level(
     }
     if initial:
         seen["warm_parents"] = 0
-    if cfg.max_node_size is not None:
+    if cfg.max_node_size is not None or cfg.balance_factor is not None:
         seen.update(split_parents=0, split_children=0)
     for p in range(n_parents):
         if initial and p in initial:
