@@ -1,4 +1,5 @@
-"""`mdf-taxonomy`: run an MDF YAML with taxonomy stages, or fit / predict / sample / dedup
+"""`mdf-taxonomy`: run an MDF YAML with taxonomy stages, or fit / predict / sample / dedup /
+label-capped
 directly.
 
 `run -c CONFIG` is a drop-in for `mdf run` (same flags) that imports this plugin
@@ -15,7 +16,7 @@ import sys
 from typing import Any
 
 from mdf_taxonomy._version import __version__
-from mdf_taxonomy.cli.curation import add_curation_flags, cmd_dedup, cmd_sample
+from mdf_taxonomy.cli.curation import add_curation_flags, cmd_dedup, cmd_label_capped, cmd_sample
 from mdf_taxonomy.cli.options import (
     CLI_FIT_PARAMETERS,
     CLI_RUN_PARAMETERS,
@@ -244,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
             "mark near-duplicates within the nodes of labelled Parquet",
             curation,
             ("device", "compute_dtype", "on_bad_file"),
+        ),
+        (
+            "label-capped",
+            cmd_label_capped,
+            "label Parquet with at most --capacity rows per node",
+            ("embedding_field",),
+            ("batch_size", "device", "kernel_backend"),
         ),
     ):
         sp = sub.add_parser(name, help=what)

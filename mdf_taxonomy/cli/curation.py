@@ -1,5 +1,5 @@
-"""`mdf-taxonomy sample` and `dedup`: the curation steps over a stored tree, as the
-engine's `sample` and `dedup` run them."""
+"""`mdf-taxonomy sample`, `dedup` and `label-capped`: the curation steps over a stored
+tree, as the engine's methods of those names run them."""
 
 from __future__ import annotations
 
@@ -58,6 +58,28 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label_capped(args: argparse.Namespace) -> int:
+    """Label --input with at most --capacity rows per node, as TaxonomyEngine.label_capped."""
+    if args.output is None:
+        raise CliError("label-capped needs --output (where the labelled Parquet goes)")
+    summary = _engine(args).label_capped(
+        args.input,
+        args.output,
+        args.capacity,
+        level=args.level,
+        max_passes=args.max_passes,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"labelled: {summary['rows']} rows, at most {summary['max_node_rows']} per node of "
+        f"level {summary['level']} (nearest: {summary['max_node_rows_nearest']}), "
+        f"{summary['moved_rows']} moved to a sibling, {summary['passes']} passes, rejected "
+        f"{summary['rejected'] or 0}"
+    )
+    print(f"labelled records: {args.output}")
+    return 0
+
+
 def add_curation_flags(sp: argparse.ArgumentParser, name: str) -> None:
     """The flags of `sample` and `dedup` beyond the shared ones."""
     if name == "sample":
@@ -81,3 +103,7 @@ def add_curation_flags(sp: argparse.ArgumentParser, name: str) -> None:
             help="also compare rows this close to a sibling node with its rows",
         )
         sp.add_argument("--id-field", default="id", help="the column naming each row")
+    if name == "label-capped":
+        sp.add_argument("--capacity", type=int, required=True, help="most rows in a node")
+        sp.add_argument("--level", type=int, default=None, help="the capped level (the leaves)")
+        sp.add_argument("--max-passes", type=int, default=64, help="counting passes at most (64)")

@@ -11,8 +11,7 @@ import ray
 import torch
 
 from mdf_taxonomy import _mdf
-from mdf_taxonomy.curation.sampling_passes import sample_parquet
-from mdf_taxonomy.curation.semdedup_parquet import dedup_parquet
+from mdf_taxonomy.engine.curating import CurationMethods
 from mdf_taxonomy.engine.fit_driver import PipelineFit
 from mdf_taxonomy.engine.plan import pinned
 from mdf_taxonomy.engine.running import label_summary, paths_in_memory, record_run
@@ -28,7 +27,7 @@ FIT_PARAMETERS = frozenset(TaxonomyConfig.__dataclass_fields__) - {"extra"}
 RUN_PARAMETERS = frozenset(RunConfig.__dataclass_fields__)
 
 
-class TaxonomyEngine:
+class TaxonomyEngine(CurationMethods):
     """The Python face: `TaxonomyEngine(n_levels, branching_factor, dim, storage_uri).fit(...)`.
 
     It builds an MDF pipeline (ParquetEmbeddingLoader -> KMeansLevelRefiner ->
@@ -256,80 +255,6 @@ class TaxonomyEngine:
         summary["summary_uri"] = record_run(self.storage_uri, self.storage_options, summary)
         self.last_summary = summary
         return tax
-
-    def sample(
-        self,
-        input: str | list[str],  # noqa: A002
-        output: str,
-        target_size: int,
-        multiplier: int = 1,
-        strategy: str = "random",
-        seed: int | None = None,
-        plan_uri: str | None = None,
-        overwrite: bool = False,
-    ) -> dict[str, Any]:
-        """A balanced subset of `input` over the stored tree, written to `output` (every
-        column, plus `taxonomy_repeat`): ssl-data-curation's top-down allocation of
-        `target_size`, each row taken at most `multiplier` times, leaves filled by
-        `strategy` ('random' by content hash, 'closest', 'furthest'). `seed`: the tree's
-        by default. `plan_uri`: also save the plan, for BalancedSampleFilter. The summary."""
-        tax = self.load()
-        self.last_summary = sample_parquet(
-            tax,
-            input,
-            output,
-            target_size,
-            multiplier,
-            strategy,
-            tax.config.seed if seed is None else seed,
-            storage_options=self.storage_options,
-            embedding_field=self.fit_params["embedding_field"],
-            plan_uri=plan_uri,
-            kernel_backend=self.kernel_backend,
-            device=self.device,
-            batch_rows=self.batch_size,
-            overwrite=overwrite,
-        )
-        return self.last_summary
-
-    def dedup(
-        self,
-        input: str | list[str],  # noqa: A002
-        output: str,
-        eps: float,
-        level: int | None = None,
-        ranking: str = "hard",
-        seed: int | None = None,
-        cross_boundary_margin: float | None = None,
-        id_field: str = "id",
-        overwrite: bool = False,
-    ) -> dict[str, Any]:
-        """SemDeDup within the nodes of `level` (None: the leaves) over labelled `input`:
-        every row gets its highest cosine similarity to an earlier-ranked row of its node
-        (`ranking`: 'hard' furthest from the centroid first, 'easy', or 'random' by content
-        hash) and that row's id, and `is_duplicate` for `eps`, so eps can be chosen again
-        later. `cross_boundary_margin`: rows closer than that to a sibling node are also
-        compared with its rows. `seed`: the tree's by default. `output` is refused if it
-        holds data, unless `overwrite`. The summary."""
-        tax = self.load()
-        self.last_summary = dedup_parquet(
-            tax,
-            input,
-            output,
-            eps,
-            level=level,
-            ranking=ranking,
-            seed=tax.config.seed if seed is None else seed,
-            cross_boundary_margin=cross_boundary_margin,
-            id_field=id_field,
-            embedding_field=self.fit_params["embedding_field"],
-            storage_options=self.storage_options,
-            compute_dtype=self.compute_dtype,
-            device=self.device,
-            on_bad_file=self.on_bad_file,
-            overwrite=overwrite,
-        )
-        return self.last_summary
 
     def load(self) -> Taxonomy:
         """The latest snapshot in the store."""
