@@ -1,12 +1,14 @@
-"""Node sizes per level before and after balancing (`max_node_size`), on a heavy-tailed
-synthetic mixture and on the bundled real sample.
+"""Node sizes per level without and with balancing, on a heavy-tailed synthetic mixture
+and on the bundled real sample.
 
-Each data set is fitted twice with the same seed and tree: without balancing, and with
-`max_node_size` set (default: rows / leaves of the plain tree, the leaf size a perfectly
-even tree would have), so that a parent of S rows gets max(branching, ceil(S / cap))
-children at the next level. Per level: nodes, Gini of the node sizes, max/median, max
-and median size; for the balanced fit also the parents split, the leaves still over the
-cap (flagged, a leaf cannot be split) and the nodes under `min_node_size` (flagged).
+Each data set is fitted three times with the same seed and tree: without balancing;
+with `max_node_size` (default: rows / leaves of the plain tree, the leaf size a
+perfectly even tree would have: a parent of S rows gets max(branching, ceil(S / cap))
+children); with `balance_factor` (a parent over factor x its siblings' median gets
+more children). The plain tree then labels the data with a hard bound, capped
+labelling (`TaxonomyEngine.label_capped`) at capacity max(cap, the tightest its parents
+allow). Per variant and level: nodes, Gini of the node sizes, max/median, max and
+median size, parents split, nodes over the cap and under `min_node_size` (flagged).
 
 Synthetic: `--top` clusters of Zipf(`--zipf`) sizes, each a mixture of `--sub` tighter
 blobs (so a large cluster has structure to split along). Real: the bundled 1,030 BioCLIP 2
@@ -14,6 +16,7 @@ embeddings (mdf_taxonomy/data, 768-D, cosine). One process, torch on the CPU.
 
     python benchmarks/bench_balance.py [--rows 200000] [--dim 32] [--top 16] [--sub 64]
         [--zipf 1.1] [--tree 16 8] [--real-tree 8 4] [--min-node-size 10]
+        [--balance-factor 2.0]
 
 Prints the tables and writes results/bench_balance_cpu.json (or to $OUT).
 """
@@ -68,48 +71,80 @@ def fit(data: pathlib.Path, store: pathlib.Path, **params: Any) -> tuple[Any, fl
     return tax, time.perf_counter() - started
 
 
+def capped(tax: Any, data: pathlib.Path, store: pathlib.Path, work: pathlib.Path, cap: int):
+    """Size-capped labelling of `data` with the plain tree: its leaves' sizes, the
+    capacity (`cap`, raised to the tightest a parent allows), passes and seconds."""
+    rows = np.bincount(tax.levels[-1].parents, weights=tax.levels[-1].sizes)
+    children = np.bincount(tax.levels[-1].parents)
+    capacity = max(cap, int(np.max(np.ceil(rows / children))))
+    engine = TaxonomyEngine(storage_uri=str(store), progress=False)
+    started = time.perf_counter()
+    summary = engine.label_capped(str(data), str(work / f"{store.name}-capped"), capacity)
+    seconds = time.perf_counter() - started
+    leaves = pq.read_table(work / f"{store.name}-capped", columns=[f"taxonomy_l{tax.n_levels}"])
+    sizes = np.bincount(leaves.column(0).to_numpy(), minlength=tax.levels[-1].n_nodes)
+    return sizes, {
+        "capacity": capacity,
+        "passes": summary["passes"],
+        "moved_rows": summary["moved_rows"],
+        "seconds": round(seconds, 2),
+        "rows_per_s_per_pass": round(summary["rows"] * summary["passes"] / seconds),
+    }
+
+
 def compare(name: str, data: pathlib.Path, work: pathlib.Path, cap: int | None, **params: Any):
-    """Both fits of one data set: their per-level rows and the cap used."""
+    """The fits of one data set (plain, max_node_size, balance_factor) and capped
+    labelling with the plain tree: per variant and level the node sizes' balance."""
+    factor = params.pop("balance_factor")
     plain, plain_s = fit(data, work / f"{name}-plain", **params)
     cap = cap or max(1, int(plain.levels[-1].sizes.sum()) // plain.levels[-1].n_nodes)
-    balanced, balanced_s = fit(data, work / f"{name}-balanced", max_node_size=cap, **params)
+    fits = {"plain": (plain, plain_s)}
+    fits[f"max_node_size={cap}"] = fit(data, work / f"{name}-cap", max_node_size=cap, **params)
+    fits[f"balance_factor={factor}"] = fit(
+        data, work / f"{name}-factor", balance_factor=factor, **params
+    )
     rows = []
-    for i, (a, b) in enumerate(zip(plain.levels, balanced.levels, strict=True), start=1):
-        before, after = level_balance(a.sizes), level_balance(b.sizes)
-        last = [h for h in balanced.state.history if h["level"] == i and "balance" in h][-1]
-        rows.append(
-            {
-                "level": i,
-                "nodes": [before["n_nodes"], after["n_nodes"]],
-                "gini": [before["gini"], after["gini"]],
-                "max_over_median": [before["max_over_median"], after["max_over_median"]],
-                "max": [before["max"], after["max"]],
-                "median": [before["median"], after["median"]],
-                "split_parents": int(split_parents(balanced, i).size),
-                "over_cap": last.get("oversized"),
-                "under_min": last.get("undersized"),
-            }
-        )
-    seconds = {"plain": round(plain_s, 2), "balanced": round(balanced_s, 2)}
-    return {"data": name, "max_node_size": cap, "params": params, "seconds": seconds}, rows
+    for variant, (tax, _) in fits.items():
+        for i, lv in enumerate(tax.levels, start=1):
+            last = [h for h in tax.state.history if h["level"] == i and "balance" in h][-1]
+            rows.append(
+                {
+                    "variant": variant,
+                    "level": i,
+                    **level_balance(lv.sizes),
+                    "split_parents": int(split_parents(tax, i).size),
+                    "over_cap": int((lv.sizes > cap).sum()),
+                    "under_min": last.get("undersized"),
+                }
+            )
+    sizes, run = capped(plain, data, work / f"{name}-plain", work, cap)
+    variant = f"plain tree, capacity={run['capacity']}"
+    over = int((sizes > cap).sum())
+    rows.append({"variant": variant, "level": plain.n_levels, **level_balance(sizes)})
+    rows[-1].update(split_parents=0, over_cap=over, under_min=None)
+    seconds = {k: round(v[1], 2) for k, v in fits.items()}
+    head = {"data": name, "max_node_size": cap, "params": params, "seconds": seconds}
+    return {**head, "capped_labelling": run}, rows
 
 
 def table(head: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    run = head["capped_labelling"]
     print(
-        f"\n{head['data']}: max_node_size={head['max_node_size']}, "
-        f"fit s plain/balanced {head['seconds']['plain']}/{head['seconds']['balanced']}"
+        f"\n{head['data']}: fit seconds {head['seconds']}; capped labelling: capacity "
+        f"{run['capacity']}, {run['passes']} passes, {run['moved_rows']} rows moved, "
+        f"{run['seconds']} s ({run['rows_per_s_per_pass']} rows/s per pass)"
     )
     print(
-        "| level | nodes | Gini | max/median | max | median | parents split "
-        "| nodes > cap | nodes < min |"
+        "| variant | level | nodes | Gini | max/median | max | median | parents split "
+        f"| nodes > {head['max_node_size']} | nodes < min |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        pair = {k: f"{r[k][0]} -> {r[k][1]}" for k in ("nodes", "gini", "max", "median")}
-        mm = "{} -> {}".format(*(f"{v:.2f}" if v else "-" for v in r["max_over_median"]))
+        mm = "-" if r["max_over_median"] is None else f"{r['max_over_median']:.2f}"
         print(
-            f"| {r['level']} | {pair['nodes']} | {pair['gini']} | {mm} | {pair['max']} "
-            f"| {pair['median']} | {r['split_parents']} | {r['over_cap']} | {r['under_min']} |"
+            f"| {r['variant']} | {r['level']} | {r['n_nodes']} | {r['gini']:.3f} | {mm} "
+            f"| {r['max']} | {r['median']} | {r['split_parents']} | {r['over_cap']} "
+            f"| {r['under_min']} |"
         )
 
 
@@ -124,10 +159,12 @@ def main() -> None:
     ap.add_argument("--real-tree", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--max-node-size", type=int, default=None, help="default: rows / leaves")
     ap.add_argument("--min-node-size", type=int, default=10)
+    ap.add_argument("--balance-factor", type=float, default=2.0)
     ap.add_argument("--max-iter", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     common = {"max_iter": args.max_iter, "seed": args.seed, "min_node_size": args.min_node_size}
+    common["balance_factor"] = args.balance_factor
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
