@@ -190,3 +190,35 @@ def test_the_engine_and_cli_label_parquet_within_the_capacity(tmp_path):
     )
     assert rc == 0
     assert pq.read_table(tmp_path / "cli").sort_by("id")["taxonomy_path"] == out["taxonomy_path"]
+
+
+def test_a_saved_plan_labels_an_mdf_pipeline_as_the_capped_run(tmp_path):
+    from mdf_taxonomy.operators import TaxonomyPathRefiner
+
+    tax = skewed_tree()
+    tax.state.phase = "done"
+    store = str(tmp_path / "store")
+    TaxonomyStore(store).save(tax)
+    x = skewed_rows(tax)
+    plan_uri = str(tmp_path / "plans" / "cap100.json")
+    engine = TaxonomyEngine(storage_uri=store, progress=False)
+    want = engine.label_capped(x, None, 100, plan_uri=plan_uri)
+    op = TaxonomyPathRefiner(storage_uri=store, capacity_plan=plan_uri, device="cpu")
+    records = [{"id": i, "embedding": row.tolist()} for i, row in enumerate(x)]
+    records[3]["embedding"] = records[3]["embedding"][:-1]  # wrong length: flagged, kept
+    out = [
+        rec
+        for start in range(0, len(x), 128)
+        for rec in op.process_batch(records[start : start + 128])
+    ]
+    assert len(out) == len(x) and out[3]["taxonomy_error"]
+    got = np.array([rec["taxonomy_l2"] for rec in out])
+    keep = np.arange(len(x)) != 3
+    assert (got[keep] == want[keep, 1]).all()
+    assert np.bincount(got[keep], minlength=12).max() <= 100
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"junk\.json: not a capacity plan"):
+        TaxonomyPathRefiner(storage_uri=store, capacity_plan=str(tmp_path / "junk.json"))
+    (tmp_path / "foreign.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match=r"foreign\.json: not a capacity plan"):
+        TaxonomyPathRefiner(storage_uri=store, capacity_plan=str(tmp_path / "foreign.json"))

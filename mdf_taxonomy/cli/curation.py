@@ -68,6 +68,7 @@ def cmd_label_capped(args: argparse.Namespace) -> int:
         args.capacity,
         level=args.level,
         max_passes=args.max_passes,
+        plan_uri=args.plan_uri,
         overwrite=args.overwrite,
     )
     print(
@@ -77,6 +78,8 @@ def cmd_label_capped(args: argparse.Namespace) -> int:
         f"{summary['rejected'] or 0}"
     )
     print(f"labelled records: {args.output}")
+    if summary.get("plan_uri"):
+        print(f"capacity plan: {summary['plan_uri']}")
     return 0
 
 
@@ -107,3 +110,4 @@ def add_curation_flags(sp: argparse.ArgumentParser, name: str) -> None:
         sp.add_argument("--capacity", type=int, required=True, help="most rows in a node")
         sp.add_argument("--level", type=int, default=None, help="the capped level (the leaves)")
         sp.add_argument("--max-passes", type=int, default=64, help="counting passes at most (64)")
+        sp.add_argument("--plan-uri", default=None, help="also save the thresholds here")

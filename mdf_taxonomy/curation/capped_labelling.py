@@ -51,12 +51,14 @@ def label_capped_parquet(
     device: str = "auto",
     batch_rows: int = 4096,
     max_passes: int = 64,
+    plan_uri: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Label `input` with at most `capacity` rows in each node of `level` (None: the
     leaves) and write it to `output` (written whole or not at all; see StagedOutput).
-    Returns the summary: passes, nodes cut, rows moved off their nearest node, node
-    sizes before and after, rejected rows by reason."""
+    `plan_uri`: also save the settled thresholds there, for TaxonomyPathRefiner's
+    capacity_plan. Returns the summary: passes, nodes cut, rows moved off their nearest
+    node, node sizes before and after, rejected rows by reason."""
     plan = CapacityPlan(tax, capacity, level)
     if not tax.state.complete:
         raise ValueError(f"the taxonomy (snapshot {tax.version}) is not complete: finish the fit")
@@ -80,6 +82,8 @@ def label_capped_parquet(
         log.info("capacity pass %d: %d node(s) over %d, %d cut", p.passes, over, capacity, p.cut)
 
     settle(plan, placements, max_passes, progress)
+    if plan_uri is not None:
+        plan.save(plan_uri, storage_options)
     rejected: Counter = Counter()
     sizes = np.zeros(len(plan.thresholds), np.int64)
     moved = rows = 0
@@ -121,4 +125,5 @@ def label_capped_parquet(
         "rejected": dict(rejected),
         "output": output,
         "files": files,
+        "plan_uri": plan_uri,
     }

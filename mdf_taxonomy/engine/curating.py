@@ -99,6 +99,7 @@ class CurationMethods:
         capacity: int,
         level: int | None = None,
         max_passes: int = 64,
+        plan_uri: str | None = None,
         overwrite: bool = False,
     ) -> dict[str, Any] | np.ndarray:
         """Label `input` with at most `capacity` rows in each node of `level` (None: the
@@ -106,12 +107,15 @@ class CurationMethods:
         by deferred acceptance (model/capacity.py), the same nodes for any batching or
         order. A URI is read in counting passes (at most `max_passes`) and written to
         `output` with every column and the label columns (the summary is returned); an
-        array in gives its (N, n_levels) int32 paths."""
+        array in gives its (N, n_levels) int32 paths. `plan_uri`: also save the settled
+        thresholds, for TaxonomyPathRefiner's capacity_plan."""
         tax = self.load()
         if isinstance(input, np.ndarray):
-            _, labels = capped_labels(
+            plan, labels = capped_labels(
                 tax, lambda: [input], capacity, level, make_assigner(self.kernel_backend)
             )
+            if plan_uri is not None:
+                plan.save(plan_uri, self.storage_options)
             return labels[0].paths
         if output is None:
             raise ValueError("label_capped needs an output for a Parquet input")
@@ -127,6 +131,7 @@ class CurationMethods:
             device=self.device,
             batch_rows=self.batch_size,
             max_passes=max_passes,
+            plan_uri=plan_uri,
             overwrite=overwrite,
         )
         return self.last_summary

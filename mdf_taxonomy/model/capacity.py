@@ -23,10 +23,12 @@ be capped; the error names it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 
@@ -44,6 +46,26 @@ HISTOGRAM_BUDGET = 2**24
 MAX_BINS, MIN_BINS = 4096, 16
 #: Rows x children x dim of float64 work per block when ranking siblings.
 SIBLING_BLOCK = 2**22
+PLAN_FORMAT, PLAN_FORMAT_VERSION = "mdf_taxonomy.capacity_plan", 1
+
+
+def plan_snapshot(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The snapshot a saved capacity plan was made with; ValueError naming the file when
+    it is not a capacity plan."""
+    return _read_plan(uri, storage_options)["snapshot"]
+
+
+def _read_plan(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    with fsspec.open(uri, "r", **(storage_options or {})) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{uri}: not a capacity plan ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+        raise ValueError(f"{uri}: not a capacity plan (format {PLAN_FORMAT!r} expected)")
+    if d.get("format_version") != PLAN_FORMAT_VERSION:
+        raise ValueError(f"{uri}: capacity plan format_version {d.get('format_version')}")
+    return d
 
 
 def check_capacity(tax: Taxonomy, capacity: int, level: int | None) -> int:
@@ -254,6 +276,42 @@ class CapacityPlan:
         self.low = np.array([next_watch[n][0] for n in order], np.int64)
         self.high = np.array([next_watch[n][1] for n in order], np.int64)
         return done
+
+    def save(self, uri: str, storage_options: dict[str, Any] | None = None) -> str:
+        """Write the settled thresholds as JSON to `uri` (any fsspec URI), so an MDF
+        labeller (TaxonomyPathRefiner's capacity_plan) puts rows where this run did."""
+        plan = {
+            "format": PLAN_FORMAT,
+            "format_version": PLAN_FORMAT_VERSION,
+            "snapshot": self.tax.version,
+            "level": self.level,
+            "capacity": self.capacity,
+            "thresholds": self.thresholds.tolist(),
+        }
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        parent = path.rsplit("/", 1)[0]
+        if parent and parent != path:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "w") as f:
+            json.dump(plan, f)
+        return uri
+
+    @classmethod
+    def load(
+        cls, uri: str, tax: Taxonomy, storage_options: dict[str, Any] | None = None
+    ) -> CapacityPlan:
+        """A saved plan for `tax`; ValueError naming the file when it is not a capacity
+        plan or was made for another snapshot or level shape."""
+        d = _read_plan(uri, storage_options)
+        plan = cls(tax, d["capacity"], d["level"])
+        if d["snapshot"] != tax.version or len(d["thresholds"]) != len(plan.thresholds):
+            raise ValueError(
+                f"{uri}: capacity plan for snapshot {d['snapshot']} "
+                f"({len(d['thresholds'])} nodes at level {d['level']}), taxonomy is snapshot "
+                f"{tax.version} ({len(plan.thresholds)} nodes)"
+            )
+        plan.thresholds = np.asarray(d["thresholds"], np.int64)
+        return plan
 
     def _check_feasible(self, parent_rows: np.ndarray) -> None:
         room = np.diff(self.offsets) * self.capacity

@@ -8,7 +8,9 @@ from typing import Any
 import pyarrow as pa
 
 from mdf_taxonomy.model import Taxonomy, TaxonomyStore
+from mdf_taxonomy.model.capacity import CapacityPlan, plan_snapshot
 from mdf_taxonomy.model.config import check_parameter, document_table_parameters
+from mdf_taxonomy.model.taxonomy import Labels
 from mdf_taxonomy.operators.taxonomy_operator import _TaxonomyRefiner
 from mdf_taxonomy.passes import batch
 from mdf_taxonomy.passes.records import FIELD_PREFIX, ParsedBatch
@@ -34,6 +36,10 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
     field_prefix : str, default='taxonomy_'
         What the names of the added fields start with (letters, digits, underscores), so
         labels of a second taxonomy can sit beside the first's.
+    capacity_plan : str or None, default=None
+        A capacity plan (`TaxonomyEngine.label_capped(..., plan_uri=...)`, any fsspec
+        URI): rows go where that capped run put them, its nodes' thresholds applied
+        row by row (None: the nearest node). Its snapshot is the one labelled with.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         storage_options: dict[str, Any] | None = None,
         compute_dtype: str = "float32",
         field_prefix: str = FIELD_PREFIX,
+        capacity_plan: str | None = None,
     ):
         super().__init__(
             storage_uri,
@@ -68,6 +75,22 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         self.n_levels = n_levels
         check_parameter("field_prefix", field_prefix, type(self).__name__)
         self.fields = batch.LabelFields(field_prefix)
+        self.capacity_plan = capacity_plan
+        self._capacity: CapacityPlan | None = None
+        if capacity_plan is not None:  # read in the driver: a bad plan fails the job here
+            self.snapshot = self.snapshot or plan_snapshot(capacity_plan, storage_options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_capacity"] = None  # reloaded inside the actor
+        return state
+
+    def _capped(self, tax: Taxonomy, parsed: ParsedBatch) -> Labels:
+        if self._capacity is None:
+            self._capacity = CapacityPlan.load(self.capacity_plan, tax, self.storage_options)
+        device = str(self._torch_device())
+        placement = self._capacity.place(parsed.x, self.assigner, device)
+        return self._capacity.labels(placement, self.assigner, device)
 
     def get_output_schema(self) -> dict[str, pa.DataType]:
         return batch.label_schema(self.n_levels, self.fields)
@@ -85,9 +108,11 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
         labels = None
         if len(parsed.valid):
             started = time.perf_counter()
-            labels = tax.assign_paths(
-                self._rows(tax, parsed), assigner=self.assigner, prepared=True
-            )
+            if self.capacity_plan is not None:
+                labels = self._capped(tax, parsed)
+            else:
+                rows = self._rows(tax, parsed)
+                labels = tax.assign_paths(rows, assigner=self.assigner, prepared=True)
             self.timings["assign_s"] += time.perf_counter() - started
         return batch.label_columns(tax.n_levels, n_rows, parsed, labels, self.fields)
 
