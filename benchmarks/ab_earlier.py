@@ -1,8 +1,11 @@
-"""A/B of the lower-triangle search kernel's launch configs and column splits (fp16/bf16,
-D=1024), and a profile of the whole dedup call: which config `launch.config` should give
-`assign_earlier`, and where a node's time goes. CUDA only; prints, writes nothing.
+"""A/B of the lower-triangle search (fp16/bf16, D=1024): the warp-specialised Gluon kernel
+(`gluon_earlier`, the default on sm90) against the tl kernel it replaced
+(`KernelTuning(warp_specialized=False)`), side by side in one run and checked bit for bit;
+optionally the tl kernel's launch configs (`--sweep`) and a profile of the whole dedup call
+(`--profile N`). CUDA only; prints, writes nothing.
 
-Usage: python benchmarks/ab_earlier.py [--sizes N ...] [--profile N]
+Usage: python benchmarks/ab_earlier.py [--sizes N ...] [--dtypes float16 bfloat16]
+       [--chunks C ...] [--sweep] [--profile N]
 """
 
 from __future__ import annotations
@@ -30,51 +33,88 @@ CONFIGS = {  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
     "256x128x64 w8 s3": (256, 128, 64, 8, 3),
     "128x256x32 w8 s5": (128, 256, 32, 8, 5),
 }
+TL = K.KernelTuning(warp_specialized=False)
 
 
 def bench(fn) -> float:
+    """Median seconds (do_bench: events, L2 flushed between calls)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=10, rep=60) * 1e-3
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+
+
+def line(n: int, label: str, t: float, same) -> str:
+    flops = float(n) * n * 1024
+    return (f"| {n} | {label} | {t * 1e3:.3f} | {flops / t / 1e12:.0f} | "
+            f"{100 * flops / t / PEAK:.1f}% | {same} |")  # fmt: skip
+
+
+def ws_vs_tl(x: torch.Tensor, dtype_name: str, chunks: list[int]) -> list[str]:
+    """The tl kernel (its automatic column split), the Gluon kernel (its automatic plan,
+    then each forced chunk width), each checked bit for bit against the tl kernel."""
+    n = x.shape[0]
+    tl_out = EK.assign_earlier_triton(x, with_second=True, tuning=TL)
+    out = [line(n, f"{dtype_name} tl", bench(lambda: EK.assign_earlier_triton(
+        x, with_second=True, tuning=TL)), "-")]  # fmt: skip
+    for c in [None, *chunks]:
+
+        def run(c=c):
+            return EK.assign_earlier_triton(x, with_second=True, split_cols=c)
+
+        same = all(torch.equal(a, b) for a, b in zip(run(), tl_out, strict=True))
+        label = f"{dtype_name} ws" + ("" if c is None else f" chunk={c}")
+        out.append(line(n, label, bench(run), same))
+    return out
+
+
+def sweep(x: torch.Tensor, dtype_name: str) -> list[str]:
+    """The tl kernel's launch configs, each with its automatic split and none."""
+    n, out, ref = x.shape[0], [], None
+    for name, c in CONFIGS.items():
+        conf = dict(
+            zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c, strict=True)
+        )
+        conf.update(TMA=False, XN_BLOCK=64, XN_UNROLL=1)
+        tuning = K.KernelTuning(assign=conf)
+        for split in (None, n):
+
+            def run(tuning=tuning, split=split):
+                return EK.assign_earlier_triton(
+                    x, with_second=True, tuning=tuning, split_cols=split
+                )
+
+            try:
+                got, t = run(), bench(run)
+            except Exception as e:  # noqa: BLE001
+                out.append(f"n={n} {name} split={split}: {type(e).__name__} {e}"[:200])
+                continue
+            same = ref is None or all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+            ref = ref or got
+            tag = "auto" if split is None else "none"
+            out.append(line(n, f"{dtype_name} tl {name} split={tag}", t, same))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
-    ap.add_argument("--profile", type=int, default=65536, help="0: none")
+    ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    ap.add_argument("--chunks", type=int, nargs="*", default=[], help="forced WS chunk widths")
+    ap.add_argument("--sweep", action="store_true", help="the tl kernel's configs too")
+    ap.add_argument("--profile", type=int, default=0, help="rows of a profiled dedup call")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
+    print("| n | kernel | ms | TFLOP/s (n^2 D) | of 989 | == tl |\n|---|---|---|---|---|---|")
     for n in args.sizes:
-        x = torch.nn.functional.normalize(
+        unit = torch.nn.functional.normalize(
             torch.randn(n, 1024, device="cuda", generator=g), dim=1
-        ).half()
-        flops = float(n) * n * 1024
-        ref = None
-        for name, c in CONFIGS.items():
-            conf = dict(
-                zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c, strict=True)
-            )
-            conf.update(TMA=False, XN_BLOCK=64, XN_UNROLL=1)
-            tuning = K.KernelTuning(assign=conf)
-            for split in (None, n):
-                try:
-
-                    def run(x=x, tuning=tuning, split=split):
-                        return EK.assign_earlier_triton(
-                            x, with_second=True, tuning=tuning, split_cols=split
-                        )
-
-                    out = run()
-                    t = bench(run)
-                except Exception as e:  # noqa: BLE001
-                    print(f"n={n} {name} split={split}: {type(e).__name__} {e}"[:200])
-                    continue
-                same = ref is None or all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
-                ref = ref or out
-                tag = "auto" if split is None else "none"
-                print(f"n={n} {name} split={tag}: {t * 1e3:.3f} ms {flops / t / 1e12:.0f} "
-                      f"TFLOP/s {100 * flops / t / PEAK:.0f}% same={same}", flush=True)  # fmt: skip
-        del x
+        )
+        for dtype_name in args.dtypes:
+            x = unit.to(SD.DTYPES[dtype_name])
+            rows = ws_vs_tl(x, dtype_name, args.chunks)
+            rows += sweep(x, dtype_name) if args.sweep else []
+            print("\n".join(rows), flush=True)
+        del unit, x
     n = args.profile
     if not n:
         return

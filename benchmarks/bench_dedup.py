@@ -2,8 +2,10 @@
 obvious torch code, side by side in one run, for both of our searches: the blocked torch
 GEMMs with the exact recheck (`kernels=False`, columns ours_b*) and the search on the
 fused assignment kernels (`semdedup_kernels`, `kernels=True`, columns kernel*, CUDA
-only; kernel_search*: its one launch over the lower triangle alone), whose output is
-checked bit for bit against the torch search's.
+only; kernel_search*: its search over the lower triangle alone), whose output is
+checked bit for bit against the torch search's. Where the warp-specialised Gluon search
+serves (16-bit, sm90), the tl kernel it replaced runs beside it in the same run (columns
+kernel_tl*, kernel_search_tl*: `KernelTuning(warp_specialized=False)`).
 
 The obvious code: the node's full similarity matrix by one matmul, the upper triangle
 masked, max and argmax per row (what one writes first; its bf16 values are not exact and
@@ -21,13 +23,14 @@ package's other dependencies are missing), so it runs on a GPU machine with torc
 
 Usage: python benchmarks/bench_dedup.py [--device cpu|cuda] [--sizes N ...] [--dim D]
        [--dtypes float32|bfloat16|float16 ...] [--block-rows B ...]
-       [--no-kernels] [--reps R] [--threads T]
+       [--no-kernels] [--no-tl] [--reps R] [--search-reps R] [--threads T]
 Writes results/bench_dedup_<device>.json (or to $OUT) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -63,6 +66,14 @@ def _kernel_tolerance(dtype_name: str, dim: int) -> float | None:
     from mdf_taxonomy.curation import semdedup_kernels
 
     return semdedup_kernels.kernel_tolerance(SD.DTYPES[dtype_name], dim)
+
+
+def _ws_serves(device: str) -> bool:
+    """Whether the default search is the warp-specialised Gluon kernel (16-bit rows)."""
+    from mdf_taxonomy.kernels import launch
+
+    x = torch.zeros(2, 64, device=device, dtype=torch.float16)
+    return launch.use_ws(x, x, "cosine", 0)
 
 
 def _sync(device: str) -> None:
@@ -108,9 +119,37 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
 
 
 def _variants(args) -> list[tuple[str, bool, int]]:
-    """(column prefix, kernels, block_rows): the torch search, then the kernel search."""
+    """(column prefix, kernels, block_rows): the torch search, then the kernel search
+    (default dispatch, then the tl kernel alone where the Gluon one serves)."""
     out = [(f"ours_b{b}", False, b) for b in args.block_rows]
-    return out + ([("kernel", True, 0)] if args.kernels else [])
+    if args.kernels:
+        out.append(("kernel", True, 0))
+        out += [("kernel_tl", True, 0)] if args.tl_beside else []
+    return out
+
+
+def _tl_tuning():
+    from mdf_taxonomy.kernels import KernelTuning
+
+    return KernelTuning(warp_specialized=False)
+
+
+@contextlib.contextmanager
+def _search_tuning(name: str):
+    """The kernel search of variant `name`: kernel_tl runs the tl kernel (the Gluon one
+    kept out), the others the default dispatch."""
+    if name != "kernel_tl":
+        yield
+        return
+    from mdf_taxonomy.curation import semdedup_kernels
+    from mdf_taxonomy.kernels import TritonAssigner
+
+    made = semdedup_kernels.make_assigner
+    semdedup_kernels.make_assigner = lambda *a, **k: TritonAssigner(_tl_tuning())
+    try:
+        yield
+    finally:
+        semdedup_kernels.make_assigner = made
 
 
 def measure(x: torch.Tensor, dtype_name: str, args, roofline: float) -> dict:
@@ -128,10 +167,11 @@ def measure(x: torch.Tensor, dtype_name: str, args, roofline: float) -> dict:
     for name, kernels, b in _variants(args):
         stats: dict = {}
 
-        def run(b=b, stats=stats, kernels=kernels):
-            return SD.node_max_similarity(
-                x, ids, keys, block_rows=b, compute_dtype=dtype, stats=stats, kernels=kernels
-            )
+        def run(b=b, stats=stats, kernels=kernels, name=name):
+            with _search_tuning(name):
+                return SD.node_max_similarity(
+                    x, ids, keys, block_rows=b, compute_dtype=dtype, stats=stats, kernels=kernels
+                )
 
         row[f"{name}_s"] = timeit(run, device, args.reps)
         val, eid = run()
@@ -158,17 +198,27 @@ def measure(x: torch.Tensor, dtype_name: str, args, roofline: float) -> dict:
             row["equal_to_cpu_float32"] = bool(
                 np.array_equal(val, cpu[0]) and np.array_equal(eid, cpu[1])
             )
-    if args.kernels:  # the search's one launch alone, on the rows as the kernel reads them
-        from mdf_taxonomy.kernels import make_assigner
+    searches = []
+    if args.kernels:  # the search alone, on the rows as the kernel reads them
+        from mdf_taxonomy.kernels import TritonAssigner
 
         low = SD.unit_rows(x).to(dtype)
-        search = make_assigner("triton")
-        row["kernel_search_s"] = timeit(
-            lambda: search.assign_earlier(low, with_second=True), device, args.reps
-        )
-        del low
+        searches = [("kernel_search", TritonAssigner())]
+        searches += [("kernel_search_tl", TritonAssigner(_tl_tuning()))] if args.tl_beside else []
+        outs = []
+        for name, search in searches:
+            row[f"{name}_s"] = timeit(
+                lambda s=search: s.assign_earlier(low, with_second=True), device, args.search_reps
+            )
+            outs.append(search.assign_earlier(low, with_second=True))
+        if len(outs) == 2:
+            row["kernel_search_equal_to_tl"] = all(
+                (a is None and b is None) or torch.equal(a, b)
+                for a, b in zip(outs[0], outs[1], strict=True)
+            )
+        del low, outs
     names = ["obvious", *(v[0] for v in _variants(args))]
-    for name in names + (["kernel_search"] if args.kernels else []):
+    for name in names + [name for name, _ in searches]:
         seconds = row[f"{name}_s"]
         row[f"{name}_rows_per_s"] = n / seconds
         row[f"{name}_tflops"] = flops / seconds / 1e12
@@ -178,16 +228,18 @@ def measure(x: torch.Tensor, dtype_name: str, args, roofline: float) -> dict:
 
 def table(rows: list[dict], args) -> list[str]:
     head = ["n", "dtype", "obvious rows/s", "TFLOP/s", "roof"]
-    for _, kernels, b in _variants(args):
-        label = "kernel" if kernels else f"torch b={b}"
-        head += [f"{label} rows/s", "TFLOP/s", "roof", "vs obvious", "rechecked/row"]
+    for p, kernels, b in _variants(args):
+        label = p if kernels else f"torch b={b}"
+        head += [f"{label} rows/s", "ms", "TFLOP/s", "roof", "vs obvious", "rechecked/row"]
         head += ["uncertain/row", "== torch", "search alone TFLOP/s", "roof"] if kernels else []
+    head += ["search == tl"] if args.tl_beside else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["n"]), r["dtype"], f"{r['obvious_rows_per_s']:.3g}"]
         cells += [f"{r['obvious_tflops']:.3g}", f"{100 * r['obvious_frac_roofline']:.0f}%"]
         for p, kernels, _ in _variants(args):
-            cells += [f"{r[p + '_rows_per_s']:.3g}", f"{r[p + '_tflops']:.3g}"]
+            cells += [f"{r[p + '_rows_per_s']:.3g}", f"{1e3 * r[p + '_s']:.3g}"]
+            cells += [f"{r[p + '_tflops']:.3g}"]
             cells += [f"{100 * r[p + '_frac_roofline']:.0f}%"]
             cells += [f"{r['obvious_s'] / r[p + '_s']:.2f}x"]
             cells += [f"{r.get(p + '_rechecked_pairs_per_row', float('nan')):.2f}"]
@@ -195,8 +247,9 @@ def table(rows: list[dict], args) -> list[str]:
                 cells += [f"{r.get(p + '_uncertain_rows_per_row', float('nan')):.3f}"]
                 same = [v for k, v in r.items() if k.startswith(p + "_equal_to_")]
                 cells += [str(same[0]) if same else "-"]
-                cells += [f"{r['kernel_search_tflops']:.3g}"]
-                cells += [f"{100 * r['kernel_search_frac_roofline']:.0f}%"]
+                q = p.replace("kernel", "kernel_search")
+                cells += [f"{r[q + '_tflops']:.3g}", f"{100 * r[q + '_frac_roofline']:.0f}%"]
+        cells += [str(r.get("kernel_search_equal_to_tl", "-"))] if args.tl_beside else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -210,6 +263,8 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, nargs="+", help="the torch search's")
     ap.add_argument("--no-kernels", dest="kernels", action="store_false", help="torch only")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--search-reps", type=int, default=20, help="the search alone's")
+    ap.add_argument("--no-tl", dest="tl_beside", action="store_false", help="no tl kernel columns")
     ap.add_argument("--eps", type=float, default=0.05)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
     args = ap.parse_args()
@@ -224,6 +279,7 @@ def main() -> None:
     args.block_rows = args.block_rows or ([4096] if cuda else [512, 1024])
     # the kernel search: on CUDA (on CPU Triton only interprets, far too slowly to time)
     args.kernels = args.kernels and cuda and _kernels_ok()
+    args.tl_beside = args.tl_beside and args.kernels and _ws_serves(args.device)
     if cuda:
         device_name = torch.cuda.get_device_name(args.device)
         roofline = H200_BF16_TFLOPS * 1e12
@@ -248,6 +304,8 @@ def main() -> None:
         "dtypes": dtypes,
         "block_rows": args.block_rows,
         "kernel_search": args.kernels,
+        "tl_beside": args.tl_beside,
+        "search_reps": args.search_reps,
         "kernel_tolerance": {d: _kernel_tolerance(d, dim) for d in dtypes},
         "reps": args.reps,
         "flop_count": "n^2 * D per node (2 * n^2 * D / 2: the lower triangle), for both",

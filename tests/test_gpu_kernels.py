@@ -378,3 +378,66 @@ def test_earlier_above_lists_the_oracles_candidates(dtype):
         assert bool(torch.isin(sure[r].nonzero()[:, 0], listed).all())
     copies = torch.nonzero((pos >= 4000) & (pos < 4010), as_tuple=True)[0]
     assert bool((cand[copies] == 17).any(1).all())  # the original, for every copy
+
+
+def _earlier_rows(n, d, dtype, seed):
+    """Unit rows with exact ties: copies of one row inside one column chunk and across
+    chunks (row 11 copied to 500..502, row 100 to 3000 and 5000 where n allows)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, device=DEV, generator=g), dim=1)
+    for src, dst in ((11, [500, 501, 502]), (100, [3000, 5000])):
+        dst = [i for i in dst if i < n]
+        if dst:
+            x[dst] = x[src].clone()
+    return x.to(dtype)
+
+
+def _ws_serves(x) -> bool:
+    return L.use_ws(x, x, "cosine", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "n,d", [(2, 64), (3, 64), (127, 64), (129, 96), (700, 1024), (3000, 1024), (5001, 1024)]
+)
+def test_warp_specialised_earlier_same_bits_as_tl(dtype, n, d):
+    """The Gluon lower-triangle search gives the tl kernel's bits (ids, distances, runner-up),
+    whole row blocks or split into column chunks of any width; copies go to the lowest id."""
+    from mdf_taxonomy.kernels import earlier_kernels as EK
+
+    low = _earlier_rows(n, d, dtype, seed=n + d)
+    tl_only = K.KernelTuning(warp_specialized=False)
+    want = EK.assign_earlier_triton(low, with_second=True, tuning=tl_only)
+    if not _ws_serves(low):
+        pytest.skip("the Gluon kernel does not serve this device / Triton")
+    for split_cols in (None, 256, 1024, n):
+        got = EK.assign_earlier_triton(low, with_second=True, split_cols=split_cols)
+        assert same(got, want), split_cols
+    if n > 600:
+        assert want[0][500:503].tolist() == [11, 11, 11]
+    if n > 5000:
+        assert want[0][[3000, 5000]].tolist() == [100, 100]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [8192, 12345, 16384])
+def test_warp_specialised_earlier_nodes_of_8k_and_more(dtype, n):
+    """Nodes of 8k rows and more (the persistent grid's longest-first plan over split row
+    blocks, one merge launch): the tl kernel's bits and the float64 oracle's ids except at
+    near-ties."""
+    low = _earlier_rows(n, 1024, dtype, seed=n)
+    if not _ws_serves(low):
+        pytest.skip("the Gluon kernel does not serve this device / Triton")
+    got = TRITON.assign_earlier(low, with_second=True)
+    tl_only = K.TritonAssigner(K.KernelTuning(warp_specialized=False))
+    assert same(got, tl_only.assign_earlier(low, with_second=True))
+    rows = torch.arange(1, n, device=DEV)[::7]
+    exact = low[rows].double() @ low.double().T
+    exact.masked_fill_(torch.arange(n, device=DEV)[None, :] >= rows[:, None], -2.0)
+    best = exact.max(1).values
+    assert bool((best - exact[torch.arange(len(rows)), got.ids[rows]] <= 2e-5).all())
+    assert float((got.distance[rows] - (1 - best)).abs().max()) <= REL[dtype]
+    assert got.ids[500:503].tolist() == [11, 11, 11] and got.ids[[3000, 5000]].tolist() == [
+        100,
+        100,
+    ]

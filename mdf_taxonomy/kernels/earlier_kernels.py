@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .assign_kernels import _tile_dot, _top2_update, store_rows
-from .launch import DEFAULT_TUNING, KernelTuning, n_sms
+from .launch import DEFAULT_TUNING, KernelTuning, n_sms, use_ws
 from .metrics import finish_distance
 from .triton_dispatch import empty_out, kernel_input
 
@@ -254,15 +254,25 @@ def assign_earlier_triton(
     A node too small to fill the GPU with row blocks also splits the columns into ranges
     of ``split_cols`` (default: what gives ~2 programs per multiprocessor), merged by the
     exact top-2 merge (lowest id on ties), so the split never changes a bit.
+
+    16-bit rows on sm90 with TMA (``launch.use_ws``) run the warp-specialised Gluon kernel
+    (``gluon_earlier``: the same bits, faster); ``tuning.warp_specialized=False`` or a
+    fixed ``tuning.assign`` keeps this module's tl kernel.
     """
     if x.dim() != 2:
         raise ValueError(f"bad shape x={tuple(x.shape)}")
     x = kernel_input(x)
     n, d = x.shape
+    tuning = tuning or DEFAULT_TUNING
+    if n >= 2 and use_ws(x, x, "cosine", 0, tuning):
+        from .gluon_earlier import assign_earlier_ws
+
+        ids, dist, sec = assign_earlier_ws(x, split_cols=split_cols)
+        return ids, dist, sec if with_second else None
     ids, dist, sec = empty_out(n, x.device, True, filled=True)
     if n < 2:
         return ids, dist, sec if with_second else None
-    conf = (tuning or DEFAULT_TUNING).assign_config(x.dtype, d, n, x.device)
+    conf = tuning.assign_config(x.dtype, d, n, x.device)
     bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
     row_blocks = triton.cdiv(n, bm)
     sms = n_sms(x.device)
