@@ -1,18 +1,23 @@
 """A/B of the lower-triangle search (fp16/bf16, D=1024): the warp-specialised Gluon kernel
 (`gluon_earlier`, the default on sm90) against the tl kernel it replaced
 (`KernelTuning(warp_specialized=False)`), side by side in one run and checked bit for bit;
-optionally the tl kernel's launch configs (`--sweep`) and a profile of the whole dedup call
-(`--profile N`). CUDA only; prints, writes nothing.
+beside cuBLAS's GEMM of the same node (x @ x.T, n x n x D, 2 n^2 D flops: what the search
+would run at with a free epilogue and no triangle); optionally both sustained for S
+seconds with the SM clock and power read mid-run (`--sustained S`: a 700 W part clocks
+down under a long tensor-core load), the tl kernel's launch configs (`--sweep`) and a
+profile of the whole dedup call (`--profile N`). CUDA only; prints, writes nothing.
 
 Usage: python benchmarks/ab_earlier.py [--sizes N ...] [--dtypes float16 bfloat16]
-       [--chunks C ...] [--sweep] [--profile N]
+       [--chunks C ...] [--sustained S] [--sweep] [--profile N]
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -43,8 +48,8 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
 
 
-def line(n: int, label: str, t: float, same) -> str:
-    flops = float(n) * n * 1024
+def line(n: int, label: str, t: float, same, flops: float | None = None) -> str:
+    flops = flops or float(n) * n * 1024
     return (f"| {n} | {label} | {t * 1e3:.3f} | {flops / t / 1e12:.0f} | "
             f"{100 * flops / t / PEAK:.1f}% | {same} |")  # fmt: skip
 
@@ -64,6 +69,42 @@ def ws_vs_tl(x: torch.Tensor, dtype_name: str, chunks: list[int]) -> list[str]:
         same = all(torch.equal(a, b) for a, b in zip(run(), tl_out, strict=True))
         label = f"{dtype_name} ws" + ("" if c is None else f" chunk={c}")
         out.append(line(n, label, bench(run), same))
+    return out
+
+
+def gemm_line(x: torch.Tensor, dtype_name: str) -> str:
+    n = x.shape[0]
+    return line(n, f"{dtype_name} cuBLAS x @ x.T", bench(lambda: x @ x.T), "-", 2.0 * n * n * 1024)
+
+
+def sustained(x: torch.Tensor, dtype_name: str, seconds: float) -> list[str]:
+    """The WS search and cuBLAS's GEMM each run back to back for `seconds`, the SM clock
+    and power read by nvidia-smi half way through."""
+    n, out = x.shape[0], []
+    fns = {
+        "ws": (lambda: EK.assign_earlier_triton(x, with_second=True), float(n) * n * 1024),
+        "cuBLAS x @ x.T": (lambda: x @ x.T, 2.0 * n * n * 1024),
+    }
+    for label, (fn, flops) in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        per_call = bench(fn)
+        calls = max(1, int(seconds / per_call))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        time.sleep(seconds / 2)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()  # fmt: skip
+        end.synchronize()
+        t = start.elapsed_time(end) * 1e-3 / calls
+        out.append(
+            line(n, f"{dtype_name} {label}, {seconds:.0f} s sustained ({smi})", t, "-", flops)
+        )
     return out
 
 
@@ -100,18 +141,20 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     ap.add_argument("--chunks", type=int, nargs="*", default=[], help="forced WS chunk widths")
+    ap.add_argument("--sustained", type=float, default=0.0, help="seconds of back-to-back calls")
     ap.add_argument("--sweep", action="store_true", help="the tl kernel's configs too")
     ap.add_argument("--profile", type=int, default=0, help="rows of a profiled dedup call")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
-    print("| n | kernel | ms | TFLOP/s (n^2 D) | of 989 | == tl |\n|---|---|---|---|---|---|")
+    print("| n | kernel | ms | TFLOP/s | of 989 | == tl |\n|---|---|---|---|---|---|")
     for n in args.sizes:
         unit = torch.nn.functional.normalize(
             torch.randn(n, 1024, device="cuda", generator=g), dim=1
         )
         for dtype_name in args.dtypes:
             x = unit.to(SD.DTYPES[dtype_name])
-            rows = ws_vs_tl(x, dtype_name, args.chunks)
+            rows = ws_vs_tl(x, dtype_name, args.chunks) + [gemm_line(x, dtype_name)]
+            rows += sustained(x, dtype_name, args.sustained) if args.sustained else []
             rows += sweep(x, dtype_name) if args.sweep else []
             print("\n".join(rows), flush=True)
         del unit, x
