@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from mdf_taxonomy.curation.capped_labelling import label_capped_parquet
+from mdf_taxonomy.curation.sampling import resolve_device
 from mdf_taxonomy.curation.sampling_passes import sample_parquet
 from mdf_taxonomy.curation.semdedup_parquet import dedup_parquet
 from mdf_taxonomy.kernels import make_assigner
@@ -111,8 +112,16 @@ class CurationMethods:
         thresholds, for TaxonomyPathRefiner's capacity_plan."""
         tax = self.load()
         if isinstance(input, np.ndarray):
+            assigner, device = make_assigner(self.kernel_backend), resolve_device(self.device)
+            rows = np.ascontiguousarray(input, dtype=np.float32)  # ties hash float32 bytes
+            bad = np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(axis=1))
+            if bad.size:
+                raise ValueError(
+                    f"label_capped: row(s) {bad[:5].tolist()} ({bad.size} in all) are not "
+                    "finite; a Parquet input rejects such records one by one"
+                )
             plan, labels = capped_labels(
-                tax, lambda: [input], capacity, level, make_assigner(self.kernel_backend)
+                tax, lambda: [rows], capacity, level, assigner, device, max_passes
             )
             if plan_uri is not None:
                 plan.save(plan_uri, self.storage_options)

@@ -39,7 +39,8 @@ class TaxonomyPathRefiner(_TaxonomyRefiner):
     capacity_plan : str or None, default=None
         A capacity plan (`TaxonomyEngine.label_capped(..., plan_uri=...)`, any fsspec
         URI): rows go where that capped run put them, its nodes' thresholds applied
-        row by row (None: the nearest node). Its snapshot is the one labelled with.
+        row by row (None: the nearest node). Its snapshot is the one labelled with, and
+        rows are placed in float32 as that run placed them, whatever `compute_dtype`.
     """
 
     def __init__(
