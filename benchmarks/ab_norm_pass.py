@@ -9,14 +9,14 @@ thermal drift hits all of them alike. Prints a table; writes ab_norm_pass.json t
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/: _results
 
+import _results as R  # noqa: E402
 import torch  # noqa: E402
 from bench_kernels import DEV, D, clustered, timeit  # noqa: E402
 
@@ -67,15 +67,13 @@ def main() -> int:
                 )
             )
     print("bit-identical distances vs default:", [r["bit_identical_distances"] for r in rows])
-    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     info = dict(
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=__import__("triton").__version__,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        date=R.utc_date(),
     )
-    with open(os.path.join(out, "ab_norm_pass.json"), "w") as f:
-        json.dump(dict(info=info, rows=rows), f, indent=1)
+    R.write_result(R.result_path("ab_norm_pass"), info, rows)
     print(info)
     print("| K | variant | rows/s (median of 5 rounds) | spread |")
     print("|---|---|---|---|")

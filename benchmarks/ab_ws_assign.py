@@ -13,14 +13,14 @@ Writes ab_ws_assign.json to $OUT (or benchmarks/results).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/: _results
 
+import _results as R  # noqa: E402
 import torch  # noqa: E402
 from bench_kernels import DEV, D, clustered, matmul_rate, timeit  # noqa: E402
 
@@ -198,7 +198,7 @@ def main() -> int:
         torch=torch.__version__,
         triton=__import__("triton").__version__,
         conf=conf,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        date=R.utc_date(),
     )
     print(info, flush=True)
     res = dict(info=info)
@@ -207,9 +207,7 @@ def main() -> int:
         print(f"check: {sum(r['ok'] for r in res['check'])}/{len(res['check'])} pass")
     if what in ("bench", "all"):
         res["bench"] = bench(conf)
-    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    with open(os.path.join(out, f"ab_ws_assign_{what}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    R.write_json(R.result_path("ab_ws_assign", what), res)
     return 0
 
 

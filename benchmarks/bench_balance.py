@@ -24,11 +24,10 @@ Prints the tables and writes results/bench_balance_cpu.json (or to $OUT).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
 import platform
+import sys
 import tempfile
 import time
 from typing import Any
@@ -41,6 +40,9 @@ import torch
 from mdf_taxonomy import __version__
 from mdf_taxonomy.engine import TaxonomyEngine
 from mdf_taxonomy.model.balance import level_balance, split_parents
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/: _results
+import _results as R  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL = ROOT / "mdf_taxonomy" / "data" / "treeoflife_bioclip2_1k.parquet"
@@ -184,20 +186,18 @@ def main() -> None:
             results.append({**head, "levels": rows})
             table(head, rows)
     info = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": R.local_date(),
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "versions": {
-            "mdf_taxonomy": __version__,
-            "torch": torch.__version__,
-            "pyarrow": pa.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": R.versions(
+            mdf_taxonomy=__version__,
+            torch=torch.__version__,
+            pyarrow=pa.__version__,
+            numpy=np.__version__,
+        ),
         "params": {**vars(args), "torch_threads": torch.get_num_threads()},
     }
-    out_dir = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    path = out_dir / "bench_balance_cpu.json"
-    path.write_text(json.dumps({"info": info, "results": results}, indent=1))
+    path = R.result_path("bench_balance", "cpu")
+    R.write_result(path, info, results, rows_key="results")
     print(f"wrote {path}")
 
 

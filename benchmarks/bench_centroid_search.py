@@ -28,10 +28,8 @@ Writes results/bench_centroid_search_<device>.json (or to $OUT) and prints the t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +38,9 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _results
+
+import _results as R  # noqa: E402
 
 from mdf_taxonomy.kernels import (  # noqa: E402
     Assignment,
@@ -183,31 +184,25 @@ def main() -> None:
     if cuda:
         import triton
 
-        device_name = torch.cuda.get_device_name(args.device)
-        versions = {"torch": torch.__version__, "triton": triton.__version__}
+        extra_versions = {"triton": triton.__version__}
         exact_name = "TritonAssigner (fused Triton kernels)"
     else:
-        device_name = f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
-        versions = {"torch": torch.__version__}
+        extra_versions = {}
         exact_name = f"TorchAssigner (over blocks of {CPU_EXACT_BLOCK} centroids)"
-    versions["python"] = platform.python_version()
-    info = {
-        "device": device_name,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": versions,
-        "torch_threads": torch.get_num_threads(),
-        "exact": exact_name,
-        "coarse": "CoarseSearchAssigner on the same kernels (index timed apart)",
-        "dtype": dtype_name,
-        "centroids": "float32",
-        "data": f"K/{args.per_super} super-clusters, centroid = centre N(0,4I) + N(0,I), "
+    info = R.run_info(
+        args.device,
+        extra_versions=extra_versions,
+        torch_threads=torch.get_num_threads(),
+        exact=exact_name,
+        coarse="CoarseSearchAssigner on the same kernels (index timed apart)",
+        dtype=dtype_name,
+        centroids="float32",
+        data=f"K/{args.per_super} super-clusters, centroid = centre N(0,4I) + N(0,I), "
         f"row = random centroid + N(0,{args.noise}^2 I)",
-        "timing": f"median of {args.reps} after a warm-up" if cuda else "one call",
-    }
-    slug = "cpu" if not cuda else device_name.lower().replace(" ", "_")
-    out_dir = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"bench_centroid_search_{slug}.json"
+        timing=f"median of {args.reps} after a warm-up" if cuda else "one call",
+    )
+    device_name = info["device"]
+    path = R.result_path("bench_centroid_search", R.device_slug(device_name if cuda else None))
     print(f"{device_name}; exact: {exact_name}; rows {dtype_name}; {info['timing']}")
     print(HEADER, flush=True)
     rows: list[dict] = []
@@ -216,7 +211,7 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
         info["load_average_after"] = os.getloadavg()
-        path.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        R.write_result(path, info, rows)
     print(f"\nwrote {path}")
 
 

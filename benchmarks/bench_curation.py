@@ -12,11 +12,10 @@ Prints a table and writes results/bench_curation_<device>.json (or to $OUT).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
 import platform
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -35,7 +34,8 @@ from mdf_taxonomy.passes.parquet_input import ParquetInput
 from mdf_taxonomy.passes.parquet_sink import ParquetSink
 from mdf_taxonomy.passes.records import parse_arrow
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/: _results
+import _results as R  # noqa: E402
 
 
 def synthetic(rows: int, dim: int, root: pathlib.Path, tree: tuple[int, int]) -> Taxonomy:
@@ -131,16 +131,15 @@ def main() -> None:
             )
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     info = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": R.local_date(),
         "device": f"{device} ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores)",
-        "versions": {
-            "mdf_taxonomy": __version__,
-            "torch": torch.__version__,
-            "pyarrow": pa.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": R.versions(
+            mdf_taxonomy=__version__,
+            torch=torch.__version__,
+            pyarrow=pa.__version__,
+            numpy=np.__version__,
+        ),
         "params": {**vars(args), "tree": list(tree), "torch_threads": torch.get_num_threads()},
     }
     print(f"{info['device']}; {args.rows} rows x {args.dim}, tree {tree}, target {args.target}")
@@ -148,10 +147,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['pass']} | {r['seconds']} | {r['rows_per_s']:,} | {r['vs_label']} |")
-    out_dir = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    tag = "cpu" if device == "cpu" else device.lower().replace(" ", "_")
-    path = out_dir / f"bench_curation_{tag}.json"
-    path.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    path = R.result_path("bench_curation", R.device_slug(None if device == "cpu" else device))
+    R.write_result(path, info, rows)
     print(f"wrote {path}")
 
 

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -44,8 +42,11 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _results
 H200_BF16_TFLOPS = 989.0
 
+
+import _results as R  # noqa: E402
 
 from mdf_taxonomy.curation import semdedup as SD  # noqa: E402, N812
 
@@ -280,46 +281,37 @@ def main() -> None:
     # the kernel search: on CUDA (on CPU Triton only interprets, far too slowly to time)
     args.kernels = args.kernels and cuda and _kernels_ok()
     args.tl_beside = args.tl_beside and args.kernels and _ws_serves(args.device)
+    device_name = R.device_name(args.device)
     if cuda:
-        device_name = torch.cuda.get_device_name(args.device)
         roofline = H200_BF16_TFLOPS * 1e12
         roofline_note = "H200 dense bf16/fp16 peak, 989 TFLOP/s"
         if "H200" not in device_name:
             roofline_note += f" (the device is {device_name}: another peak applies)"
     else:
-        device_name = f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
         roofline = matmul_rate(args.device, torch.float32)
         roofline_note = f"measured float32 matmul of this CPU, {roofline / 1e9:.1f} GFLOP/s"
-    info = {
-        "device": device_name,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": {
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
-        "torch_threads": torch.get_num_threads(),
-        "load_average_after": os.getloadavg(),
-        "dim": dim,
-        "dtypes": dtypes,
-        "block_rows": args.block_rows,
-        "kernel_search": args.kernels,
-        "tl_beside": args.tl_beside,
-        "search_reps": args.search_reps,
-        "kernel_tolerance": {d: _kernel_tolerance(d, dim) for d in dtypes},
-        "reps": args.reps,
-        "flop_count": "n^2 * D per node (2 * n^2 * D / 2: the lower triangle), for both",
-        "roofline": roofline_note,
-        "roofline_flops": roofline,
-        "group": SD.GROUP,
-        "tolerance": {d: SD.similarity_tolerance(SD.DTYPES[d], dim) for d in dtypes},
-        "data": "centre + noise (mean cosine ~0.5), 2% near-copies (cosine ~0.999)",
-        "decisions_compared_at_eps": args.eps,
-    }
-    slug = "cpu" if not cuda else device_name.lower().replace(" ", "_")
-    out_dir = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"bench_dedup_{slug}.json"
+    info = R.run_info(
+        args.device,
+        extra_versions={"numpy": np.__version__},
+        torch_threads=torch.get_num_threads(),
+        load_average_after=os.getloadavg(),
+        dim=dim,
+        dtypes=dtypes,
+        block_rows=args.block_rows,
+        kernel_search=args.kernels,
+        tl_beside=args.tl_beside,
+        search_reps=args.search_reps,
+        kernel_tolerance={d: _kernel_tolerance(d, dim) for d in dtypes},
+        reps=args.reps,
+        flop_count="n^2 * D per node (2 * n^2 * D / 2: the lower triangle), for both",
+        roofline=roofline_note,
+        roofline_flops=roofline,
+        group=SD.GROUP,
+        tolerance={d: SD.similarity_tolerance(SD.DTYPES[d], dim) for d in dtypes},
+        data="centre + noise (mean cosine ~0.5), 2% near-copies (cosine ~0.999)",
+        decisions_compared_at_eps=args.eps,
+    )
+    path = R.result_path("bench_dedup", R.device_slug(device_name if cuda else None))
     rows = []
     for n in args.sizes:
         x = node(n, dim, args.device)
@@ -328,12 +320,12 @@ def main() -> None:
             print("\n".join(table(rows[-1:], args)[2:]), flush=True)
             info["load_average_after"] = os.getloadavg()
             info["complete"] = False
-            path.write_text(json.dumps({"info": info, "rows": rows}, indent=1))  # so far
+            R.write_result(path, info, rows)  # so far
         del x
         if cuda:
             torch.cuda.empty_cache()
     info["complete"] = True
-    path.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    R.write_result(path, info, rows)
     print(f"\n{device_name}; torch {torch.__version__}; D={dim}; {roofline_note}")
     print(f"flops counted: {info['flop_count']}; wall-clock median of {args.reps} after a warm-up")
     print("\n".join(table(rows, args)))

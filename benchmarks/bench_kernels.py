@@ -13,7 +13,6 @@ Usage: python benchmarks/bench_kernels.py [--sweep] [--small]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,7 +21,9 @@ import time
 from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/: _results
 
+import _results as R  # noqa: E402
 import torch  # noqa: E402
 
 from mdf_taxonomy import kernels as KR  # noqa: E402
@@ -426,7 +427,7 @@ def main() -> int:
         torch=torch.__version__,
         triton=triton.__version__,
         flash_kmeans=fk_version,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        date=R.utc_date(),
         D=D,
         gpu_start=gpu_state(),
     )
@@ -523,10 +524,8 @@ def main() -> int:
             r["fp8_frac_roofline"] = r["ours_fp8"] / r["roofline"]
         g_row["roofline"] = max(rates) / (3 * 2 * 1024 * D)
         rate = max(rates)
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    res = dict(info=info, rows=rows, grouped=g_row, sweep=log, seconds=round(time.time() - t0, 1))
-    with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    path = R.result_path("bench_kernels")
+    R.write_result(path, info, rows, grouped=g_row, sweep=log, seconds=round(time.time() - t0, 1))
 
     def m(v):
         return "-" if v is None else f"{v / 1e6:.1f} M"
@@ -607,8 +606,7 @@ def main() -> int:
         + "; ".join(f"after K={r['K']} {r['gpu_after']}" for r in rows),
     ]
     table = "\n".join(lines)
-    with open(os.path.join(out_dir, "bench_kernels.md"), "w") as f:
-        f.write(table + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
     print("\n" + table)
     return 0
 

@@ -12,12 +12,12 @@ The peers need the `bench` extra (faiss-cpu, scikit-learn).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
 import platform
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -36,12 +36,14 @@ from mdf_taxonomy.engine import TaxonomyEngine, describe_input, ensure_ray, fing
 from mdf_taxonomy.model import FitState, Level, Taxonomy, TaxonomyConfig, TaxonomyStore
 from mdf_taxonomy.model.fitting import kmeans_plus_plus, resolve_config
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/: _results
+import _results as R  # noqa: E402
+
 try:  # the CPU peers; the GPU rows need none
     import faiss
 except ImportError:
     faiss = None
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 RG = 65536  # rows per row group
 # torch.from_numpy of the read-only views of Arrow buffers: only read here
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -801,28 +803,26 @@ def main() -> None:
     except ImportError:
         sklearn = None
     result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": R.local_date(),
         "device": device,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {
-            "mdf_taxonomy": __version__,
-            "torch": torch.__version__,
-            "pyarrow": pa.__version__,
-            "ray": ray.__version__,
-            "faiss": getattr(faiss, "__version__", None),
-            "numpy": np.__version__,
-            "scikit_learn": getattr(sklearn, "__version__", None),
-            "python": platform.python_version(),
-        },
+        "versions": R.versions(
+            mdf_taxonomy=__version__,
+            torch=torch.__version__,
+            pyarrow=pa.__version__,
+            ray=ray.__version__,
+            faiss=getattr(faiss, "__version__", None),
+            numpy=np.__version__,
+            scikit_learn=getattr(sklearn, "__version__", None),
+        ),
         "params": vars(a),
         "datasets": ctx["gen"],
         "rows": ctx["rows"],
     }
-    RESULTS.mkdir(exist_ok=True)
     slug = "cpu" if not cuda else re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    out = RESULTS / f"bench_pipeline_{slug}.json"
-    out.write_text(json.dumps(result, indent=1, default=str))
+    out = R.result_path("bench_pipeline", slug)
+    R.write_json(out, result, default=str)
     print(f"\n{device}, {a.threads} threads{', quick' if a.quick else ''}; written {out}\n")
     print("| work | ours | peer/ceiling | ratio | target |\n|---|---|---|---|---|")
     for r in ctx["rows"]:

@@ -8,12 +8,11 @@ Prints a table and writes results/bench_report_cpu.json (or to $OUT).
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import pathlib
 import platform
 import resource
+import sys
 import tempfile
 import time
 
@@ -25,7 +24,9 @@ from mdf_taxonomy import __version__
 from mdf_taxonomy.model import FitState, Level, Taxonomy, TaxonomyConfig, TaxonomyStore
 from mdf_taxonomy.report import build_report
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/: _results
+import _results as R  # noqa: E402
+
 BRANCHING, DIM, ROWS = [100, 100, 100], 64, 100_000
 
 
@@ -83,14 +84,11 @@ def main() -> None:
         "html_mb": round(sizes["report.html"] / 2**20, 1),
     }
     info = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": R.local_date(),
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-        "versions": {
-            "mdf_taxonomy": __version__,
-            "pyarrow": pa.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": R.versions(
+            mdf_taxonomy=__version__, pyarrow=pa.__version__, numpy=np.__version__
+        ),
         "params": {"branching": BRANCHING, "dim": DIM, "rows": ROWS},
     }
     print("| leaves | labelled rows | s | peak RSS MB | sampled | nodes drawn | HTML MB |")
@@ -100,9 +98,8 @@ def main() -> None:
         + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in result.values())
         + " |"
     )
-    out = pathlib.Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    path = out / "bench_report_cpu.json"
-    path.write_text(json.dumps({"info": info, "result": result}, indent=1))
+    path = R.result_path("bench_report", "cpu")
+    R.write_result(path, info, result, rows_key="result")
     print(f"wrote {path}")
 
 

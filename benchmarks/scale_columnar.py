@@ -23,11 +23,8 @@ Writes benchmarks/results/scale_columnar_<cpu|device>.json (or to $OUT); prints 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -36,13 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench_pipeline, _results
+import _results as R  # noqa: E402
 import bench_pipeline as BP  # noqa: E402, N812
 
 from mdf_taxonomy import __version__, register  # noqa: E402
 from mdf_taxonomy.model import FitState, Level, Taxonomy, TaxonomyConfig, TaxonomyStore  # noqa: E402
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def engine(ctx: dict, tag: str, workers: int, **kw):
@@ -183,25 +179,19 @@ def main() -> None:
                 )
             print("\n".join(table([r])[2:]), flush=True)
     result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": R.local_date(),
         "device": BP.device_description(cuda),
         "gpus": torch.cuda.device_count() if cuda else 0,
         "cpu_count": os.cpu_count(),
-        "versions": {
-            "mdf_taxonomy": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },  # fmt: skip
+        "versions": R.versions(mdf_taxonomy=__version__, torch=torch.__version__),
         "params": {k: v for k, v in vars(a).items() if not k.startswith("gpu_")},
         "decode_ceiling_rows_per_s": ceiling,
         "efficiency": "rate_W / (W * rate_1)",
         "rows": rows,
     }
-    out = pathlib.Path(os.environ.get("OUT") or RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if not cuda else torch.cuda.get_device_name().lower().replace(" ", "_")
-    path = out / f"scale_columnar_{slug}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
+    slug = R.device_slug(torch.cuda.get_device_name() if cuda else None)
+    path = R.result_path("scale_columnar", slug)
+    R.write_json(path, result, default=str)
     print(f"\n{result['device']}; decode ceiling {ceiling:,.0f} rows/s")
     print("\n".join(table(rows)))
     print(f"wrote {path}")

@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import tempfile
 import time
 
@@ -36,7 +37,8 @@ from mdf_taxonomy.engine import ensure_ray, run_pipeline
 from mdf_taxonomy.model import FitState, Level, Taxonomy, TaxonomyConfig, TaxonomyStore
 from mdf_taxonomy.operators import SyntheticEmbeddingLoader
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/: _results
+import _results as R  # noqa: E402
 
 
 def tree_around(centres: np.ndarray, branching: list[int], seed: int) -> list[Level]:
@@ -191,17 +193,12 @@ def main() -> None:
     result = {
         "date": datetime.date.today().isoformat(),
         "device": device,
-        "versions": {
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": R.versions(torch=torch.__version__, ray=ray.__version__),
         "args": vars(args),
         "runs": runs,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"scale_replicas_{'gpu' if args.gpu else 'cpu'}.json"
-    out.write_text(json.dumps(result, indent=1))
+    out = R.result_path("scale_replicas", "gpu" if args.gpu else "cpu")
+    R.write_json(out, result)
     print(
         f"\nwritten {out}\n\n{device}: {args.rows} rows x {args.dim}, K={args.k}, "
         f"label tree {shape}, batch {args.batch_size}, {args.loaders} loader(s)"
