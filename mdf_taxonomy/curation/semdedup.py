@@ -80,13 +80,15 @@ def unit_rows(
     t = torch.as_tensor(x)
     t = t.to(device if device is not None else t.device)
     out = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+    ok = torch.ones((), dtype=torch.bool, device=t.device)
     step = max(1, _RECHECK_ELEMENTS // max(1, t.shape[1]))
     for i in range(0, t.shape[0], step):
         x64 = t[i : i + step].double()
         norm = _tree_sum(x64 * x64).sqrt()
-        if not bool(torch.isfinite(norm).all() and (norm > 0).all()):
-            raise ValueError("rows must be finite and nonzero to be compared by cosine")
+        ok &= (torch.isfinite(norm) & (norm > 0)).all()  # checked once: one sync
         out[i : i + step] = (x64 / norm[:, None]).float()
+    if not bool(ok):
+        raise ValueError("rows must be finite and nonzero to be compared by cosine")
     return out
 
 

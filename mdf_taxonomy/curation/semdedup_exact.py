@@ -99,11 +99,11 @@ def _merge(
     """Fold candidate (row, float32 similarity, id) into the running best per row: the
     larger value, then the smaller id (order-free: max and min are exact)."""
     top = torch.full_like(best_val, -math.inf).scatter_reduce(0, rows, vals, "amax")
-    at = vals == top[rows]
-    low = torch.full_like(best_id, _NO_ID).scatter_reduce(0, rows[at], ids[at], "amin")
+    at_top = torch.where(vals == top[rows], ids, _NO_ID)  # no boolean indexing: no sync
+    low = torch.full_like(best_id, _NO_ID).scatter_reduce(0, rows, at_top, "amin")
     better = (top > best_val) | ((top == best_val) & (low < best_id))
-    best_val[better] = top[better]
-    best_id[better] = low[better]
+    best_val.copy_(torch.where(better, top, best_val))
+    best_id.copy_(torch.where(better, low, best_id))
 
 
 class Clock:
