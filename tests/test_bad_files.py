@@ -292,6 +292,12 @@ def test_a_foreign_file_sorted_last_keeps_its_columns(tmp_path):
     assert by_id[502]["caption"] == "c" and by_id[0]["caption"] is None
 
 
+@pytest.mark.parametrize("path", [np.zeros((4, 3), np.float32), 7, ["a.parquet", None]])
+def test_a_path_that_is_not_uris_is_named_when_built(path):
+    with pytest.raises(InputError, match="path must be a storage URI or a list of them"):
+        ParquetEmbeddingLoader(path)
+
+
 def test_on_bad_file_is_validated_when_built(tmp_path):
     with pytest.raises(InputError, match="on_bad_file must be one of"):
         ParquetEmbeddingLoader(str(tmp_path), on_bad_file="ignore")

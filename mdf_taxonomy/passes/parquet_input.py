@@ -105,7 +105,13 @@ class ParquetInput(ListingMixin):
         on_bad_file: str = "fail",
         report_name: str | None = None,
     ):
-        if not path:
+        paths = [path] if isinstance(path, str) else path
+        if not isinstance(paths, list | tuple) or not all(isinstance(p, str) for p in paths):
+            raise InputError(
+                "ParquetEmbeddingLoader: path must be a storage URI or a list of them, got "
+                f"{type(path).__name__} (write an array to Parquet first to fit it)"
+            )
+        if not paths or not all(paths):
             raise InputError("ParquetEmbeddingLoader: path is required")
         if on_bad_file not in ON_BAD_FILE:
             raise InputError(
