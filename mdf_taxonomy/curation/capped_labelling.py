@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mdf_taxonomy.curation.sampling import resolve_device
+from mdf_taxonomy.curation.sampling import pass_batch_rows, resolve_device
 from mdf_taxonomy.kernels import make_assigner
 from mdf_taxonomy.model.capacity import CapacityPlan, Tally, settle
 from mdf_taxonomy.model.taxonomy import Taxonomy
@@ -63,7 +63,10 @@ def label_capped_parquet(
     if not tax.state.complete:
         raise ValueError(f"the taxonomy (snapshot {tax.version}) is not complete: finish the fit")
     source = ParquetInput(
-        input, embedding_field, batch_rows=batch_rows, storage_options=storage_options
+        input,
+        embedding_field,
+        batch_rows=pass_batch_rows(batch_rows, tax.dim),
+        storage_options=storage_options,
     )
     items = source.get_file_list()
     field = source.embedding_field

@@ -341,6 +341,19 @@ class LeafCandidates:
         return self._full.copy(), self._cut_score.copy(), self._cut_priority.copy()
 
 
+#: Values (rows x dim) an in-process pass reads per batch at least: a batch's grouped
+#: search costs a fixed amount per parent whatever its rows (most of all the torch search
+#: on the CPU), so large batches amortise it; no result depends on the batching.
+PASS_BATCH_VALUES = 2**24
+PASS_BATCH_MAX_ROWS = 2**16
+
+
+def pass_batch_rows(batch_rows: int, dim: int) -> int:
+    """The read batch of an in-process pass: `batch_rows`, raised to PASS_BATCH_VALUES
+    values of `dim` (at most PASS_BATCH_MAX_ROWS rows)."""
+    return max(batch_rows, min(PASS_BATCH_MAX_ROWS, PASS_BATCH_VALUES // max(1, dim)))
+
+
 def resolve_device(device: str) -> str:
     """A torch device for `device` ("auto": CUDA when there is one, else the CPU)."""
     if device == "auto":

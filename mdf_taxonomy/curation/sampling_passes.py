@@ -25,6 +25,7 @@ from mdf_taxonomy.curation.sampling import (
     LeafCandidates,
     SamplePlan,
     check_sampling,
+    pass_batch_rows,
     repeats,
     row_keys,
 )
@@ -144,7 +145,10 @@ def build_plan(
     check_sampling(target_size, multiplier, strategy, seed)
     _check_run(tax, kernel_backend, device)
     source = ParquetInput(
-        input, embedding_field, batch_rows=batch_rows, storage_options=storage_options
+        input,
+        embedding_field,
+        batch_rows=pass_batch_rows(batch_rows, tax.dim),
+        storage_options=storage_options,
     )
     assigner = make_assigner(kernel_backend)
     return _plan(tax, source, target_size, multiplier, strategy, seed, assigner, device)
@@ -193,7 +197,10 @@ def sample_parquet(
     check_sampling(target_size, multiplier, strategy, seed)
     _check_run(tax, kernel_backend, device)
     source = ParquetInput(
-        input, embedding_field, batch_rows=batch_rows, storage_options=storage_options
+        input,
+        embedding_field,
+        batch_rows=pass_batch_rows(batch_rows, tax.dim),
+        storage_options=storage_options,
     )
     assigner = make_assigner(kernel_backend)
     rejected: Counter = Counter()
