@@ -344,7 +344,7 @@ class LeafCandidates:
 #: Values (rows x dim) an in-process pass reads per batch at least: a batch's grouped
 #: search costs a fixed amount per parent whatever its rows (most of all the torch search
 #: on the CPU), so large batches amortise it; no result depends on the batching.
-PASS_BATCH_VALUES = 2**24
+PASS_BATCH_VALUES = 2**22
 PASS_BATCH_MAX_ROWS = 2**16
 
 

@@ -220,7 +220,7 @@ class RunConfig:
     ----------
     batch_size : int, default=1024
         Records per batch on MDF's Executor (the columnar pass reads whole Parquet row
-        groups; the in-process curation passes at least 2^24 values a batch).
+        groups; the in-process curation passes at least 2^22 values a batch).
     num_replicas : int, default=1
         Columnar workers (1: in this process, no Ray) or stage replicas.
     num_loaders : int, default=1
