@@ -164,7 +164,7 @@ def test_output_partitioned_by_top_node_reads_one_node_by_pushdown(
         partition_by=["taxonomy_l1"],
         columnar=columnar,
         batch_size=128,
-        max_iter=2,
+        max_iter=1,  # the output's layout is what is checked, not the fit
         progress=False,
     )
     engine.fit(input=str(root), output=str(tmp_path / "out"))

@@ -26,8 +26,9 @@ from mdf_taxonomy.engine import PipelineFit, TaxonomyEngine
 from mdf_taxonomy.model import TaxonomyStore, TaxonomyStoreError
 
 DIM = 8
+# one Lloyd pass a level: every kill below lands on the first pass, the rest only adds passes
 PARAMS = dict(
-    n_levels=2, branching_factor=[3, 2], dim=DIM, seed=3, max_iter=2, batch_size=64, progress=False
+    n_levels=2, branching_factor=[3, 2], dim=DIM, seed=3, max_iter=1, batch_size=64, progress=False
 )
 
 
@@ -247,7 +248,7 @@ def test_driver_killed_mid_labelling_then_rerun_writes_every_row_once(reference,
     uri, out = tmp_path / "tax", tmp_path / "out"
     shutil.copytree(reference[0], uri)
     flags = f"--dim {DIM} --seed 3 --batch-size 8 --no-columnar".split()
-    cmd = _fit_cmd(data, uri, *flags, "--output", str(out), max_iter=2)
+    cmd = _fit_cmd(data, uri, *flags, "--output", str(out), max_iter=PARAMS["max_iter"])
     with open(tmp_path / "run.log", "wb") as log:
         victim = _start(cmd, log)
         try:
