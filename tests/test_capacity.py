@@ -174,7 +174,8 @@ def test_the_engine_and_cli_label_parquet_within_the_capacity(tmp_path):
     assert summary["over_capacity"] == 0 and summary["moved_rows"] > 0
     assert (engine.label_capped(x[valid], None, 100) == want).all()  # the array face
     assert (engine.label_capped(x[valid].astype(np.float64), None, 100) == want).all()
-    with pytest.raises(ValueError, match=r"row\(s\) \[5\] \(1 in all\) are not finite"):
+    unusable = r"row\(s\) \[5\] \(1 in all\) are not usable, row 5: non_finite"
+    with pytest.raises(ValueError, match=unusable):
         engine.label_capped(bad, None, 100)
     rc = cli.main(
         [

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mdf_taxonomy.model.sampling import sample_priorities
+from mdf_taxonomy.model.storage import write_json
 from mdf_taxonomy.model.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -244,13 +245,7 @@ class SamplePlan:
 
     def save(self, uri: str, storage_options: dict[str, Any] | None = None) -> str:
         """Write the plan as JSON to `uri` (any fsspec URI); returns `uri`."""
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        parent = path.rsplit("/", 1)[0]
-        if parent and parent != path:
-            fs.makedirs(parent, exist_ok=True)
-        with fs.open(path, "w") as f:
-            json.dump(self.to_dict(), f)
-        return uri
+        return write_json(uri, self.to_dict(), storage_options)
 
     @classmethod
     def load(cls, uri: str, storage_options: dict[str, Any] | None = None) -> SamplePlan:

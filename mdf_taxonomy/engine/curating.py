@@ -13,6 +13,7 @@ from mdf_taxonomy.curation.sampling_passes import sample_parquet
 from mdf_taxonomy.curation.semdedup_parquet import dedup_parquet
 from mdf_taxonomy.kernels import make_assigner
 from mdf_taxonomy.model.capacity import capped_labels
+from mdf_taxonomy.passes.validation import validate_matrix
 
 
 class CurationMethods:
@@ -114,14 +115,16 @@ class CurationMethods:
         if isinstance(input, np.ndarray):
             assigner, device = make_assigner(self.kernel_backend), resolve_device(self.device)
             rows = np.ascontiguousarray(input, dtype=np.float32)  # ties hash float32 bytes
-            bad = np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(axis=1))
-            if bad.size:
+            parsed = validate_matrix(rows, np.arange(len(rows)), "input", tax.config.metric)
+            if parsed.errors:
+                bad = sorted(parsed.errors)
                 raise ValueError(
-                    f"label_capped: row(s) {bad[:5].tolist()} ({bad.size} in all) are not "
-                    "finite; a Parquet input rejects such records one by one"
+                    f"label_capped: row(s) {bad[:5]} ({len(bad)} in all) are not usable, "
+                    f"row {bad[0]}: {parsed.errors[bad[0]]}; a Parquet input rejects such "
+                    "records one by one"
                 )
             plan, labels = capped_labels(
-                tax, lambda: [rows], capacity, level, assigner, device, max_passes
+                tax, lambda: [parsed.x], capacity, level, assigner, device, max_passes
             )
             if plan_uri is not None:
                 plan.save(plan_uri, self.storage_options)

@@ -264,7 +264,7 @@ def assign_earlier_triton(
     x = kernel_input(x)
     n, d = x.shape
     tuning = tuning or DEFAULT_TUNING
-    if n >= 2 and use_ws(x, x, "cosine", 0, tuning):
+    if n >= 2 and use_ws(x, x, "cosine", 0, tuning):  # k=0: no centroid side to bound
         from .gluon_earlier import assign_earlier_ws
 
         ids, dist, sec = assign_earlier_ws(x, split_cols=split_cols)

@@ -35,6 +35,7 @@ import torch
 from mdf_taxonomy import kernels
 from mdf_taxonomy.kernels import rowwise
 from mdf_taxonomy.model.sampling import sample_priorities
+from mdf_taxonomy.model.storage import write_json
 from mdf_taxonomy.model.taxonomy import Labels, Taxonomy
 
 #: Keys below it are accepted by a node nobody has cut (every key is: the top bit is 0).
@@ -288,13 +289,7 @@ class CapacityPlan:
             "capacity": self.capacity,
             "thresholds": self.thresholds.tolist(),
         }
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        parent = path.rsplit("/", 1)[0]
-        if parent and parent != path:
-            fs.makedirs(parent, exist_ok=True)
-        with fs.open(path, "w") as f:
-            json.dump(plan, f)
-        return uri
+        return write_json(uri, plan, storage_options)
 
     @classmethod
     def load(

@@ -7,6 +7,7 @@ then moved into place; an unreachable endpoint must read as that, not as "no tax
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -144,3 +145,15 @@ def _write_durably(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_json(uri: str, obj: Any, storage_options: dict[str, Any] | None = None) -> str:
+    """`obj` as JSON at `uri` (any fsspec URI), its folder made if missing; returns `uri`.
+    For the small plan files a curation run hands to MDF operators."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    parent = path.rsplit("/", 1)[0]
+    if parent and parent != path:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(obj, f)
+    return uri
